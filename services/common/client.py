@@ -1,0 +1,183 @@
+"""HTTP clients for the opd services, sync and async, over httpx.
+
+    from services.common.client import TeacherClient
+    teacher = TeacherClient("http://127.0.0.1:8001", api_key="...")
+    result = teacher.logprobs([{"token_ids": ids, "start": n}]).results[0].logprobs
+
+Choices:
+1) Connection errors, timeouts and 502/503/504 are retried with exponential
+   backoff (honouring Retry-After) up to `retries` times, then raise
+   `ServiceUnavailable`; every other error raises `ServiceError` at once with
+   the service's own message.
+2) Several base URLs are used round robin (teacher replicas); a failing URL
+   moves the next try to the next one.
+3) Requests and responses are the protocol models; a dict is accepted where a
+   request model is expected and validated before it is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel
+
+from services.common import protocol as p
+from services.common.errors import ServiceError, ServiceUnavailable
+
+R = TypeVar("R", bound=BaseModel)
+RETRY_STATUS = {502, 503, 504}
+
+
+class _Base:
+    def __init__(
+        self,
+        urls: str | list[str],
+        *,
+        api_key: str | None = None,
+        timeout: float = 300.0,
+        retries: int = 5,
+        backoff: float = 0.5,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
+        if not self.urls:
+            raise ValueError("at least one base URL is needed")
+        self._next_url = itertools.cycle(range(len(self.urls)))
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.timeout = httpx.Timeout(timeout, connect=min(10.0, timeout))
+        self.retries = retries
+        self.backoff = backoff
+        self.max_backoff = max_backoff
+
+    def _delay(self, attempt: int, response: httpx.Response | None) -> float:
+        if response is not None and (after := response.headers.get("Retry-After")):
+            try:
+                return min(float(after), self.max_backoff)
+            except ValueError:
+                pass
+        return min(self.backoff * 2**attempt, self.max_backoff)
+
+    @staticmethod
+    def _message(response: httpx.Response) -> str:
+        try:
+            detail = response.json().get("detail", response.text)
+        except ValueError:
+            detail = response.text
+        return detail if isinstance(detail, str) else str(detail)
+
+    def _check(self, response: httpx.Response, model: type[R] | None) -> Any:
+        if response.is_success:
+            return model.model_validate_json(response.content) if model else response.json()
+        raise ServiceError(response.status_code, self._message(response), str(response.request.url))
+
+
+class SyncClient(_Base):
+    def request(self, method: str, path: str, body: BaseModel | None = None, model: type[R] | None = None) -> Any:
+        content = body.model_dump_json(exclude_none=True) if body is not None else None
+        last: str = ""
+        with httpx.Client(timeout=self.timeout, headers=self.headers) as http:
+            for attempt in range(self.retries + 1):
+                url = self.urls[next(self._next_url)] + path
+                response = None
+                try:
+                    response = http.request(method, url, content=content, headers={"content-type": "application/json"})
+                    if response.status_code not in RETRY_STATUS:
+                        return self._check(response, model)
+                    last = f"HTTP {response.status_code}: {self._message(response)}"
+                except httpx.TransportError as exc:
+                    last = f"{type(exc).__name__}: {exc}"
+                if attempt < self.retries:
+                    time.sleep(self._delay(attempt, response))
+        raise ServiceUnavailable(503, f"gave up after {self.retries + 1} tries; last: {last}", self.urls[0] + path)
+
+    def info(self) -> p.ServiceInfo:
+        return self.request("GET", "/info", model=p.ServiceInfo)
+
+    def ready(self) -> bool:
+        try:
+            with httpx.Client(timeout=5.0, headers=self.headers) as http:
+                return all(http.get(u + "/ready").status_code == 200 for u in self.urls)
+        except httpx.TransportError:
+            return False
+
+    def wait_ready(self, timeout: float = 600.0, interval: float = 1.0) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.ready():
+            if time.monotonic() > deadline:
+                raise ServiceUnavailable(503, f"not ready after {timeout:.0f}s", self.urls[0])
+            time.sleep(interval)
+
+
+class AsyncClient(_Base):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._http: httpx.AsyncClient | None = None
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            limits = httpx.Limits(max_connections=256, max_keepalive_connections=64)
+            self._http = httpx.AsyncClient(timeout=self.timeout, headers=self.headers, limits=limits)
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    async def request(self, method: str, path: str, body: BaseModel | None = None, model: type[R] | None = None) -> Any:
+        content = body.model_dump_json(exclude_none=True) if body is not None else None
+        last = ""
+        for attempt in range(self.retries + 1):
+            url = self.urls[next(self._next_url)] + path
+            response = None
+            try:
+                response = await self._client().request(
+                    method, url, content=content, headers={"content-type": "application/json"}
+                )
+                if response.status_code not in RETRY_STATUS:
+                    return self._check(response, model)
+                last = f"HTTP {response.status_code}: {self._message(response)}"
+            except httpx.TransportError as exc:
+                last = f"{type(exc).__name__}: {exc}"
+            if attempt < self.retries:
+                await asyncio.sleep(self._delay(attempt, response))
+        raise ServiceUnavailable(503, f"gave up after {self.retries + 1} tries; last: {last}", self.urls[0] + path)
+
+    async def info(self) -> p.ServiceInfo:
+        return await self.request("GET", "/info", model=p.ServiceInfo)
+
+
+def _as(model: type[R], body: R | dict) -> R:
+    return body if isinstance(body, model) else model.model_validate(body)
+
+
+class TeacherClient(SyncClient):
+    def logprobs(self, sequences: list[p.ScoreSequence | dict], top_k: int = 0, temperature: float = 1.0) -> p.LogprobsResponse:
+        body = p.LogprobsRequest(sequences=[_as(p.ScoreSequence, s) for s in sequences], top_k=top_k, temperature=temperature)
+        return self.request("POST", "/logprobs", body, p.LogprobsResponse)
+
+
+class AsyncTeacherClient(AsyncClient):
+    async def logprobs(self, sequences: list[p.ScoreSequence | dict], top_k: int = 0, temperature: float = 1.0) -> p.LogprobsResponse:
+        body = p.LogprobsRequest(sequences=[_as(p.ScoreSequence, s) for s in sequences], top_k=top_k, temperature=temperature)
+        return await self.request("POST", "/logprobs", body, p.LogprobsResponse)
+
+
+class StudentClient(SyncClient):
+    def rollouts(self, request: p.RolloutRequest | dict) -> p.RolloutResponse:
+        return self.request("POST", "/rollouts", _as(p.RolloutRequest, request), p.RolloutResponse)
+
+    def load_weights(self, request: p.WeightsRequest | dict) -> p.WeightsResponse:
+        return self.request("POST", "/weights", _as(p.WeightsRequest, request), p.WeightsResponse)
+
+
+class AsyncStudentClient(AsyncClient):
+    async def rollouts(self, request: p.RolloutRequest | dict) -> p.RolloutResponse:
+        return await self.request("POST", "/rollouts", _as(p.RolloutRequest, request), p.RolloutResponse)
+
+    async def load_weights(self, request: p.WeightsRequest | dict) -> p.WeightsResponse:
+        return await self.request("POST", "/weights", _as(p.WeightsRequest, request), p.WeightsResponse)

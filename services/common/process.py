@@ -1,0 +1,132 @@
+"""Runs opd services as child processes: start, wait for /ready, stop.
+
+Used by `opd up`, the demos and the tests. Each child runs in its own process
+group (vLLM starts workers of its own), its output is prefixed with the
+service name and kept in a log file, and `stop()` ends the whole group:
+SIGTERM, then SIGKILL after a grace period. Ports are checked before start.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+from services.common.errors import OPDError
+
+
+class StartupFailed(OPDError):
+    status_code = 500
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServiceProcess:
+    """One `python -m services ARGS...` child with a prefixed, logged output."""
+
+    def __init__(
+        self,
+        name: str,
+        args: list[str],
+        port: int,
+        *,
+        host: str = "127.0.0.1",
+        log_file: Path | None = None,
+        env: dict[str, str] | None = None,
+        echo: IO[str] | None = None,
+    ) -> None:
+        self.name, self.args, self.host, self.port = name, args, host, port
+        self.log_file, self.echo = log_file, echo
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen[str] | None = None
+        self._pump: threading.Thread | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> ServiceProcess:
+        if not port_free(self.host, self.port):
+            raise StartupFailed(f"{self.name}: port {self.port} on {self.host} is taken: stop what uses it or pick another port")
+        cmd = [sys.executable, "-m", "services", *self.args]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            env=self.env, start_new_session=True,
+        )
+        self._pump = threading.Thread(target=self._copy_output, daemon=True)
+        self._pump.start()
+        return self
+
+    def _copy_output(self) -> None:
+        assert self.proc is not None and self.proc.stdout is not None
+        sink = open(self.log_file, "a") if self.log_file else None  # noqa: SIM115
+        try:
+            for line in self.proc.stdout:
+                if sink:
+                    sink.write(line)
+                    sink.flush()
+                if self.echo:
+                    self.echo.write(f"[{self.name}] {line}")
+        finally:
+            if sink:
+                sink.close()
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait_ready(self, timeout: float = 600.0, api_key: str | None = None) -> None:
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not self.alive():
+                where = f"; see {self.log_file}" if self.log_file else ""
+                raise StartupFailed(f"{self.name} exited with code {self.proc.returncode if self.proc else '?'} before it was ready{where}")
+            try:
+                if httpx.get(self.url + "/ready", headers=headers, timeout=5).status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.5)
+        raise StartupFailed(f"{self.name} was not ready after {timeout:.0f}s")
+
+    def stop(self, grace: float = 20.0) -> None:
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, signal.SIGTERM)
+                self.proc.wait(grace)
+            except subprocess.TimeoutExpired:
+                pass
+            except ProcessLookupError:
+                pass
+        # Whatever the group still holds (vLLM workers) goes too.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.proc.wait()
+        if self._pump:
+            self._pump.join(timeout=5)

@@ -1,0 +1,143 @@
+"""What every service's FastAPI app shares: auth, errors, admission, probes.
+
+- Auth: with an API key configured, every route but /health needs
+  `Authorization: Bearer <key>` (401 otherwise).
+- Errors: named `OPDError`s map to their status code; validation errors become
+  a 422 whose `detail` names each bad field in one readable line.
+- Admission: at most `max_pending` requests in flight or waiting; the next
+  one gets 503 with Retry-After instead of joining an unbounded queue.
+- Probes: /health (process alive), /ready (model loaded), /metrics
+  (Prometheus text from the app's own registry, so apps in one process do
+  not share counters).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Callable
+from contextlib import contextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+
+from services.common.errors import OPDError, Overloaded
+from services.common.protocol import Health
+
+log = logging.getLogger("opd")
+_bearer = HTTPBearer(auto_error=False)
+
+
+def require_api_key(
+    request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    key = getattr(request.app.state, "api_key", None)
+    if not key:
+        return
+    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), key.encode()):
+        raise HTTPException(
+            status_code=401,
+            detail="missing or wrong API key: send 'Authorization: Bearer <OPD_API_KEY>'",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+
+Authorized = Depends(require_api_key)
+
+
+def _field_path(loc: tuple) -> str:
+    parts = [str(p) for p in loc if p != "body"]
+    out = ""
+    for p in parts:
+        out += f"[{p}]" if p.isdigit() else (f".{p}" if out else p)
+    return out or "body"
+
+
+def describe_validation_errors(errors: list[dict]) -> str:
+    lines = []
+    for e in errors:
+        msg = e.get("msg", "invalid").removeprefix("Value error, ")
+        if e.get("type") == "extra_forbidden":
+            msg = "unknown field: remove it (see the OpenAPI document at /docs)"
+        elif e.get("type") == "json_invalid":
+            msg = "the body is not valid JSON: " + str(e.get("ctx", {}).get("error", ""))
+        lines.append(f"{_field_path(tuple(e.get('loc', ())))}: {msg}")
+    return "; ".join(lines)
+
+
+class Admission:
+    """Bounds the requests a service holds at once; counts them for /metrics."""
+
+    def __init__(self, limit: int, gauge: Gauge) -> None:
+        self.limit = limit
+        self.pending = 0
+        self._gauge = gauge
+
+    @contextmanager
+    def slot(self):
+        if self.pending >= self.limit:
+            raise Overloaded(f"{self.pending} requests pending (limit {self.limit}); retry shortly")
+        self.pending += 1
+        self._gauge.set(self.pending)
+        try:
+            yield
+        finally:
+            self.pending -= 1
+            self._gauge.set(self.pending)
+
+
+def install_common(app: FastAPI, *, api_key: str | None, max_pending: int, ready: Callable[[], bool]) -> CollectorRegistry:
+    """Adds error handlers, admission control and the probe routes; returns the app's metrics registry."""
+    registry = CollectorRegistry()
+    app.state.api_key = api_key
+    app.state.registry = registry
+    app.state.admission = Admission(max_pending, Gauge("opd_queue_depth", "Requests in flight or waiting", registry=registry))
+
+    @app.exception_handler(OPDError)
+    async def _opd_error(_: Request, exc: OPDError) -> JSONResponse:
+        headers = {"Retry-After": "1"} if exc.status_code == 503 else None
+        if exc.status_code >= 500:
+            log.warning("%s: %s", type(exc).__name__, exc)
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        return JSONResponse({"detail": describe_validation_errors(list(exc.errors()))}, status_code=422)
+
+    @app.get("/health", tags=["probes"])
+    async def health() -> Health:
+        """The process is alive (no auth)."""
+        return Health(status="ok")
+
+    @app.get("/ready", tags=["probes"], dependencies=[Authorized], responses={503: {"description": "still loading"}})
+    async def is_ready() -> Health:
+        """The model is loaded and requests are served."""
+        if not ready():
+            return JSONResponse({"status": "loading"}, status_code=503)  # type: ignore[return-value]
+        return Health(status="ok")
+
+    @app.get("/metrics", tags=["probes"], dependencies=[Authorized], response_class=Response)
+    async def metrics() -> Response:
+        """Prometheus text format."""
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    return registry
+
+
+def configure_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+    import uvicorn
+
+    configure_logging(log_level)
+    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)

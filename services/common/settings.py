@@ -1,0 +1,69 @@
+"""Service settings, read from `OPD_*` environment variables (pydantic-settings).
+
+Each service has one settings class with its own prefix (`OPD_TEACHER_`,
+`OPD_STUDENT_`, `OPD_TRAINER_`); the API key is shared as `OPD_API_KEY`.
+Settings are built in the app's lifespan or the CLI, never at import, so tests
+pass their own. Command-line flags override the environment.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+Engine = Literal["vllm", "hf"]
+DType = Literal["auto", "bfloat16", "float16", "float32"]
+
+
+class ServiceSettings(BaseSettings):
+    """What every service reads."""
+
+    model_config = SettingsConfigDict(env_prefix="OPD_", extra="ignore", populate_by_name=True)
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("OPD_API_KEY"),
+        description="When set, every endpoint but /health needs 'Authorization: Bearer <key>'.",
+    )
+    log_level: str = "info"
+    max_pending: int = Field(default=64, ge=1, description="Requests in flight or queued before 503.")
+
+
+class EngineSettings(ServiceSettings):
+    """What the teacher and the student share: a model behind an engine."""
+
+    model: str = Field(default="", description="Local folder or hub id of the model.")
+    engine: Engine = "vllm"
+    dtype: DType = "auto"
+    max_model_len: int | None = Field(default=None, ge=16)
+    seed: int = 0
+    # vLLM only.
+    kv_cache_gib: float = Field(default=2.0, gt=0, description="KV cache size (CPU build).")
+    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
+    tensor_parallel_size: int = Field(default=1, ge=1)
+    # hf only.
+    micro_batch_tokens: int = Field(default=8192, ge=16, description="Padded tokens per forward.")
+    device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]' (hf engine).")
+
+
+class TeacherSettings(EngineSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_TEACHER_", extra="ignore")
+
+    port: int = 8001
+    max_sequences: int = Field(default=512, ge=1, description="Sequences in one /logprobs request (413 above).")
+    max_request_tokens: int = Field(default=262_144, ge=1, description="Tokens in one /logprobs request (413 above).")
+
+
+class StudentSettings(EngineSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_STUDENT_", extra="ignore")
+
+    port: int = 8002
+    checkpoint_root: str = Field(default="checkpoints", description="Folder that /weights paths are relative to.")
+    max_prompts: int = Field(default=256, ge=1)
+    max_rollouts: int = Field(default=1024, ge=1, description="prompts * n in one request (413 above).")
+    max_lora_rank: int = Field(default=64, ge=1)
+    enable_lora: bool = True

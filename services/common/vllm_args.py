@@ -1,0 +1,40 @@
+"""Builds vLLM's AsyncLLM from opd engine settings (teacher and student alike).
+
+On machines without a GPU (vLLM's CPU build), the KV cache is sized by
+`VLLM_CPU_KVCACHE_SPACE` (GiB; taken from `kv_cache_gib` unless already set)
+and CUDA graphs are off (`enforce_eager`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from services.common.settings import EngineSettings
+
+
+def on_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def build_async_llm(settings: EngineSettings, **extra: Any):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    gpu = on_gpu()
+    if not gpu:
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(settings.kv_cache_gib))))
+    args = AsyncEngineArgs(
+        model=settings.model,
+        dtype=settings.dtype,
+        max_model_len=settings.max_model_len,
+        seed=settings.seed,
+        enforce_eager=not gpu,
+        tensor_parallel_size=settings.tensor_parallel_size,
+        gpu_memory_utilization=settings.gpu_memory_utilization,
+        disable_log_stats=True,
+        **extra,
+    )
+    return AsyncLLM.from_engine_args(args)

@@ -1,0 +1,76 @@
+"""The teacher service: `POST /logprobs` scores token sequences under the teacher.
+
+`build_app(settings)` wires everything; the engine is built in the lifespan
+(or passed in, for tests that share one engine between apps).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+
+from services.common import protocol as p
+from services.common.errors import NotReady
+from services.common.server import Authorized, install_common
+from services.common.settings import TeacherSettings
+from services.teacher.engine import ScoringEngine, build_engine
+from services.teacher.serving import TeacherMetrics, TeacherService
+
+ERRORS = {
+    400: {"model": p.ErrorBody, "description": "the request cannot be served as asked"},
+    401: {"model": p.ErrorBody, "description": "missing or wrong API key"},
+    413: {"model": p.ErrorBody, "description": "over the sequences or tokens limit"},
+    422: {"model": p.ErrorBody, "description": "invalid field, out-of-vocabulary id, or too long"},
+    503: {"model": p.ErrorBody, "description": "loading or overloaded; retry after Retry-After seconds"},
+}
+
+
+def get_service(request: Request) -> TeacherService:
+    service = getattr(request.app.state, "service", None)
+    if service is None:
+        raise NotReady("the teacher is still loading its model; retry shortly")
+    return service
+
+
+Service = Annotated[TeacherService, Depends(get_service)]
+
+
+def build_app(settings: TeacherSettings, engine: ScoringEngine | None = None) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        own = engine is None
+        eng = build_engine(settings) if own else engine
+        app.state.service = TeacherService(eng, settings, TeacherMetrics(registry))
+        try:
+            yield
+        finally:
+            app.state.service = None
+            if own:
+                await eng.close()
+
+    app = FastAPI(
+        title="opd teacher",
+        version="1",
+        summary="Scores token sequences under the teacher model: per-token log-probabilities, optional top-k.",
+        lifespan=lifespan,
+    )
+    app.state.service = None
+    registry = install_common(
+        app, api_key=settings.api_key, max_pending=settings.max_pending,
+        ready=lambda: app.state.service is not None,
+    )
+
+    @app.post("/logprobs", dependencies=[Authorized], responses=ERRORS, tags=["teacher"])
+    async def logprobs(body: p.LogprobsRequest, service: Service, request: Request) -> p.LogprobsResponse:
+        """Log-probability of every token from `start` on, under the teacher."""
+        with request.app.state.admission.slot():
+            return await service.logprobs(body)
+
+    @app.get("/info", dependencies=[Authorized], tags=["teacher"])
+    async def info(service: Service) -> p.ServiceInfo:
+        """Model, engine, vocabulary size, tokenizer fingerprint, maximum length, limits."""
+        return service.info()
+
+    return app

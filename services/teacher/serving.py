@@ -1,0 +1,116 @@
+"""The teacher's request handler: checks a /logprobs request against the
+model and the deployment limits, renders prompts, scores, and counts.
+
+Everything that can be wrong with a request is found here, before the engine
+sees it, so a bad request never disturbs the batches of good ones.
+"""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+
+from services.common import protocol as p
+from services.common.errors import InvalidInput, PayloadTooLarge
+from services.common.settings import TeacherSettings
+from services.common.tokenizer import render_prompt
+from services.teacher.engine import ScoreJob, ScoringEngine
+
+
+class TeacherMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("opd_teacher_requests", "Requests to /logprobs by outcome", ["outcome"], registry=registry)
+        self.sequences = Counter("opd_teacher_sequences", "Sequences scored", registry=registry)
+        self.tokens = Counter("opd_teacher_scored_tokens", "Tokens scored", registry=registry)
+        self.latency = Histogram(
+            "opd_teacher_latency_seconds", "Latency of /logprobs", registry=registry,
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+        )
+
+
+class TeacherService:
+    def __init__(self, engine: ScoringEngine, settings: TeacherSettings, metrics: TeacherMetrics) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+
+    def info(self) -> p.ServiceInfo:
+        return p.ServiceInfo(
+            service="teacher",
+            model=self.engine.model_name,
+            engine=self.engine.name,
+            vocab_size=self.engine.vocab_size,
+            tokenizer_fingerprint=self.engine.fingerprint,
+            max_model_len=self.engine.max_model_len,
+            limits={
+                "max_sequences": self.settings.max_sequences,
+                "max_request_tokens": self.settings.max_request_tokens,
+                "max_top_k": p.MAX_TOP_K,
+                "max_pending": self.settings.max_pending,
+            },
+        )
+
+    def to_jobs(self, request: p.LogprobsRequest) -> list[ScoreJob]:
+        if len(request.sequences) > self.settings.max_sequences:
+            raise PayloadTooLarge(
+                f"{len(request.sequences)} sequences in one request; the limit is {self.settings.max_sequences}: split the request"
+            )
+        if not self.engine.supports_temperature(request.temperature):
+            raise InvalidInput(
+                f"the {self.engine.name} engine cannot score at temperature {request.temperature}: "
+                "send temperature 1.0, or run the teacher with --engine hf"
+            )
+        jobs = []
+        total = 0
+        for i, seq in enumerate(request.sequences):
+            if seq.token_ids is not None:
+                ids, start = list(seq.token_ids), int(seq.start or 1)
+            else:
+                assert seq.prompt is not None and seq.completion is not None
+                prompt_ids = render_prompt(self.engine.tokenizer, seq.prompt)
+                ids, start = prompt_ids + list(seq.completion), len(prompt_ids)
+                if start < 1:
+                    raise InvalidInput(f"sequences[{i}].prompt renders to no tokens: give a non-empty prompt")
+            self._check_ids(i, ids)
+            total += len(ids)
+            if total > self.settings.max_request_tokens:
+                raise PayloadTooLarge(
+                    f"the request holds more than {self.settings.max_request_tokens} tokens: split it into smaller requests"
+                )
+            jobs.append(ScoreJob(ids, start))
+        return jobs
+
+    def _check_ids(self, i: int, ids: list[int]) -> None:
+        if len(ids) > self.engine.max_model_len:
+            raise InvalidInput(
+                f"sequences[{i}] has {len(ids)} tokens; the teacher's maximum length is {self.engine.max_model_len}: shorten it"
+            )
+        bad = max(ids)
+        if bad >= self.engine.vocab_size:
+            raise InvalidInput(
+                f"sequences[{i}] holds token id {bad}, outside the teacher's vocabulary of {self.engine.vocab_size} "
+                "ids: were these ids made by another tokenizer? compare /info's tokenizer_fingerprint"
+            )
+
+    async def logprobs(self, request: p.LogprobsRequest) -> p.LogprobsResponse:
+        began = time.perf_counter()
+        try:
+            jobs = self.to_jobs(request)
+        except Exception:
+            self.metrics.requests.labels("rejected").inc()
+            raise
+        outputs = await self.engine.score(jobs, top_k=request.top_k, temperature=request.temperature)
+        results = []
+        for job, out in zip(jobs, outputs, strict=True):
+            top = None
+            if out.top_logprobs is not None:
+                top = [[p.TopLogprob(token_id=t, logprob=lp) for t, lp in pos] for pos in out.top_logprobs]
+            results.append(p.SequenceLogprobs(token_ids=job.token_ids, start=job.start, logprobs=out.logprobs, top_logprobs=top))
+        scored = sum(len(r.logprobs) for r in results)
+        self.metrics.requests.labels("ok").inc()
+        self.metrics.sequences.inc(len(jobs))
+        self.metrics.tokens.inc(scored)
+        self.metrics.latency.observe(time.perf_counter() - began)
+        usage = p.Usage(sequences=len(jobs), input_tokens=sum(len(j.token_ids) for j in jobs), scored_tokens=scored)
+        return p.LogprobsResponse(model=self.engine.model_name, results=results, usage=usage)

@@ -1,0 +1,69 @@
+"""The teacher's vLLM engine: AsyncLLM prompt logprobs, one prefill per sequence.
+
+Choices:
+1) Every sequence is its own request with `prompt_logprobs`, so concurrent
+   HTTP requests share batches through vLLM's continuous batching.
+2) One token is generated (vLLM needs max_tokens >= 1) and thrown away.
+3) `detokenize=False` and flat logprobs: candidates are never turned into
+   text and the result arrives as flat arrays, not per-token dicts.
+4) vLLM computes prompt logprobs from the unscaled logits, so this engine
+   scores at temperature 1 only; the hf engine scores at any temperature.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from services.common.errors import InvalidRequest
+from services.common.settings import TeacherSettings
+from services.common.vllm_args import build_async_llm
+from services.teacher.engine import ScoreJob, ScoreOutput, ScoringEngine
+
+
+class VLLMScoringEngine(ScoringEngine):
+    name = "vllm"
+
+    def __init__(self, settings: TeacherSettings) -> None:
+        super().__init__(settings)
+        from services.common.protocol import MAX_TOP_K
+
+        self.llm = build_async_llm(settings, max_logprobs=MAX_TOP_K)
+        config = self.llm.model_config
+        self.vocab_size = min(config.get_vocab_size(), len(self.tokenizer))
+        self.max_model_len = config.max_model_len
+        self._ids = itertools.count()
+
+    def supports_temperature(self, temperature: float) -> bool:
+        return temperature == 1.0
+
+    async def score(self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0) -> list[ScoreOutput]:
+        if not self.supports_temperature(temperature):
+            raise InvalidRequest("the vllm engine scores at temperature 1.0 only; use the hf engine for other temperatures")
+        return list(await asyncio.gather(*(self._score_one(job, top_k) for job in jobs)))
+
+    async def _score_one(self, job: ScoreJob, top_k: int) -> ScoreOutput:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, flat_logprobs=True)
+        final = None
+        async for out in self.llm.generate(
+            TokensPrompt(prompt_token_ids=job.token_ids), params, request_id=f"score-{next(self._ids)}"
+        ):
+            final = out
+        assert final is not None and final.prompt_logprobs is not None
+        flat = final.prompt_logprobs
+        logprobs: list[float] = []
+        top: list[list[tuple[int, float]]] | None = [] if top_k else None
+        # Position j holds log p(token_j | tokens_<j): its first entry is the
+        # actual token, the next top_k entries are the best alternatives by rank.
+        for j in range(job.start, len(job.token_ids)):
+            lo, hi = flat.start_indices[j], flat.end_indices[j]
+            logprobs.append(float(flat.logprobs[lo]))
+            if top is not None:
+                top.append([(int(flat.token_ids[i]), float(flat.logprobs[i])) for i in range(lo + 1, hi)][:top_k])
+        return ScoreOutput(logprobs, top)
+
+    async def close(self) -> None:
+        self.llm.shutdown()
