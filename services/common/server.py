@@ -90,9 +90,22 @@ class Admission:
             self._gauge.set(self.pending)
 
 
-def install_common(app: FastAPI, *, api_key: str | None, max_pending: int, ready: Callable[[], bool]) -> CollectorRegistry:
-    """Adds error handlers, admission control and the probe routes; returns the app's metrics registry."""
+def install_common(
+    app: FastAPI, *, api_key: str | None, max_pending: int, ready: Callable[[], bool], max_body_bytes: int = 64 * 2**20
+) -> CollectorRegistry:
+    """Adds error handlers, admission control, a body size limit and the probe routes; returns the metrics registry."""
     registry = CollectorRegistry()
+
+    @app.middleware("http")
+    async def _body_limit(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is not None and size.isdigit() and int(size) > max_body_bytes:
+            return JSONResponse(
+                {"detail": f"request body of {size} bytes is over the limit of {max_body_bytes}: split the request"},
+                status_code=413,
+            )
+        return await call_next(request)
+
     app.state.api_key = api_key
     app.state.registry = registry
     app.state.admission = Admission(max_pending, Gauge("opd_queue_depth", "Requests in flight or waiting", registry=registry))

@@ -31,6 +31,7 @@ class ServiceSettings(BaseSettings):
     )
     log_level: str = "info"
     max_pending: int = Field(default=64, ge=1, description="Requests in flight or queued before 503.")
+    max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="Largest request body accepted (413 above).")
 
 
 class EngineSettings(ServiceSettings):

@@ -58,7 +58,7 @@ def build_app(settings: TeacherSettings, engine: ScoringEngine | None = None) ->
     )
     app.state.service = None
     registry = install_common(
-        app, api_key=settings.api_key, max_pending=settings.max_pending,
+        app, api_key=settings.api_key, max_pending=settings.max_pending, max_body_bytes=settings.max_body_bytes,
         ready=lambda: app.state.service is not None,
     )
 

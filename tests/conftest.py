@@ -1,0 +1,52 @@
+"""Fixtures shared by every test: tiny real models built once per session.
+
+- `tiny_tokenizer`: a byte-level BPE tokenizer (512 ids) with a ChatML template.
+- `teacher_model`, `student_model`: two small Llamas on that tokenizer, saved
+  as safetensors folders that transformers and vLLM load. The teacher has a
+  larger init scale, so its distributions are peaked and differ from the
+  student's: distillation has something to do.
+- `other_tokenizer_model`: a Llama on a different vocabulary (mismatch tests).
+
+vLLM on the CPU: each engine gets a 1 GiB KV cache unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.utils.tiny_models import build_llama, build_tokenizer
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(models_dir: Path) -> Path:
+    path = models_dir / "tokenizer"
+    build_tokenizer(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def teacher_model(models_dir: Path, tiny_tokenizer: Path) -> Path:
+    return build_llama(models_dir / "teacher", tiny_tokenizer, seed=1, layers=2, init_std=0.08)
+
+
+@pytest.fixture(scope="session")
+def student_model(models_dir: Path, tiny_tokenizer: Path) -> Path:
+    return build_llama(models_dir / "student", tiny_tokenizer, seed=2, layers=2, init_std=0.02)
+
+
+@pytest.fixture(scope="session")
+def other_tokenizer_model(models_dir: Path) -> Path:
+    tok = models_dir / "tokenizer-other"
+    build_tokenizer(tok, variant=1)
+    return build_llama(models_dir / "other", tok, seed=3)
