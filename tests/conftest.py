@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from services.common.settings import TeacherSettings
 from tests.utils.tiny_models import build_llama, build_tokenizer
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -50,3 +51,15 @@ def other_tokenizer_model(models_dir: Path) -> Path:
     tok = models_dir / "tokenizer-other"
     build_tokenizer(tok, variant=1)
     return build_llama(models_dir / "other", tok, seed=3)
+
+
+@pytest.fixture(scope="session")
+def teacher_settings(teacher_model: Path) -> TeacherSettings:
+    return TeacherSettings(model=str(teacher_model), engine="hf", dtype="float32", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def hf_engine(teacher_settings: TeacherSettings):
+    from services.teacher.engine import HFScoringEngine
+
+    return HFScoringEngine(teacher_settings)

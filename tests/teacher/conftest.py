@@ -1,24 +1,12 @@
-"""Teacher fixtures: an in-process hf engine on the tiny teacher, and sample sequences."""
+"""Teacher fixtures: sample sequences to score."""
 
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
-from services.common.settings import TeacherSettings
 from services.teacher.engine import HFScoringEngine, ScoreJob
-
-
-@pytest.fixture(scope="session")
-def teacher_settings(teacher_model: Path) -> TeacherSettings:
-    return TeacherSettings(model=str(teacher_model), engine="hf", dtype="float32", device="cpu")
-
-
-@pytest.fixture(scope="session")
-def hf_engine(teacher_settings: TeacherSettings) -> HFScoringEngine:
-    return HFScoringEngine(teacher_settings)
 
 
 @pytest.fixture(scope="session")

