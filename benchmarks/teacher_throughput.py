@@ -11,7 +11,7 @@ Each way runs alone (no other engine loaded), is warmed up, and is timed over
 targets: service/engine >= 0.9, service/vllm-serve > 1.
 
     python benchmarks/teacher_throughput.py                 # SmolLM2-135M-Instruct, prepared on first use
-    python benchmarks/teacher_throughput.py --sequences 8 --length 64   # quicker
+    python benchmarks/teacher_throughput.py --prompts 2 --prompt-length 64   # quicker
 """
 
 from __future__ import annotations
@@ -34,10 +34,16 @@ from services.common.process import ServiceProcess, free_port  # noqa: E402
 from services.common.settings import TeacherSettings  # noqa: E402
 
 
-def make_batch(vocab: int, n: int, length: int, seed: int = 0) -> list[dict]:
+def make_batch(vocab: int, prompts: int, group: int, prompt_len: int, completion_len: int, seed: int = 0) -> list[dict]:
+    """What a trainer step sends: `group` completions for each of `prompts` prompts."""
     rng = random.Random(seed)
-    # Half prompt, half completion: the teacher scores the completion.
-    return [{"token_ids": [rng.randrange(10, vocab) for _ in range(length)], "start": length // 2} for _ in range(n)]
+    batch = []
+    for _ in range(prompts):
+        prompt = [rng.randrange(10, vocab) for _ in range(prompt_len)]
+        for _ in range(group):
+            completion = [rng.randrange(10, vocab) for _ in range(completion_len)]
+            batch.append({"token_ids": prompt + completion, "start": prompt_len})
+    return batch
 
 
 def best_of(repeats: int, fn) -> float:
@@ -150,8 +156,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder (default: SmolLM2-135M-Instruct, prepared under --workdir)")
     parser.add_argument("--workdir", type=Path, default=Path("runs/bench"))
-    parser.add_argument("--sequences", type=int, default=32)
-    parser.add_argument("--length", type=int, default=256, help="tokens per sequence; the second half is scored")
+    parser.add_argument("--prompts", type=int, default=8)
+    parser.add_argument("--group", type=int, default=4, help="completions per prompt (samples per prompt)")
+    parser.add_argument("--prompt-length", type=int, default=192)
+    parser.add_argument("--completion-length", type=int, default=64, help="scored tokens per sequence")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip", nargs="*", default=[], choices=["engine", "service", "vllm-serve", "hf"])
     args = parser.parse_args()
@@ -164,7 +172,8 @@ def main() -> None:
     settings = TeacherSettings(model=args.model, engine="vllm")
     from transformers import AutoConfig
 
-    batch = make_batch(AutoConfig.from_pretrained(args.model).vocab_size, args.sequences, args.length)
+    vocab = AutoConfig.from_pretrained(args.model).vocab_size
+    batch = make_batch(vocab, args.prompts, args.group, args.prompt_length, args.completion_length)
     scored = sum(len(s["token_ids"]) - s["start"] for s in batch)
     ways = {
         "engine": lambda: bench_engine(settings, batch, args.repeats),
@@ -178,7 +187,8 @@ def main() -> None:
             continue
         print(f"measuring {name} ...", flush=True)
         rate[name] = scored / fn()
-    print(f"\n{args.sequences} sequences x {args.length} tokens, {scored} scored tokens, model {Path(args.model).name}")
+    print(f"\n{args.prompts} prompts x {args.group} completions, {args.prompt_length}+{args.completion_length} tokens each, "
+          f"{scored} scored tokens, model {Path(args.model).name}")
     print(f"{'way':<12}{'tokens/s':>12}")
     for name, value in rate.items():
         print(f"{name:<12}{value:>12.0f}")

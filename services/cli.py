@@ -7,12 +7,18 @@ from typing import Annotated
 
 import typer
 
+from services.student.cli import app as student_app
 from services.teacher.cli import app as teacher_app
+from services.trainer.cli import app as trainer_app
+from services.trainer.cli import train as train_command
 
 app = typer.Typer(help="opd: on-policy distillation as a service stack.", no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Prepare model folders.", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 app.add_typer(teacher_app, name="teacher")
+app.add_typer(student_app, name="student")
+app.add_typer(trainer_app, name="trainer")
+app.command("train")(train_command)
 
 
 @models_app.command("prepare")
@@ -32,3 +38,23 @@ def models_prepare(
     except InvalidRequest as exc:
         raise typer.BadParameter(str(exc)) from exc
     typer.echo(f"ready: {path}")
+
+
+@app.command()
+def probe(
+    url: Annotated[str, typer.Argument(help="URL to GET, e.g. http://localhost:8001/ready")],
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the answer.")] = 5.0,
+) -> None:
+    """Exit 0 when URL answers 2xx (sends OPD_API_KEY as a bearer token): a container healthcheck."""
+    import os
+
+    import httpx
+
+    key = os.environ.get("OPD_API_KEY")
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    try:
+        ok = httpx.get(url, headers=headers, timeout=timeout).is_success
+    except httpx.TransportError as exc:
+        typer.echo(f"{url}: {exc}", err=True)
+        ok = False
+    raise typer.Exit(0 if ok else 1)

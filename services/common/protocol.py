@@ -189,3 +189,41 @@ class Health(Response):
 
 class ErrorBody(Response):
     detail: str
+
+
+# --------------------------------------------------------------------- trainer
+# The trainer service's answers. A run's request body is the run config
+# itself (services/trainer/config.py: RunConfig), validated field by field.
+RunStateName = Literal["starting", "running", "stopping", "completed", "stopped", "failed"]
+
+
+class RunCreated(Response):
+    id: str
+    state: RunStateName
+    output_dir: str
+
+
+class RunStatus(Response):
+    id: str
+    name: str
+    state: RunStateName
+    step: int
+    steps: int
+    policy_version: int | None = None
+    output_dir: str
+    latest: dict[str, float] | None = Field(default=None, description="The latest training step's metrics.")
+    latest_eval: dict[str, float] | None = Field(default=None, description="The latest evaluation's metrics.")
+    error: str | None = None
+    created_at: float
+    finished_at: float | None = None
+
+
+class RunList(Response):
+    runs: list[RunStatus]
+
+
+class RunMetrics(Response):
+    id: str
+    records: list[dict[str, float | int | str]] = Field(
+        description='One record per training step ("kind": "train") and per evaluation ("kind": "eval").'
+    )

@@ -68,3 +68,11 @@ class StudentSettings(EngineSettings):
     max_rollouts: int = Field(default=1024, ge=1, description="prompts * n in one request (413 above).")
     max_lora_rank: int = Field(default=64, ge=1)
     enable_lora: bool = True
+
+
+class TrainerSettings(ServiceSettings):
+    model_config = SettingsConfigDict(env_prefix="OPD_TRAINER_", extra="ignore")
+
+    port: int = 8003
+    max_runs: int = Field(default=1, ge=1, description="Runs at once; POST /runs answers 409 above.")
+    runs_dir: str = Field(default="runs", description="Where a run without an output_dir writes (runs_dir/<id>).")

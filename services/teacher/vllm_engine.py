@@ -6,7 +6,14 @@ Choices:
 2) One token is generated (vLLM needs max_tokens >= 1) and thrown away.
 3) `detokenize=False` and flat logprobs: candidates are never turned into
    text and the result arrives as flat arrays, not per-token dicts.
-4) vLLM computes prompt logprobs from the unscaled logits, so this engine
+4) Shared prompts are prefilled once. In on-policy distillation every prompt
+   comes back with G completions; vLLM by default skips its prefix cache for
+   prompt-logprob requests, so each would prefill the prompt again. Here the
+   first sequence of each prompt group runs first, then the rest read the
+   cached prompt blocks and compute logits only past them. A sequence whose
+   cache hit reaches into the scored span (possible when completions share
+   their first tokens) is scored again without the cache.
+5) vLLM computes prompt logprobs from the unscaled logits, so this engine
    scores at temperature 1 only; the hf engine scores at any temperature.
 """
 
@@ -40,19 +47,33 @@ class VLLMScoringEngine(ScoringEngine):
     async def score(self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0) -> list[ScoreOutput]:
         if not self.supports_temperature(temperature):
             raise InvalidRequest("the vllm engine scores at temperature 1.0 only; use the hf engine for other temperatures")
-        return list(await asyncio.gather(*(self._score_one(job, top_k) for job in jobs)))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for i, job in enumerate(jobs):
+            groups.setdefault(tuple(job.token_ids[: job.start]), []).append(i)
+        outputs: list[ScoreOutput | None] = [None] * len(jobs)
+        for wave in ([g[0] for g in groups.values()], [i for g in groups.values() for i in g[1:]]):
+            scored = await asyncio.gather(*(self._score_one(jobs[i], top_k) for i in wave))
+            for i, out in zip(wave, scored, strict=True):
+                outputs[i] = out
+        return outputs  # type: ignore[return-value]
 
-    async def _score_one(self, job: ScoreJob, top_k: int) -> ScoreOutput:
+    async def _score_one(self, job: ScoreJob, top_k: int, use_cache: bool = True) -> ScoreOutput:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=top_k, detokenize=False, flat_logprobs=True)
+        params = SamplingParams(
+            max_tokens=1, prompt_logprobs=top_k, detokenize=False, flat_logprobs=True,
+            skip_reading_prefix_cache=not use_cache,
+        )
         final = None
         async for out in self.llm.generate(
             TokensPrompt(prompt_token_ids=job.token_ids), params, request_id=f"score-{next(self._ids)}"
         ):
             final = out
         assert final is not None and final.prompt_logprobs is not None
+        # Logprob row r (the logprob of token r) exists only for r > cached tokens.
+        if use_cache and (final.num_cached_tokens or 0) >= job.start:
+            return await self._score_one(job, top_k, use_cache=False)
         flat = final.prompt_logprobs
         logprobs: list[float] = []
         top: list[list[tuple[int, float]]] | None = [] if top_k else None

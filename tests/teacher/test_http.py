@@ -7,6 +7,7 @@ agree to within VLLM_ATOL per token logprob.
 from __future__ import annotations
 
 import asyncio
+import random
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -129,3 +130,23 @@ def test_client_waits_for_a_service_that_is_starting(teacher_model: Path, tmp_pa
     finally:
         proc.stop()
     assert not proc.alive()
+
+
+def test_vllm_shared_prompts_score_like_hf(vllm_teacher, hf_engine: HFScoringEngine) -> None:
+    """G completions per prompt (the trainer's batches): prompt blocks come from vLLM's
+    prefix cache, completions sharing their first tokens fall back to a full prefill,
+    and every logprob still matches the reference."""
+    rng = random.Random(3)
+    jobs = []
+    for length in (200, 37, 300):
+        prompt = [rng.randrange(512) for _ in range(length)]
+        shared = [rng.randrange(512) for _ in range(40)]
+        for g in range(4):
+            completion = shared + [rng.randrange(512) for _ in range(10)] if g < 2 else [rng.randrange(512) for _ in range(25)]
+            jobs.append(ScoreJob(prompt + completion, length))
+    client = TeacherClient(vllm_teacher.url, api_key=KEY)
+    for _ in range(2):  # the second time, everything is in the cache
+        remote = client.logprobs(as_sequences(jobs), top_k=2)
+        for r, l in zip(remote.results, hf_engine.score_sync(jobs, top_k=2), strict=True):
+            assert len(r.logprobs) == len(l.logprobs)
+            assert torch.allclose(torch.tensor(r.logprobs), torch.tensor(l.logprobs), atol=VLLM_ATOL)

@@ -1,0 +1,42 @@
+"""`opd student ...`: serve the student rollout service."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from services.common import cli_options as o
+
+app = typer.Typer(help="The student rollout service.", no_args_is_help=True)
+
+CheckpointRoot = Annotated[str | None, typer.Option(help="Folder that POST /weights paths are relative to.")]
+MaxLoraRank = Annotated[int | None, typer.Option(help="Largest LoRA rank a weight swap may bring.")]
+EnableLora = Annotated[bool | None, typer.Option("--enable-lora/--no-lora", help="Accept LoRA versions (vLLM reserves memory for them).")]
+
+
+@app.command()
+def serve(
+    model: o.Model = None,
+    engine: o.EngineOpt = None,
+    checkpoint_root: CheckpointRoot = None,
+    host: o.Host = None,
+    port: o.Port = None,
+    dtype: o.DTypeOpt = None,
+    max_model_len: o.MaxModelLen = None,
+    kv_cache_gib: o.KVCache = None,
+    device: o.Device = None,
+    max_lora_rank: MaxLoraRank = None,
+    enable_lora: EnableLora = None,
+) -> None:
+    """Serve POST /rollouts and POST /weights (and /info, /health, /ready, /metrics)."""
+    from services.common.server import serve as run
+    from services.common.settings import StudentSettings
+    from services.student.app import build_app
+
+    settings = o.build_settings(
+        StudentSettings, model=model, engine=engine, checkpoint_root=checkpoint_root, host=host, port=port,
+        dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, device=device,
+        max_lora_rank=max_lora_rank, enable_lora=enable_lora,
+    )
+    run(build_app(settings), settings.host, settings.port, settings.log_level)

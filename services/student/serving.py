@@ -1,0 +1,221 @@
+"""The student's request handlers: rollouts and weight swaps, checked and counted.
+
+Choices:
+1) Everything that can be wrong with a request (limits, vocabulary, length,
+   a checkpoint's path and contents) is found before the engine sees it, so a
+   bad request never disturbs the rollouts of good ones or the serving version.
+2) Versions only move forward: a swap to a version at or below the current
+   one is a 409, checked before and again after waiting for the lock (two
+   swaps may race).
+3) A rollout request runs under the read side of `VersionLock` and reports
+   the version it ran under; a swap runs under the write side.
+4) Usage counts each prompt's tokens once (not once per sample).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from pathlib import Path
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from services.common import protocol as p
+from services.common.errors import Conflict, InvalidInput, InvalidRequest, NotReady, OPDError, PayloadTooLarge
+from services.common.settings import StudentSettings
+from services.common.tokenizer import render_prompt
+from services.student import checkpoints
+from services.student.engine import RolloutEngine, Sample, Sampling
+from services.student.versions import VersionLock
+
+log = logging.getLogger("opd.student")
+LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class SwapFailed(OPDError):
+    """The engine failed while loading a checked checkpoint and cannot serve any more (500)."""
+
+    status_code = 500
+
+
+class Throughput:
+    """Generated tokens per second over the last `window` seconds."""
+
+    def __init__(self, window: float = 30.0) -> None:
+        self.window = window
+        self.events: collections.deque[tuple[float, int]] = collections.deque()
+
+    def add(self, tokens: int) -> None:
+        self.events.append((time.monotonic(), tokens))
+
+    def rate(self) -> float:
+        now = time.monotonic()
+        while self.events and self.events[0][0] < now - self.window:
+            self.events.popleft()
+        return sum(t for _, t in self.events) / self.window
+
+
+class StudentMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.requests = Counter("opd_student_requests", "Requests to /rollouts by outcome", ["outcome"], registry=registry)
+        self.rollouts = Counter("opd_student_rollouts", "Rollouts sampled", registry=registry)
+        self.tokens = Counter("opd_student_generated_tokens", "Tokens generated", registry=registry)
+        self.throughput = Throughput()
+        Gauge(
+            "opd_student_tokens_per_second", "Generated tokens per second over the last 30 s", registry=registry
+        ).set_function(self.throughput.rate)
+        self.latency = Histogram(
+            "opd_student_rollout_latency_seconds", "Latency of /rollouts", registry=registry, buckets=LATENCY_BUCKETS
+        )
+        self.swaps = Counter("opd_student_swaps", "Weight swaps by kind and outcome", ["kind", "outcome"], registry=registry)
+        self.swap_seconds = Histogram(
+            "opd_student_swap_seconds", "Time to load a new policy version (after in-flight rollouts finished)",
+            ["kind"], registry=registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+        )
+        self.version = Gauge("opd_student_policy_version", "Policy version now serving", registry=registry)
+
+
+class StudentService:
+    def __init__(self, engine: RolloutEngine, settings: StudentSettings, metrics: StudentMetrics) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.metrics = metrics
+        self.root = Path(settings.checkpoint_root)
+        self.base = checkpoints.BaseModel.from_folder(settings.model)
+        self.lock = VersionLock()
+        self.version = 0
+        self.kind: str = "base"
+        self.path: str | None = None
+
+    def info(self) -> p.ServiceInfo:
+        return p.ServiceInfo(
+            service="student",
+            model=self.engine.model_name,
+            engine=self.engine.name,
+            vocab_size=self.engine.vocab_size,
+            tokenizer_fingerprint=self.engine.fingerprint,
+            max_model_len=self.engine.max_model_len,
+            policy_version=self.version,
+            limits={
+                "max_prompts": self.settings.max_prompts,
+                "max_rollouts": self.settings.max_rollouts,
+                "max_lora_rank": self.settings.max_lora_rank if self.settings.enable_lora else 0,
+                "max_pending": self.settings.max_pending,
+            },
+        )
+
+    # ------------------------------------------------------------ rollouts
+    def to_prompts(self, request: p.RolloutRequest) -> list[list[int]]:
+        count, limit = len(request.prompts), self.settings.max_prompts
+        if count > limit:
+            raise PayloadTooLarge(f"{count} prompts in one request; the limit is {limit}: split the request")
+        if count * request.n > self.settings.max_rollouts:
+            raise PayloadTooLarge(
+                f"{count} prompts x n={request.n} = {count * request.n} rollouts; the limit is "
+                f"{self.settings.max_rollouts}: split the request or lower n"
+            )
+        prompts = [render_prompt(self.engine.tokenizer, prompt) for prompt in request.prompts]
+        for i, ids in enumerate(prompts):
+            self._check_prompt(i, ids, request.max_tokens)
+        return prompts
+
+    def _check_prompt(self, i: int, ids: list[int], max_tokens: int) -> None:
+        if not ids:
+            raise InvalidInput(f"prompts[{i}] renders to no tokens: give a non-empty prompt")
+        bad = max(ids)
+        if bad >= self.engine.vocab_size:
+            raise InvalidInput(
+                f"prompts[{i}] holds token id {bad}, outside the student's vocabulary of {self.engine.vocab_size} ids: "
+                "were these ids made by another tokenizer? compare /info's tokenizer_fingerprint"
+            )
+        if len(ids) + max_tokens > self.engine.max_model_len:
+            raise InvalidInput(
+                f"prompts[{i}] has {len(ids)} tokens and max_tokens is {max_tokens}: {len(ids) + max_tokens} is over "
+                f"the student's maximum length of {self.engine.max_model_len}; shorten the prompt or lower max_tokens"
+            )
+
+    async def rollouts(self, request: p.RolloutRequest) -> p.RolloutResponse:
+        try:
+            prompts = self.to_prompts(request)
+            if not self.engine.healthy():
+                raise NotReady("the student's engine has stopped: restart the service")
+        except Exception:
+            self.metrics.requests.labels("rejected").inc()
+            raise
+        began = time.perf_counter()
+        async with self.lock.read():
+            version = self.version
+            samples = await self.engine.sample(prompts, Sampling.from_request(request))
+        rollouts = [
+            self._rollout(i, prompt, s) for i, (prompt, group) in enumerate(zip(prompts, samples, strict=True)) for s in group
+        ]
+        generated = sum(len(r.token_ids) for r in rollouts)
+        self.metrics.requests.labels("ok").inc()
+        self.metrics.rollouts.inc(len(rollouts))
+        self.metrics.tokens.inc(generated)
+        self.metrics.throughput.add(generated)
+        self.metrics.latency.observe(time.perf_counter() - began)
+        usage = p.Usage(sequences=len(rollouts), input_tokens=sum(map(len, prompts)), generated_tokens=generated)
+        return p.RolloutResponse(model=self.engine.model_name, policy_version=version, rollouts=rollouts, usage=usage)
+
+    @staticmethod
+    def _rollout(index: int, prompt: list[int], sample: Sample) -> p.Rollout:
+        return p.Rollout(
+            prompt_index=index, prompt_token_ids=prompt, token_ids=sample.token_ids,
+            logprobs=sample.logprobs, finish_reason=sample.finish_reason, text=sample.text,
+        )
+
+    # ------------------------------------------------------------- weights
+    def _check_version(self, version: int) -> None:
+        if version <= self.version:
+            raise Conflict(f"version {version} is not newer than the serving version {self.version}: versions only move forward")
+
+    def _checked_folder(self, request: p.WeightsRequest) -> Path:
+        """The checkpoint's folder, after every check that can be made without loading it."""
+        if request.kind == "lora" and not self.settings.enable_lora:
+            raise InvalidRequest("this student runs without LoRA (OPD_STUDENT_ENABLE_LORA=false): send a full checkpoint")
+        folder = checkpoints.resolve(self.root, request.path)
+        if request.kind == "full":
+            checkpoints.check_full(folder, self.root, self.base)
+        else:
+            checkpoints.check_lora(folder, self.root, self.base, self.settings.max_lora_rank)
+        return folder
+
+    async def load_weights(self, request: p.WeightsRequest) -> p.WeightsResponse:
+        try:
+            self._check_version(request.version)
+            folder = self._checked_folder(request)
+        except Exception:
+            self.metrics.swaps.labels(request.kind, "rejected").inc()
+            raise
+        waited = time.perf_counter()
+        async with self.lock.write():
+            self._check_version(request.version)
+            began = time.perf_counter()
+            await self._load(request, folder)
+            seconds = time.perf_counter() - began
+            self.version, self.kind, self.path = request.version, request.kind, request.path
+        self.metrics.swaps.labels(request.kind, "ok").inc()
+        self.metrics.swap_seconds.labels(request.kind).observe(seconds)
+        self.metrics.version.set(self.version)
+        log.info("policy version %d (%s %s) loaded in %.3fs after %.3fs waiting for rollouts",
+                 self.version, self.kind, self.path, seconds, began - waited)
+        return p.WeightsResponse(policy_version=self.version, kind=request.kind, path=request.path, seconds=seconds)
+
+    async def _load(self, request: p.WeightsRequest, folder: Path) -> None:
+        try:
+            if request.kind == "full":
+                await self.engine.load_full(folder)
+            else:
+                await self.engine.load_lora(folder, request.version)
+        except OPDError:
+            self.metrics.swaps.labels(request.kind, "failed").inc()
+            raise
+        except Exception as exc:
+            self.metrics.swaps.labels(request.kind, "failed").inc()
+            if self.engine.healthy():
+                raise InvalidInput(
+                    f"loading {request.path!r} failed ({type(exc).__name__}: {exc}); version {self.version} keeps serving"
+                ) from exc
+            raise SwapFailed(f"the engine stopped while loading {request.path!r} ({exc}): restart the student") from exc

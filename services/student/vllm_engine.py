@@ -1,0 +1,94 @@
+"""The student's vLLM engine: AsyncLLM sampling with live policy swaps.
+
+Choices:
+1) `logprobs_mode="processed_logprobs"`: vLLM reports the logprob of each
+   sampled token after temperature and top-p, the distribution it was drawn
+   from (its default is the raw model distribution).
+2) One engine request per prompt with `n` samples, all prompts at once, so
+   concurrent HTTP requests share batches through continuous batching.
+   `FINAL_ONLY` output: the n samples arrive together when all are done.
+3) Seeds: rollout j of prompt i is seeded `seed + i*n + j` (vLLM seeds the
+   n samples of one request `seed + j`), so every rollout of a request has
+   its own stream, independent of batching.
+4) A LoRA version is registered with `add_lora` at swap time (its load time
+   is the swap's, and the first rollout pays nothing) and then named in every
+   request; the previous adapter is removed. A full version is reloaded in
+   place (`reload_weights`), which also drops any adapter, and the prefix
+   cache is emptied: cached keys and values belong to the old weights.
+5) vLLM's engine dies on a bad adapter or checkpoint, so checkpoints are
+   checked before they get here (checkpoints.py); if it dies anyway,
+   `healthy()` turns false and /ready answers 503.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from pathlib import Path
+
+from services.common.settings import StudentSettings
+from services.common.vllm_args import build_async_llm
+from services.student.engine import RolloutEngine, Sample, Sampling
+
+
+class VLLMRolloutEngine(RolloutEngine):
+    name = "vllm"
+
+    def __init__(self, settings: StudentSettings) -> None:
+        super().__init__(settings)
+        lora = {"enable_lora": True, "max_lora_rank": settings.max_lora_rank, "max_loras": 1} if settings.enable_lora else {}
+        self.llm = build_async_llm(settings, logprobs_mode="processed_logprobs", **lora)
+        config = self.llm.model_config
+        self.vocab_size = min(config.get_vocab_size(), len(self.tokenizer))
+        self.max_model_len = config.max_model_len
+        self.lora = None  # the LoRARequest of the serving version, if it is an adapter
+        self._ids = itertools.count()
+
+    def healthy(self) -> bool:
+        return not self.llm.errored
+
+    async def sample(self, prompts_P: list[list[int]], sampling: Sampling) -> list[list[Sample]]:
+        return list(await asyncio.gather(*(self._sample_one(i, ids, sampling) for i, ids in enumerate(prompts_P))))
+
+    async def _sample_one(self, index: int, prompt: list[int], sampling: Sampling) -> list[Sample]:
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+        from vllm.sampling_params import RequestOutputKind
+
+        params = SamplingParams(
+            n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            seed=None if sampling.seed is None else sampling.seed + index * sampling.n,
+            stop=list(sampling.stop) or None, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY,
+        )
+        final = None
+        async for out in self.llm.generate(
+            TokensPrompt(prompt_token_ids=prompt), params, request_id=f"rollout-{next(self._ids)}", lora_request=self.lora
+        ):
+            final = out
+        assert final is not None
+        return [self._to_sample(c) for c in sorted(final.outputs, key=lambda c: c.index)]
+
+    @staticmethod
+    def _to_sample(completion) -> Sample:
+        tokens = list(completion.token_ids)
+        # With logprobs=0 each position holds the sampled token (and nothing else).
+        logprobs = [float(pos[t].logprob) for t, pos in zip(tokens, completion.logprobs, strict=True)]
+        reason = "length" if completion.finish_reason == "length" else "stop"
+        return Sample(tokens, logprobs, reason, completion.text)
+
+    async def load_full(self, folder: Path) -> None:
+        await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
+        await self.llm.reset_prefix_cache()
+        self.lora = None  # reload_weights removed every adapter
+
+    async def load_lora(self, folder: Path, version: int) -> None:
+        from vllm.lora.request import LoRARequest
+
+        request = LoRARequest(f"policy-v{version}", version, str(folder))
+        await self.llm.add_lora(request)
+        previous, self.lora = self.lora, request
+        if previous is not None:
+            await self.llm.remove_lora(previous.lora_int_id)
+
+    async def close(self) -> None:
+        self.llm.shutdown()

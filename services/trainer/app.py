@@ -1,0 +1,97 @@
+"""The trainer service: training runs over HTTP.
+
+    POST /runs             a run config (the YAML's content as JSON) -> the run's id
+    GET  /runs             every run of this service
+    GET  /runs/{id}        state, step, latest metrics
+    GET  /runs/{id}/metrics  every metrics record so far
+    POST /runs/{id}/stop   ends the run at the next step boundary
+
+One run at a time unless `OPD_TRAINER_MAX_RUNS` says otherwise (409 when
+busy). An invalid config is a 422 whose detail names the field. Auth,
+probes and error mapping are those of every opd service (`install_common`).
+"""
+
+from __future__ import annotations
+
+from contextlib import asynccontextmanager
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
+from prometheus_client import Gauge
+
+from services.common import protocol as p
+from services.common.server import Authorized, install_common
+from services.common.settings import TrainerSettings
+from services.trainer.config import RunConfig
+from services.trainer.runs import RunManager
+
+ERRORS = {
+    401: {"model": p.ErrorBody, "description": "missing or wrong API key"},
+    404: {"model": p.ErrorBody, "description": "no such run"},
+    409: {"model": p.ErrorBody, "description": "as many runs in progress as allowed"},
+    422: {"model": p.ErrorBody, "description": "invalid run config; the detail names the field"},
+}
+
+
+def get_runs(request: Request) -> RunManager:
+    return request.app.state.runs
+
+
+Runs = Annotated[RunManager, Depends(get_runs)]
+
+
+def build_app(settings: TrainerSettings) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.runs = RunManager(settings)
+        try:
+            yield
+        finally:
+            app.state.runs.shutdown()
+
+    app = FastAPI(
+        title="opd trainer",
+        version="1",
+        summary="On-policy distillation runs: the student samples, the teacher scores per token, the trainer updates.",
+        lifespan=lifespan,
+    )
+    registry = install_common(
+        app, api_key=settings.api_key, max_pending=settings.max_pending, max_body_bytes=settings.max_body_bytes,
+        ready=lambda: getattr(app.state, "runs", None) is not None,
+    )
+
+    def active_runs() -> int:
+        runs = getattr(app.state, "runs", None)
+        return 0 if runs is None else sum(h.active for h in runs.runs.values())
+
+    Gauge("opd_trainer_active_runs", "Runs in progress", registry=registry).set_function(active_runs)
+
+    @app.post("/runs", status_code=201, dependencies=[Authorized], responses=ERRORS, tags=["trainer"])
+    async def create_run(config: RunConfig, runs: Runs) -> p.RunCreated:
+        """Starts a run of the given config; answers its id at once."""
+        handle = runs.start(config)
+        return p.RunCreated(id=handle.id, state=handle.state, output_dir=handle.config.output_dir)
+
+    @app.get("/runs", dependencies=[Authorized], tags=["trainer"])
+    async def list_runs(runs: Runs) -> p.RunList:
+        """Every run of this service, oldest first."""
+        return p.RunList(runs=[h.status() for h in runs.runs.values()])
+
+    @app.get("/runs/{run_id}", dependencies=[Authorized], responses=ERRORS, tags=["trainer"])
+    async def run_status(run_id: str, runs: Runs) -> p.RunStatus:
+        """State, step, policy version and the latest training and evaluation metrics."""
+        return runs.get(run_id).status()
+
+    @app.get("/runs/{run_id}/metrics", dependencies=[Authorized], responses=ERRORS, tags=["trainer"])
+    async def run_metrics(run_id: str, runs: Runs) -> p.RunMetrics:
+        """Every metrics record so far: one per training step and one per evaluation."""
+        return p.RunMetrics(id=run_id, records=runs.get(run_id).records())
+
+    @app.post("/runs/{run_id}/stop", status_code=202, dependencies=[Authorized], responses=ERRORS, tags=["trainer"])
+    async def stop_run(run_id: str, runs: Runs) -> p.RunStatus:
+        """Asks the run to end at the next step boundary; it checkpoints its last whole step."""
+        handle = runs.get(run_id)
+        handle.request_stop()
+        return handle.status()
+
+    return app

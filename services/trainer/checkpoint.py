@@ -1,0 +1,192 @@
+"""Files a run writes: policy versions for the student, and the trainer's own state.
+
+Choices:
+1) Everything is written into a temporary sibling folder, every file and the
+   folder are fsynced, and the folder is renamed into place: a reader (the
+   student service, a resumed trainer) sees a complete folder or none.
+2) Policy versions live under `checkpoint_root/<run name>/v<version>` (the
+   student's --checkpoint-root), only the newest `keep` are kept.
+3) Trainer checkpoints live under `output_dir/checkpoints/step-<N>` and hold
+   the trainable weights, the optimizer and scheduler, the step, the sampler
+   position, the policy version and every RNG state: enough to continue
+   exactly as if the run had never stopped. The newest complete one wins.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from services.common.errors import Conflict
+
+STEP_DIR = re.compile(r"^step-(\d{6,})$")
+VERSION_DIR = re.compile(r"^v(\d{6,})$")
+
+
+def fsync_tree(path: Path) -> None:
+    for file in sorted(path.rglob("*")):
+        if file.is_file():
+            with open(file, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def atomic_dir(final: Path) -> Iterator[Path]:
+    """Yields a temporary folder; on success it is fsynced and renamed to `final` (replacing it)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.mkdir()
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        if final.exists():  # a version number reused after the student restarted
+            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+            final.rename(old)
+            shutil.rmtree(old, ignore_errors=True)
+        tmp.rename(final)
+        fsync_dir(final.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def numbered(folder: Path, pattern: re.Pattern[str]) -> list[tuple[int, Path]]:
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), d) for d in folder.iterdir() if d.is_dir() and (m := pattern.match(d.name))]
+    return sorted(found)
+
+
+class PolicyStore:
+    """Policy versions under `root/<run>/v<version>`, as paths relative to `root` for POST /weights."""
+
+    def __init__(self, root: str | Path, run: str, keep: int = 2) -> None:
+        self.root, self.run, self.keep = Path(root), run, keep
+
+    def relative(self, version: int) -> str:
+        return f"{self.run}/v{version:06d}"
+
+    def write(self, version: int, save: Callable[[Path], None]) -> str:
+        with atomic_dir(self.root / self.relative(version)) as tmp:
+            save(tmp)
+        self.prune(version)
+        return self.relative(version)
+
+    def prune(self, current: int) -> None:
+        # Versions above `current` belong to a killed run that this one resumed;
+        # the student may still hold the newest older ones, so `keep` of them stay.
+        versions = numbered(self.root / self.run, VERSION_DIR)
+        older = [path for v, path in versions if v <= current]
+        for path in older[: -self.keep]:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+class CheckpointError(Conflict):
+    """A checkpoint does not fit the run that tries to resume from it."""
+
+
+@dataclass
+class TrainerState:
+    step: int
+    policy_version: int
+    sampler: dict[str, int]
+    extra: dict[str, Any]
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.detach().cpu().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    state: TrainerState,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    keep: int = 2,
+) -> Path:
+    from safetensors.torch import save_file
+
+    folder = Path(output_dir) / "checkpoints"
+    final = folder / f"step-{state.step:06d}"
+    with atomic_dir(final) as tmp:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": state.step,
+                "policy_version": state.policy_version,
+                "sampler": state.sampler,
+                "extra": state.extra,
+                "rng": rng_state(),
+            },
+            tmp / "state.pt",
+        )
+    for _, old in numbered(folder, STEP_DIR)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = numbered(Path(output_dir) / "checkpoints", STEP_DIR)
+    return found[-1][1] if found else None
+
+
+def load_checkpoint(
+    path: Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+) -> TrainerState:
+    """Restores weights, optimizer, scheduler and RNG states in place; returns the loop's counters."""
+    from safetensors.torch import load_file
+
+    weights = load_file(str(path / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [name for name in weights if name not in params]
+    if missing or len(weights) != sum(p.requires_grad for p in params.values()):
+        raise CheckpointError(
+            f"{path} does not fit this model (unknown tensors: {missing[:3]}): "
+            "resume with the config that wrote it, or start a new run in another output_dir"
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    saved = torch.load(path / "state.pt", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["rng"])
+    return TrainerState(saved["step"], saved["policy_version"], saved["sampler"], saved["extra"])

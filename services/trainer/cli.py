@@ -1,0 +1,75 @@
+"""`opd trainer serve` (the trainer service) and `opd train CONFIG.yaml` (a run in the foreground).
+
+`opd train` resumes from the checkpoint in the config's output_dir when there
+is one (unless `--set resume=false`), shows a progress bar with ETA, and ends
+with the path of the teacher-KL plot. Exit status: 0 completed, 1 failed,
+130 stopped by Ctrl-C (after a checkpoint of the last whole step).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from services.common import cli_options as o
+
+app = typer.Typer(help="The trainer: on-policy distillation runs.", no_args_is_help=True)
+
+
+@app.command()
+def serve(
+    host: o.Host = None,
+    port: o.Port = None,
+    max_runs: Annotated[int | None, typer.Option(help="Runs at once (409 above).")] = None,
+    runs_dir: Annotated[str | None, typer.Option(help="Where runs without an output_dir write.")] = None,
+) -> None:
+    """Serve POST /runs, GET /runs/{id}, GET /runs/{id}/metrics, POST /runs/{id}/stop (and /health, /ready, /metrics)."""
+    from pydantic import ValidationError
+
+    from services.common.server import serve as run
+    from services.common.settings import TrainerSettings
+    from services.trainer.app import build_app
+
+    given = {"host": host, "port": port, "max_runs": max_runs, "runs_dir": runs_dir}
+    try:
+        settings = TrainerSettings(**{k: v for k, v in given.items() if v is not None})
+    except ValidationError as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    run(build_app(settings), settings.host, settings.port, settings.log_level)
+
+
+def train(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: section.field=value (repeatable).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar with ETA.")] = True,
+    log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+) -> None:
+    """Run on-policy distillation in the foreground (resumes from output_dir's checkpoint)."""
+    from services.common.errors import OPDError
+    from services.common.server import configure_logging
+    from services.trainer.config import load_config
+    from services.trainer.loop import Trainer
+
+    configure_logging(log_level)
+    try:
+        run_config = load_config(config, set_ or [])
+    except OPDError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from exc
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())  # first Ctrl-C: checkpoint, then stop
+    try:
+        outcome = Trainer(run_config, stop=stop, progress=progress).run()
+    except OPDError as exc:
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    out = Path(run_config.output_dir)
+    typer.echo(f"{outcome}: metrics {out / 'metrics.jsonl'}, plot {out / 'teacher_kl.png'}")
+    if outcome != "completed":
+        raise typer.Exit(130)

@@ -1,0 +1,253 @@
+"""The training loop: the step of DESIGN.md, evaluation, checkpoints and resume.
+
+    outcome = Trainer(config).run()      # "completed" or "stopped"; raises on failure
+
+One step:
+1) draw `prompts_per_step` prompts and ask the student for `samples_per_prompt`
+   samples each (a seed derived from the run seed and the step);
+2) have the teacher score the same token ids;
+3) advantages and `substeps` optimizer steps on the importance-sampling (or
+   PPO) loss (update.py);
+4) write the new policy version atomically and POST it to the student;
+5) write the step's metrics; every `eval.every` steps evaluate on the held-out
+   prompts, every `save_every` steps checkpoint the trainer state.
+
+Choices:
+1) At start the trainer publishes the weights it holds (the base model, or the
+   resumed checkpoint) as a new policy version, so the student serves exactly
+   what the trainer trains, whatever it served before. Version numbers go on
+   from the student's own, as the student demands strictly increasing ones.
+2) A resumed run restores weights, optimizer, RNG states and the sampler
+   position, drops metrics after the checkpoint's step, and continues; prompts
+   and sampling seeds are functions of the step, so it draws what the
+   uninterrupted run drew.
+3) A stop request ends the run at the next step boundary (or interrupts a
+   wait for a service) and checkpoints the last whole step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from services.common import protocol as p
+from services.trainer.checkpoint import CheckpointError, PolicyStore, TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from services.trainer.config import RunConfig
+from services.trainer.data import PromptRow, PromptSampler, load_prompts
+from services.trainer.metrics import MetricsWriter, plot_teacher_kl
+from services.trainer.remote import Remote, RunStopped
+from services.trainer.rollouts import Sample, StaleRollouts, kl_summary, load_callable, sample, score
+from services.trainer.update import task_rewards, train_on
+
+log = logging.getLogger("opd.trainer")
+EVAL_SEED = 1_000_003
+# Fields a resumed run may change: they do not alter what it computes.
+RESUMABLE = {"steps", "eval", "save_every", "keep_versions", "resume", "services", "api_key", "teacher_urls",
+             "student_url", "output_dir", "checkpoint_root", "name"}
+
+
+def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+class Trainer:
+    def __init__(self, config: RunConfig, *, stop: threading.Event | None = None, progress: bool = False) -> None:
+        self.config = config
+        self.stop = stop or threading.Event()
+        self.remote = Remote(config, self.stop)
+        self.show_progress = progress
+        self.out = Path(config.output_dir)
+        self.step = 0
+        self.version = 0
+        self.saved_step = -1
+        self.in_step = False
+        self.state = "starting"
+        self.metrics: MetricsWriter | None = None
+
+    # ------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        from services.common.tokenizer import load_tokenizer, tokenizer_fingerprint
+        from services.trainer.policy import Policy
+
+        config = self.config
+        self.remote.check_tokenizers(tokenizer_fingerprint(load_tokenizer(config.student.model)))
+        self.train_rows, self.eval_rows = load_prompts(config.dataset, config.seed)
+        self.sampler = PromptSampler(len(self.train_rows), config.seed)
+        self.reward_fn = load_callable(config.reward_fn, "reward_fn") if config.reward_fn else None
+        self.verifier = load_callable(config.eval.verifier, "eval.verifier") if config.eval.verifier else None
+        self.policy = Policy(config)
+        self.store = PolicyStore(config.checkpoint_root, config.name, config.keep_versions)
+        resumed = self.resume()
+        self.metrics = MetricsWriter(self.out, resume_step=self.step if resumed else None)
+        self.publish()
+        log.info("%s: %s student, %d trainable parameters, %d train / %d eval prompts, from step %d",
+                 config.name, config.student.finetune, self.policy.trainable_parameters,
+                 len(self.train_rows), len(self.eval_rows), self.step)
+
+    def resume(self) -> bool:
+        """Loads the newest checkpoint of output_dir when resuming; otherwise starts the folder afresh."""
+        saved = self.out / "config.json"
+        ckpt = latest_checkpoint(self.out) if self.config.resume else None
+        if ckpt is not None and saved.is_file():
+            self.check_same_run(json.loads(saved.read_text()))
+            state = load_checkpoint(ckpt, self.policy.model, self.policy.optimizer, self.policy.scheduler)
+            self.step, self.version, self.saved_step = state.step, state.policy_version, state.step
+            self.sampler.load_state_dict(state.sampler)
+            log.info("resuming from %s (step %d)", ckpt, state.step)
+        else:
+            ckpt = None
+            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
+        self.out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(self.config.model_dump_json(indent=2, exclude={"api_key"}))
+        return ckpt is not None
+
+    def check_same_run(self, saved: dict[str, Any]) -> None:
+        now = flat(json.loads(self.config.model_dump_json(exclude={"api_key"})))
+        before = flat(saved)
+        differ = sorted(k for k in now.keys() | before.keys()
+                        if k.split(".")[0] not in RESUMABLE and now.get(k) != before.get(k))
+        if differ:
+            raise CheckpointError(
+                f"{self.out} holds a run with a different config ({', '.join(differ)}): resume with the same "
+                "settings, or start a new run (another output_dir, or resume=false)"
+            )
+
+    # ------------------------------------------------------------ service calls
+    def publish(self) -> None:
+        """Writes the current weights as a new policy version and has the student load it."""
+        current = self.remote.student_info().policy_version or 0
+        version = max(current, self.version) + 1
+        path = self.store.write(version, self.policy.save_version)
+        loaded = self.remote.load_weights(p.WeightsRequest(version=version, kind=self.policy.finetune, path=path))
+        self.version = loaded.policy_version
+
+    def sample_on_policy(self, rows: list[PromptRow], **kwargs: Any) -> list[Sample]:
+        for _ in range(3):
+            try:
+                return sample(self.remote, rows, version=self.version, **kwargs)
+            except StaleRollouts as exc:
+                log.warning("%s: loading version %d again before sampling", exc, self.version)
+                self.publish()
+        return sample(self.remote, rows, version=self.version, **kwargs)
+
+    # ------------------------------------------------------------ the step
+    def train_step(self, step: int) -> dict[str, Any]:
+        c, s = self.config, self.config.sampling
+        began, waited = time.perf_counter(), self.remote.waited_s
+        self.in_step = True
+        rows = [self.train_rows[i] for i in self.sampler.next_indices(s.prompts_per_step)]
+        samples = self.sample_on_policy(rows, n=s.samples_per_prompt, max_tokens=s.max_tokens,
+                                        temperature=s.temperature, top_p=s.top_p, seed=c.seed * 100_003 + step)
+        sampled = time.perf_counter()
+        score(self.remote, samples)  # waits out a teacher outage; the samples stay
+        scored = time.perf_counter()
+        raw, rewards = task_rewards(samples, self.reward_fn) if self.reward_fn else (None, None)
+        update = train_on(self.policy, samples, c, rewards)
+        trained = time.perf_counter()
+        self.publish()
+        synced = time.perf_counter()
+        record = {
+            **kl_summary(samples), **update,
+            "policy_version": self.version,
+            "time_sample": sampled - began, "time_score": scored - sampled,
+            "time_train": trained - scored, "time_sync": synced - trained, "time_step": synced - began,
+            "time_waiting": self.remote.waited_s - waited,
+        }
+        if raw is not None:
+            record["reward_mean"] = sum(raw) / len(raw)
+        self.step = step
+        self.in_step = False
+        assert self.metrics is not None
+        log.info("step %d/%d teacher_kl %.4f loss %.4f tokens %d (%.1fs)",
+                 step, c.steps, record["teacher_kl"], record["loss"], record["tokens"], record["time_step"])
+        return self.metrics.write("train", step, record)
+
+    def evaluate(self) -> dict[str, Any]:
+        """Teacher KL of the student's samples on the held-out prompts (and accuracy with a verifier)."""
+        c = self.config
+        began = time.perf_counter()
+        samples = self.sample_on_policy(
+            self.eval_rows, n=c.eval.samples_per_prompt, max_tokens=c.eval_max_tokens,
+            temperature=c.sampling.temperature, top_p=c.sampling.top_p, seed=c.seed + EVAL_SEED,
+        )
+        score(self.remote, samples)
+        record: dict[str, Any] = kl_summary(samples)
+        if self.verifier is not None:
+            record["accuracy"] = sum(bool(self.verifier(x.row, x.text)) for x in samples) / max(1, len(samples))
+        record["time_eval"] = time.perf_counter() - began
+        log.info("eval at step %d: teacher_kl %.4f", self.step, record["teacher_kl"])
+        assert self.metrics is not None
+        return self.metrics.write("eval", self.step, record)
+
+    def checkpoint(self) -> None:
+        state = TrainerState(self.step, self.version, self.sampler.state_dict(), {})
+        save_checkpoint(self.out, state, self.policy.model, self.policy.optimizer, self.policy.scheduler)
+        self.saved_step = self.step
+
+    def eval_due(self) -> bool:
+        every = self.config.eval.every
+        return every > 0 and (self.step % every == 0 or self.step == self.config.steps)
+
+    # ------------------------------------------------------------ the run
+    def run(self) -> str:
+        """Runs to `steps` (or a stop request); returns "completed" or "stopped"."""
+        self.setup()
+        self.state = "running"
+        try:
+            with self.progress() as advance:
+                if self.step == 0 and self.config.eval.every > 0:
+                    self.evaluate()
+                while self.step < self.config.steps and not self.stop.is_set():
+                    record = self.train_step(self.step + 1)
+                    if self.eval_due():
+                        self.evaluate()
+                    if self.step % self.config.save_every == 0 or self.step == self.config.steps:
+                        self.checkpoint()
+                    advance(record)
+        except RunStopped:
+            log.warning("stopped while waiting for a service; the run resumes from step %d", self.saved_step)
+        finally:
+            self.finish()
+        return self.state
+
+    def finish(self) -> None:
+        if self.metrics is None:
+            return
+        self.metrics.close()
+        plot_teacher_kl(self.metrics.records, self.out / "teacher_kl.png", f"{self.config.name}: teacher reverse KL")
+        self.state = "completed" if self.step >= self.config.steps else "stopped"
+        # Interrupted inside a step, the weights in memory may be ahead of
+        # self.step: the last whole step's checkpoint is what stands then.
+        if not self.in_step and self.saved_step != self.step:
+            self.checkpoint()
+
+    @contextmanager
+    def progress(self) -> Iterator[Callable[[dict[str, Any]], None]]:
+        if not self.show_progress:
+            yield lambda record: None
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   TextColumn("ETA"), TimeRemainingColumn(), TextColumn("{task.fields[info]}"))
+        with Progress(*columns, transient=False) as bar:
+            task = bar.add_task(self.config.name, total=self.config.steps, completed=self.step, info="")
+
+            def advance(record: dict[str, Any]) -> None:
+                info = f"teacher KL {record['teacher_kl']:.3f}  {record['time_step']:.1f}s/step"
+                bar.update(task, completed=self.step, info=info)
+
+            yield advance

@@ -1,0 +1,102 @@
+"""Run metrics: one JSON line per record, TensorBoard scalars, a final PNG plot.
+
+Records are `{"kind": "train" | "eval", "step": N, ...numbers}`. Choices:
+1) JSONL is the source of truth (GET /runs/{id}/metrics reads it); TensorBoard
+   gets the same numbers as `train/<key>` and `eval/<key>`.
+2) On resume from step N, records after N are dropped from the JSONL and
+   TensorBoard purges its events after N, so no step is counted twice.
+3) The plot (matplotlib's Agg backend: no display) shows the teacher reverse
+   KL per training step and on the held-out prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+Record = dict[str, Any]
+
+
+def read_records(path: Path) -> list[Record]:
+    if not path.is_file():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break  # a line cut off by a kill: everything before it is whole
+    return out
+
+
+class MetricsWriter:
+    def __init__(self, output_dir: str | Path, resume_step: int | None = None, tensorboard: bool = True) -> None:
+        self.dir = Path(output_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / "metrics.jsonl"
+        self.records = self._truncate(resume_step)
+        self._tb = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
+
+    def _truncate(self, resume_step: int | None) -> list[Record]:
+        if resume_step is None:
+            self.path.write_text("")
+            return []
+        kept = [r for r in read_records(self.path) if r["step"] <= resume_step]
+        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        return kept
+
+    def write(self, kind: str, step: int, values: dict[str, float]) -> Record:
+        record: Record = {"kind": kind, "step": step, **values}
+        self.records.append(record)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            for key, value in values.items():
+                if isinstance(value, int | float) and math.isfinite(value):
+                    self._tb.add_scalar(f"{kind}/{key}", value, step)
+            self._tb.flush()
+        return record
+
+    def latest(self, kind: str) -> Record | None:
+        return next((r for r in reversed(self.records) if r["kind"] == kind), None)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def plot_teacher_kl(records: list[Record], out: Path, title: str = "teacher reverse KL") -> Path | None:
+    """PNG of the teacher KL per step (train samples and held-out prompts); None when there is nothing to plot."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(r["step"], r["teacher_kl"]) for r in records if r["kind"] == "train" and "teacher_kl" in r]
+    evals = [(r["step"], r["teacher_kl"]) for r in records if r["kind"] == "eval" and "teacher_kl" in r]
+    if not train and not evals:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if train:
+        ax.plot(*zip(*train, strict=True), label="training samples", color="tab:blue", alpha=0.7)
+    if evals:
+        ax.plot(*zip(*evals, strict=True), "o-", label="held-out prompts", color="tab:red")
+    ax.set_xlabel("step")
+    ax.set_ylabel("reverse KL to the teacher (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

@@ -1,0 +1,89 @@
+"""The trainable student: the model the student service serves, in transformers.
+
+Choices:
+1) LoRA via peft on the configured linear layers (what vLLM hot-loads), or
+   full fine-tuning of every parameter.
+2) Per-token logprobs come from `services.common.hf.token_logprobs`, the same
+   function the hf engines score with, with gradients on.
+3) AdamW over the trainable parameters; the learning rate warms up linearly
+   over `warmup_steps` optimizer steps, then stays constant.
+4) A policy version is what the student loads: a peft adapter folder, or a
+   whole-model `save_pretrained` folder (with the tokenizer) for full fine-tuning.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from services.trainer.config import RunConfig
+
+
+class Policy:
+    def __init__(self, config: RunConfig) -> None:
+        from services.common.hf import load_causal_lm
+        from services.common.tokenizer import load_tokenizer
+
+        student = config.student
+        self.config = config
+        self.finetune = student.finetune
+        self.tokenizer = load_tokenizer(student.model)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here
+        model = load_causal_lm(student.model, student.dtype, student.device)
+        self.model = self._wrap(model) if student.finetune == "lora" else model
+        self.model.train()
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        opt = config.optimizer
+        self.optimizer = torch.optim.AdamW(
+            self.params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay
+        )
+        warmup = opt.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda n: min(1.0, (n + 1) / warmup) if warmup else 1.0
+        )
+
+    def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        from peft import LoraConfig, get_peft_model
+
+        lora = self.config.student.lora
+        peft_config = LoraConfig(
+            r=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=list(lora.target_modules),
+            task_type="CAUSAL_LM",
+        )
+        return get_peft_model(model, peft_config)
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    def logprobs(self, seqs: Sequence[Sequence[int]], starts: Sequence[int], temperature: float = 1.0) -> list[torch.Tensor]:
+        """log p_theta of each token from its start on, differentiable."""
+        from services.common.hf import token_logprobs
+
+        out = token_logprobs(self.model, seqs, starts, temperature=temperature, pad_id=self.pad_id)
+        return [chosen for chosen, _, _ in out]
+
+    def optimizer_step(self) -> float:
+        """Clips, steps, schedules, zeroes; returns the gradient norm before clipping."""
+        clip = self.config.optimizer.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def lr(self) -> float:
+        return float(self.scheduler.get_last_lr()[0])
+
+    def save_version(self, folder: Path) -> None:
+        """What the student service loads: an adapter folder, or a whole model with its tokenizer."""
+        self.model.save_pretrained(folder, safe_serialization=True)
+        if self.finetune == "full":
+            self.tokenizer.save_pretrained(folder)

@@ -1,0 +1,125 @@
+"""Samples from the student service, scored by the teacher service.
+
+    samples = sample(remote, prompts_P, n=4, max_tokens=64, temperature=1.0, top_p=1.0, seed=7, version=3)
+    score(remote, samples)            # fills teacher_logprobs_T in place
+
+Choices:
+1) The teacher scores exactly the student's token ids (`token_ids` + `start`),
+   never re-rendered text, so both see the same tokens.
+2) Rollouts must come from the policy version the trainer last loaded; a
+   student that answers with another version (it restarted, or someone else
+   loaded weights) raises `StaleRollouts`, and the caller reloads and samples
+   again: off-policy samples are never trained on.
+3) Scoring requests are split into chunks of at most `SCORE_CHUNK` sequences
+   (the teacher's per-request limit is larger).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from services.common import protocol as p
+from services.common.errors import InvalidInput, OPDError
+from services.trainer.data import PromptRow
+from services.trainer.remote import Remote
+
+SCORE_CHUNK = 128
+
+
+class StaleRollouts(OPDError):
+    """The student sampled with another policy version than the trainer loaded."""
+
+    status_code = 409
+
+    def __init__(self, got: int, expected: int) -> None:
+        super().__init__(f"the student sampled with policy version {got}, the trainer expects {expected}")
+        self.got, self.expected = got, expected
+
+
+class ScoreMismatch(OPDError):
+    status_code = 502
+
+
+@dataclass
+class Sample:
+    group: int  # index of its prompt within the request: samples of one group share a prompt
+    prompt_ids: list[int]
+    token_ids: list[int]
+    sampling_logprobs: list[float]
+    text: str
+    finish_reason: str
+    row: dict[str, Any] = field(repr=False)
+    teacher_logprobs: list[float] | None = None
+
+    @property
+    def rkl(self) -> list[float]:
+        """Per-token reverse KL, log p_student - log p_teacher, at the sampled tokens."""
+        assert self.teacher_logprobs is not None
+        return [s - t for s, t in zip(self.sampling_logprobs, self.teacher_logprobs, strict=True)]
+
+
+def sample(
+    remote: Remote, prompts: list[PromptRow], *, n: int, max_tokens: int, temperature: float, top_p: float,
+    seed: int, version: int,
+) -> list[Sample]:
+    request = p.RolloutRequest(
+        prompts=[row.prompt for row in prompts], n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
+    )
+    response = remote.rollouts(request)
+    if response.policy_version != version:
+        raise StaleRollouts(response.policy_version, version)
+    out = []
+    for r in sorted(response.rollouts, key=lambda r: r.prompt_index):  # stable: keeps each group's order
+        if len(r.logprobs) != len(r.token_ids):
+            raise ScoreMismatch(f"the student returned {len(r.token_ids)} tokens but {len(r.logprobs)} logprobs")
+        if r.token_ids:
+            out.append(Sample(r.prompt_index, r.prompt_token_ids, r.token_ids, r.logprobs, r.text, r.finish_reason,
+                              prompts[r.prompt_index].row))
+    return out
+
+
+def score(remote: Remote, samples: list[Sample]) -> None:
+    """teacher log p of every sampled token; the samples are kept whatever happens to the teacher."""
+    for lo in range(0, len(samples), SCORE_CHUNK):
+        chunk = [s for s in samples[lo : lo + SCORE_CHUNK] if s.teacher_logprobs is None]
+        if not chunk:
+            continue  # scored before an interruption: never scored twice
+        sequences = [p.ScoreSequence(token_ids=s.prompt_ids + s.token_ids, start=len(s.prompt_ids)) for s in chunk]
+        response = remote.score(sequences)
+        for s, result in zip(chunk, response.results, strict=True):
+            if len(result.logprobs) != len(s.token_ids):
+                raise ScoreMismatch(
+                    f"the teacher scored {len(result.logprobs)} tokens of a {len(s.token_ids)}-token completion"
+                )
+            s.teacher_logprobs = result.logprobs
+
+
+def kl_summary(samples: list[Sample]) -> dict[str, float]:
+    """Mean per-token teacher reverse KL, the sample estimate of the student's entropy, lengths."""
+    tokens = sum(len(s.token_ids) for s in samples)
+    if tokens == 0:
+        return {"teacher_kl": 0.0, "entropy": 0.0, "tokens": 0, "sequences": 0}
+    return {
+        "teacher_kl": sum(sum(s.rkl) for s in samples) / tokens,
+        # -E[log p(x)] over the student's own samples estimates its entropy per token.
+        "entropy": -sum(sum(s.sampling_logprobs) for s in samples) / tokens,
+        "tokens": tokens,
+        "sequences": len(samples),
+        "mean_length": tokens / len(samples),
+        "stop_fraction": sum(s.finish_reason == "stop" for s in samples) / len(samples),
+    }
+
+
+def load_callable(spec: str, what: str) -> Callable[..., Any]:
+    """'package.module:function' -> the function."""
+    module_name, _, name = spec.partition(":")
+    try:
+        fn = getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as exc:
+        raise InvalidInput(f"{what} {spec!r} cannot be loaded ({exc}): is the module importable from here?") from exc
+    if not callable(fn):
+        raise InvalidInput(f"{what} {spec!r} is not a function")
+    return fn

@@ -1,0 +1,96 @@
+"""One training step's update of the trainable student from scored samples.
+
+Choices:
+1) Advantages are computed once per step from the sampler's and the teacher's
+   logprobs (they do not depend on the trainable weights): the KL advantage
+   per token, plus the optional task reward, group-centered over the samples
+   of one prompt and added to every token of its sample.
+2) The step's samples are split into `substeps` contiguous chunks, one
+   optimizer step each; each chunk is run in micro-batches of at most
+   `micro_batch_tokens` padded tokens with gradients accumulated, and its loss
+   is normalised by the chunk's completion tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from services.common.hf import token_budget_batches
+from services.trainer import loss as L
+from services.trainer.config import RunConfig
+from services.trainer.policy import Policy
+from services.trainer.rollouts import Sample
+
+
+def task_rewards(samples: list[Sample], reward_fn: Callable[[dict, str], float]) -> tuple[list[float], list[float]]:
+    """reward_fn per sample: (raw, centered within each group of samples of one prompt)."""
+    raw = torch.tensor([float(reward_fn(s.row, s.text)) for s in samples])
+    centered = torch.zeros_like(raw)
+    for group in sorted({s.group for s in samples}):
+        idx = torch.tensor([i for i, s in enumerate(samples) if s.group == group])
+        centered[idx] = L.group_centered(raw[idx])
+    return raw.tolist(), centered.tolist()
+
+
+def advantages(samples: list[Sample], config: RunConfig, rewards: list[float] | None) -> list[torch.Tensor]:
+    """Per sample, A_t over its completion tokens."""
+    sampling_BT, mask_BT = L.pad_right([torch.tensor(s.sampling_logprobs) for s in samples])
+    teacher_BT, _ = L.pad_right([torch.tensor(s.teacher_logprobs) for s in samples])
+    rkl_BT = L.reverse_kl(sampling_BT, teacher_BT, mask_BT)
+    adv_BT = L.kl_advantages(rkl_BT, mask_BT, config.kl_coef, config.kl_discount)
+    if rewards is not None:
+        adv_BT = adv_BT + torch.tensor(rewards)[:, None] * mask_BT
+    return [adv_BT[b, : len(s.token_ids)] for b, s in enumerate(samples)]
+
+
+def chunk_loss(
+    policy: Policy, samples: list[Sample], adv_B: list[torch.Tensor], config: RunConfig, num_tokens: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one micro-batch (normalised by the whole chunk's tokens) and its ratio statistics."""
+    seqs = [s.prompt_ids + s.token_ids for s in samples]
+    starts = [len(s.prompt_ids) for s in samples]
+    logprobs_BT, mask_BT = L.pad_right(policy.logprobs(seqs, starts, config.sampling.temperature))
+    sampling_BT, _ = L.pad_right([torch.tensor(s.sampling_logprobs) for s in samples])
+    adv_BT, _ = L.pad_right(adv_B)
+    logprobs_BT = logprobs_BT.to(sampling_BT.device)
+    if config.loss.kind == "ppo":
+        loss = L.ppo_loss(logprobs_BT, sampling_BT, adv_BT, mask_BT, num_tokens, config.loss.clip_range)
+    else:
+        loss = L.importance_sampling_loss(logprobs_BT, sampling_BT, adv_BT, mask_BT, num_tokens)
+    stats = L.ratio_stats(logprobs_BT.detach(), sampling_BT, mask_BT, config.loss.clip_range)
+    stats["tokens"] = float(mask_BT.sum())
+    return loss, stats
+
+
+def merge(stats: list[dict[str, float]]) -> dict[str, float]:
+    tokens = sum(s["tokens"] for s in stats) or 1.0
+    return {
+        "ratio_mean": sum(s["ratio_mean"] * s["tokens"] for s in stats) / tokens,
+        "ratio_min": min(s["ratio_min"] for s in stats),
+        "ratio_max": max(s["ratio_max"] for s in stats),
+        "clip_fraction": sum(s["clip_fraction"] * s["tokens"] for s in stats) / tokens,
+    }
+
+
+def train_on(policy: Policy, samples: list[Sample], config: RunConfig, rewards: list[float] | None = None) -> dict[str, Any]:
+    """Substeps of optimizer steps on the scored samples; returns loss, gradient norm, lr and ratio stats."""
+    adv_all = advantages(samples, config, rewards)
+    lr = policy.lr  # the rate this step's first optimizer step uses
+    bounds = torch.linspace(0, len(samples), config.substeps + 1).round().long().tolist()
+    losses, norms, stats = [], [], []
+    for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
+        chunk, adv_chunk = samples[lo:hi], adv_all[lo:hi]
+        num_tokens = sum(len(s.token_ids) for s in chunk)
+        total = 0.0
+        lengths = [len(s.prompt_ids) + len(s.token_ids) for s in chunk]
+        for batch in token_budget_batches(lengths, config.student.micro_batch_tokens):
+            loss, batch_stats = chunk_loss(policy, [chunk[i] for i in batch], [adv_chunk[i] for i in batch], config, num_tokens)
+            loss.backward()
+            total += loss.item()
+            stats.append(batch_stats)
+        norms.append(policy.optimizer_step())
+        losses.append(total)
+    return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), "lr": lr, **merge(stats)}

@@ -1,0 +1,120 @@
+"""The hf engine: sampling logprobs against a plain transformers forward, seeds,
+how completions end, and both kinds of swap.
+
+Tolerance: batched, left-padded generation and a single unpadded forward of
+the float32 tiny student agree to within ATOL per token logprob.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.common.settings import StudentSettings
+from services.student.engine import HFRolloutEngine, Sample, Sampling
+from tests.student.conftest import Reference
+
+ATOL = 1e-4
+
+
+def as_rollouts(prompts: list[list[int]], groups: list[list[Sample]]) -> list[dict]:
+    return [
+        {"prompt_token_ids": p, "token_ids": s.token_ids, "logprobs": s.logprobs, "finish_reason": s.finish_reason, "text": s.text}
+        for p, group in zip(prompts, groups, strict=True)
+        for s in group
+    ]
+
+
+@pytest.fixture
+def fresh(student_settings: StudentSettings) -> HFRolloutEngine:
+    """An engine of its own, for tests that swap weights."""
+    return HFRolloutEngine(student_settings)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_a_plain_forward(hf_engine: HFRolloutEngine, prompts, reference: Reference, temperature: float) -> None:
+    groups = hf_engine.sample_sync(prompts, Sampling(n=3, max_tokens=12, temperature=temperature, seed=0))
+    rollouts = as_rollouts(prompts, groups)
+    assert len(rollouts) == 9 and all(len(r["logprobs"]) == len(r["token_ids"]) > 0 for r in rollouts)
+    assert reference.max_error("base", rollouts, temperature) < ATOL
+    # ... and not at another temperature: the logprobs are those of the distribution sampled from.
+    assert reference.max_error("base", rollouts, 1.0 if temperature != 1.0 else 0.5) > 10 * ATOL
+
+
+def test_top_p_logprobs_are_renormalised_over_the_nucleus(hf_engine: HFRolloutEngine, prompts, reference: Reference) -> None:
+    rollouts = as_rollouts(prompts, hf_engine.sample_sync(prompts, Sampling(n=2, max_tokens=8, top_p=0.5, seed=1)))
+    for r in rollouts:
+        raw = reference.logprobs("base", r["prompt_token_ids"], r["token_ids"])
+        # Half the mass is cut away, so each kept token's logprob rises by about log 2.
+        gain = torch.tensor(r["logprobs"]) - raw
+        assert gain.min() > 0.5 and gain.max() < 0.8
+
+
+def test_seeded_rollouts_are_reproducible(hf_engine: HFRolloutEngine, prompts) -> None:
+    sampling = Sampling(n=2, max_tokens=10, seed=42)
+    first = hf_engine.sample_sync(prompts, sampling)
+    assert hf_engine.sample_sync(prompts, sampling) == first
+    other = hf_engine.sample_sync(prompts, Sampling(n=2, max_tokens=10, seed=43))
+    assert [s.token_ids for g in other for s in g] != [s.token_ids for g in first for s in g]
+    tokens = [s.token_ids for g in first for s in g]
+    assert len({tuple(t) for t in tokens}) == len(tokens)  # the n samples of a prompt differ
+
+
+def test_stop_strings_end_completions(hf_engine: HFRolloutEngine, prompts) -> None:
+    tok = hf_engine.tokenizer
+    stops = ("e", "a")
+    rollouts = as_rollouts(prompts, hf_engine.sample_sync(prompts, Sampling(n=4, max_tokens=24, seed=5, stop=stops)))
+    stopped = [r for r in rollouts if r["finish_reason"] == "stop"]
+    assert len(stopped) >= 8
+    for r in rollouts:
+        full = tok.decode(r["token_ids"], skip_special_tokens=True)
+        assert not any(s in r["text"] for s in stops) and full.startswith(r["text"])
+        if r["finish_reason"] == "stop":  # the last token completes the stop string
+            assert any(s in full for s in stops)
+            assert not any(s in tok.decode(r["token_ids"][:-1], skip_special_tokens=True) for s in stops)
+        else:
+            assert len(r["token_ids"]) == 24 and r["text"] == full
+
+
+def test_completions_end_with_eos_kept(fresh: HFRolloutEngine, checkpoint_root: Path, prompts, reference: Reference) -> None:
+    """EOS is the last token, with its logprob; the text leaves it out."""
+    import asyncio
+
+    asyncio.run(fresh.load_full(checkpoint_root / "eos"))
+    eos = fresh.tokenizer.eos_token_id
+    rollouts = as_rollouts(prompts, fresh.sample_sync(prompts, Sampling(n=4, max_tokens=30, seed=3)))
+    ended = [r for r in rollouts if r["finish_reason"] == "stop"]
+    assert len(ended) >= 10
+    for r in ended:
+        assert r["token_ids"][-1] == eos and eos not in r["token_ids"][:-1]
+        assert r["text"] == fresh.tokenizer.decode(r["token_ids"][:-1])
+    assert reference.max_error("eos", rollouts) < ATOL
+
+
+def test_swaps_change_outputs_and_match_the_new_weights(
+    fresh: HFRolloutEngine, checkpoint_root: Path, prompts, reference: Reference
+) -> None:
+    import asyncio
+
+    sampling = Sampling(n=2, max_tokens=16, seed=11, temperature=0.8)
+
+    def sample_and_check(version: str) -> list[list[int]]:
+        rollouts = as_rollouts(prompts, fresh.sample_sync(prompts, sampling))
+        assert reference.max_error(version, rollouts, 0.8) < ATOL, version
+        return [r["token_ids"] for r in rollouts]
+
+    seen = {"base": sample_and_check("base")}
+    for kind, folder, version in [
+        ("lora", "lora-a", "lora-a"),
+        ("lora", "lora-b", "lora-b"),  # replaces lora-a, does not stack on it
+        ("full", "full-a", "full-a"),  # drops the adapter
+        ("lora", "lora-a", "full-a+lora-a"),  # an adapter applies on the weights serving
+    ]:
+        if kind == "lora":
+            asyncio.run(fresh.load_lora(checkpoint_root / folder, version=len(seen)))
+        else:
+            asyncio.run(fresh.load_full(checkpoint_root / folder))
+        seen[version] = sample_and_check(version)
+    assert len({str(t) for t in seen.values()}) == len(seen)  # every version samples differently

@@ -1,0 +1,94 @@
+"""The run config: YAML, env and --set layers; an invalid config names the field; the shipped example loads."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.trainer.config import ConfigError, RunConfig, build_config, load_config
+
+REPO = Path(__file__).resolve().parents[2]
+BASE = {
+    "student": {"model": "models/student"},
+    "teacher_urls": ["http://127.0.0.1:8001"],
+    "student_url": "http://127.0.0.1:8002",
+    "dataset": {"path": "prompts.jsonl"},
+}
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_yaml_then_env_then_set(tmp_path: Path) -> None:
+    path = write(tmp_path, {**BASE, "sampling": {"max_tokens": 16, "temperature": 1.0}, "steps": 5})
+    env = {"OPD_TRAIN_SAMPLING__MAX_TOKENS": "24", "OPD_TRAIN_STEPS": "7", "OPD_API_KEY": "k"}
+    config = load_config(path, ["steps=9", "student.lora.rank=4", "student.lora.target_modules=[q_proj, v_proj]",
+                                "loss.kind=ppo"], environ=env)
+    assert config.sampling.max_tokens == 24  # env over YAML
+    assert config.steps == 9  # --set over env
+    assert config.student.lora.rank == 4 and config.student.lora.target_modules == ("q_proj", "v_proj")
+    assert config.loss.kind == "ppo" and config.api_key == "k"
+    assert config.sampling.temperature == 1.0 and config.student.finetune == "lora"
+
+
+def test_config_is_frozen_and_fully_specified() -> None:
+    config = build_config(BASE, environ={})
+    with pytest.raises(Exception):
+        config.steps = 3  # type: ignore[misc]
+    dumped = config.model_dump()
+    for section in ("student", "dataset", "sampling", "optimizer", "loss", "eval", "services"):
+        assert isinstance(dumped[section], dict)
+    assert RunConfig.model_validate(dumped) == config
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [
+        (["sampling.max_tokens=0"], "sampling.max_tokens"),
+        (["optimizer.lr=-1"], "optimizer.lr"),
+        (["loss.kind=sft"], "loss.kind"),
+        (["student.lora.rnk=4"], "student.lora.rnk"),
+        (["kl_discount=1.5"], "kl_discount"),
+        (["reward_fn=not_a_spec"], "reward_fn"),
+        (["substeps=100", "sampling.prompts_per_step=2", "sampling.samples_per_prompt=2"], "substeps"),
+    ],
+)
+def test_invalid_config_names_the_field(overrides: list[str], field: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config(BASE, overrides, environ={})
+    assert field in str(err.value)
+
+
+def test_missing_sections_are_named() -> None:
+    with pytest.raises(ConfigError) as err:
+        build_config({"student": {"model": "x"}}, environ={})
+    message = str(err.value)
+    assert "teacher_urls: Field required" in message and "dataset: Field required" in message
+
+
+def test_bad_override_syntax_and_files(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="section.field=value"):
+        build_config(BASE, ["steps"], environ={})
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        build_config(BASE, ["steps.x=1"], environ={})
+    with pytest.raises(ConfigError, match="no config file"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must hold a mapping"):
+        load_config(tmp_path / "list.yaml")
+
+
+def test_shipped_example_config_and_prompts_load() -> None:
+    from services.trainer.data import load_prompts
+
+    config = load_config(REPO / "services/configs/smollm2.yaml", environ={})
+    assert config.student.finetune == "lora" and config.steps >= 30
+    train, held_out = load_prompts(config.dataset.model_copy(update={"path": str(REPO / config.dataset.path)}), config.seed)
+    assert len(train) >= 200 and len(held_out) == config.dataset.eval_size
+    texts = [row.prompt.messages[0].content for row in train]
+    assert len(set(texts)) == len(texts), "the shipped prompts are all different"
