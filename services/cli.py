@@ -58,3 +58,21 @@ def probe(
         typer.echo(f"{url}: {exc}", err=True)
         ok = False
     raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def up(
+    config: Annotated[Path | None, typer.Argument(help="Stack YAML (default: the embedded demo).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: section.field=value.")] = None,
+    verbose: Annotated[bool, typer.Option(help="Echo every line the services log.")] = False,
+) -> None:
+    """Start teacher, student and trainer here, run one distillation, stop everything."""
+    from services.common.errors import InvalidInput
+    from services.up.config import load_stack
+    from services.up.runner import run_up
+
+    try:
+        stack = load_stack(config, set_ or [])
+    except InvalidInput as exc:
+        raise typer.BadParameter(str(exc)) from exc
+    raise typer.Exit(run_up(stack, verbose=verbose))

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
 import time
 from typing import Any, TypeVar
 
@@ -75,9 +76,15 @@ class _Base:
         raise ServiceError(response.status_code, self._message(response), str(response.request.url))
 
 
+def _encode(body: BaseModel | dict | None) -> str | None:
+    if body is None:
+        return None
+    return json.dumps(body) if isinstance(body, dict) else body.model_dump_json(exclude_none=True)
+
+
 class SyncClient(_Base):
-    def request(self, method: str, path: str, body: BaseModel | None = None, model: type[R] | None = None) -> Any:
-        content = body.model_dump_json(exclude_none=True) if body is not None else None
+    def request(self, method: str, path: str, body: BaseModel | dict | None = None, model: type[R] | None = None) -> Any:
+        content = _encode(body)
         last: str = ""
         with httpx.Client(timeout=self.timeout, headers=self.headers) as http:
             for attempt in range(self.retries + 1):
@@ -128,8 +135,8 @@ class AsyncClient(_Base):
             await self._http.aclose()
             self._http = None
 
-    async def request(self, method: str, path: str, body: BaseModel | None = None, model: type[R] | None = None) -> Any:
-        content = body.model_dump_json(exclude_none=True) if body is not None else None
+    async def request(self, method: str, path: str, body: BaseModel | dict | None = None, model: type[R] | None = None) -> Any:
+        content = _encode(body)
         last = ""
         for attempt in range(self.retries + 1):
             url = self.urls[next(self._next_url)] + path

@@ -1,0 +1,92 @@
+"""The `opd up` stack configuration: which models, which engines, which ports,
+and the distillation run to submit to the trainer.
+
+    workdir: runs/demo
+    teacher: {model: {prepare: smollm2-135m-instruct}, engine: vllm, port: 8001}
+    student: {model: {prepare: smollm2-135m-instruct, layers: 12}, engine: vllm, port: 8002}
+    trainer: {port: 8003}
+    run: {steps: 30, sampling: {max_tokens: 48}, ...}     # a trainer run config
+
+`run` is an ordinary trainer run config without the parts `opd up` knows
+(service URLs, the student model, checkpoint and output folders); those are
+filled in. The file is YAML; `--set section.field=value` overrides any field.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from services.common.errors import InvalidInput
+from services.trainer.config import parse_override, set_path
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSource(_Section):
+    """A model folder or hub id (`path`), or a model `opd models prepare` builds (`prepare`)."""
+
+    path: str | None = None
+    prepare: str | None = None
+    layers: Annotated[int | None, Field(ge=1)] = None
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelSource:
+        if (self.path is None) == (self.prepare is None):
+            raise ValueError("give exactly one of 'path' or 'prepare'")
+        if self.layers is not None and self.prepare is None:
+            raise ValueError("'layers' goes with 'prepare'")
+        return self
+
+
+class EngineService(_Section):
+    model: ModelSource
+    engine: Literal["vllm", "hf"] = "vllm"
+    port: Annotated[int, Field(ge=1, le=65535)]
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    kv_cache_gib: Annotated[float, Field(gt=0)] = 1.0
+
+
+class TrainerService(_Section):
+    port: Annotated[int, Field(ge=1, le=65535)] = 8003
+
+
+class StackConfig(_Section):
+    workdir: str = "runs/demo"
+    host: str = "127.0.0.1"
+    teacher: EngineService
+    student: EngineService
+    trainer: TrainerService = TrainerService()
+    run: dict[str, Any] = {}
+    startup_timeout_s: Annotated[float, Field(gt=0)] = 900.0
+    samples_to_show: Annotated[int, Field(ge=0, le=8)] = 2
+
+    @model_validator(mode="after")
+    def _distinct_ports(self) -> StackConfig:
+        ports = [self.teacher.port, self.student.port, self.trainer.port]
+        if len(set(ports)) != 3:
+            raise ValueError(f"teacher, student and trainer need three different ports; got {ports}")
+        return self
+
+
+def load_stack(path: Path | None, overrides: list[str] | None = None) -> StackConfig:
+    path = path or DEFAULT_CONFIG
+    if not path.is_file():
+        raise InvalidInput(f"{path}: no such config file")
+    data = yaml.safe_load(path.read_text()) or {}
+    for item in overrides or []:
+        keys, value = parse_override(item)
+        set_path(data, keys, value)
+    try:
+        return StackConfig.model_validate(data)
+    except ValidationError as exc:
+        from services.common.server import describe_validation_errors
+
+        raise InvalidInput(f"{path}: {describe_validation_errors(list(exc.errors()))}") from exc

@@ -1,0 +1,206 @@
+"""`opd up`: the whole stack on one machine, one distillation run, then a clean stop.
+
+1. Models are prepared (`opd models prepare`) or taken from their paths.
+2. Every port is checked first: a taken port stops start-up with its name.
+3. Teacher and student start together, then the trainer; each as a process
+   group of its own, its output kept in `<workdir>/logs/<service>.log` and its
+   warnings and errors echoed to the terminal with a `[service]` prefix.
+4. The student answers a few held-out prompts (the "before" samples), the run
+   is submitted to the trainer (POST /runs), and its metrics are printed step
+   by step under a progress bar.
+5. The same prompts again ("after"), side by side with "before"; where the
+   plot, the metrics and the checkpoints are.
+6. Whatever happens (success, failure, Ctrl-C, SIGTERM), every process group
+   is stopped and every port is free again.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+
+from services.common.client import StudentClient, SyncClient
+from services.common.errors import OPDError
+from services.common.process import ServiceProcess, StartupFailed, port_free
+from services.up.config import EngineService, StackConfig
+from services.up.report import RunWatcher, samples_table
+
+DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts.jsonl"
+ECHO_MARKERS = ("ERROR", "Error", "Traceback", "CRITICAL", "WARNING opd", "Exception")
+
+
+class PrefixedEcho:
+    """A text sink for a child's output: echoes only the lines worth a person's attention."""
+
+    def __init__(self, console: Console, verbose: bool) -> None:
+        self.console, self.verbose = console, verbose
+
+    def write(self, line: str) -> None:
+        if self.verbose or any(m in line for m in ECHO_MARKERS):
+            self.console.out(line.rstrip("\n"), highlight=False)
+
+
+def resolve_model(spec: EngineService, models_dir: Path, console: Console) -> str:
+    source = spec.model
+    if source.path is not None:
+        path = Path(source.path).expanduser()
+        looks_local = path.is_absolute() or source.path.startswith((".", "~")) or source.path.count("/") > 1
+        if looks_local and not (path / "config.json").is_file():
+            raise StartupFailed(f"model folder {source.path} does not exist or has no config.json: "
+                                "prepare it with `opd models prepare`, or fix the path")
+        return str(path) if looks_local else source.path
+    from services.common.models import prepare
+
+    name = source.prepare + (f"-l{source.layers}" if source.layers else "")
+    with console.status(f"preparing {name} (once)"):
+        return str(prepare(source.prepare, models_dir / name, layers=source.layers))
+
+
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+class Stack:
+    def __init__(self, config: StackConfig, console: Console, verbose: bool = False) -> None:
+        self.config, self.console = config, console
+        self.workdir = Path(config.workdir).resolve()
+        self.logs = self.workdir / "logs"
+        self.checkpoints = self.workdir / "checkpoints"
+        self.api_key = secrets.token_urlsafe(16)  # the local stack is not left open on its ports
+        self.echo = PrefixedEcho(console, verbose)
+        self.procs: list[ServiceProcess] = []
+
+    def _process(self, name: str, args: list[str], port: int) -> ServiceProcess:
+        class Prefixed:
+            def write(_, line: str) -> None:
+                self.echo.write(f"[{name}] {line}")
+
+        proc = ServiceProcess(
+            name, [*args, "--host", self.config.host, "--port", str(port)], port, host=self.config.host,
+            log_file=self.logs / f"{name}.log", env={"OPD_API_KEY": self.api_key}, echo=Prefixed(),
+        )
+        self.procs.append(proc)
+        return proc
+
+    def check_ports(self) -> None:
+        c = self.config
+        for name, port in (("teacher", c.teacher.port), ("student", c.student.port), ("trainer", c.trainer.port)):
+            if not port_free(c.host, port):
+                raise StartupFailed(
+                    f"port {port} ({name}) on {c.host} is taken: stop what uses it, or pick another with "
+                    f"--set {name}.port=N"
+                )
+
+    def start(self, teacher_model: str, student_model: str) -> None:
+        c = self.config
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.checkpoints.mkdir(parents=True, exist_ok=True)
+        for spec, name, model, extra in (
+            (c.teacher, "teacher", teacher_model, []),
+            (c.student, "student", student_model, ["--checkpoint-root", str(self.checkpoints)]),
+        ):
+            args = [name, "serve", "--model", model, "--engine", spec.engine, "--dtype", spec.dtype,
+                    "--kv-cache-gib", str(spec.kv_cache_gib), *extra]
+            self._process(name, args, spec.port).start()
+        with self.console.status(f"loading the teacher and the student (logs: {self.logs})"):
+            for proc in self.procs:
+                proc.wait_ready(c.startup_timeout_s, api_key=self.api_key)
+        trainer = self._process("trainer", ["trainer", "serve"], c.trainer.port).start()
+        with self.console.status("starting the trainer"):
+            trainer.wait_ready(c.startup_timeout_s, api_key=self.api_key)
+        for proc in self.procs:
+            self.console.print(f"[green]ready[/green] {proc.name} at {proc.url}")
+
+    def url(self, name: str) -> str:
+        return next(p.url for p in self.procs if p.name == name)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        busy = [p.port for p in self.procs if not port_free(p.host, p.port)]
+        if busy:
+            self.console.print(f"[yellow]ports still held after stop: {busy}[/yellow]")
+
+    def run_config(self, student_model: str) -> dict[str, Any]:
+        filled = {
+            "student": {"model": student_model},
+            "teacher_urls": [self.url("teacher")],
+            "student_url": self.url("student"),
+            "api_key": self.api_key,
+            "checkpoint_root": str(self.checkpoints),
+            "output_dir": str(self.workdir / "run"),
+        }
+        run = deep_merge(self.config.run, filled)
+        run.setdefault("dataset", {}).setdefault("path", str(DEFAULT_PROMPTS))
+        return run
+
+
+def held_out_prompts(run: dict[str, Any], count: int) -> list[dict]:
+    path = Path(run["dataset"].get("eval_path") or run["dataset"]["path"])
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.suffix == ".jsonl" else []
+    picked = rows[-count:] if count else []
+    return [{"messages": r["messages"]} if "messages" in r else {"messages": [{"role": "user", "content": r["prompt"]}]}
+            for r in picked]
+
+
+def sample(student: StudentClient, prompts: list[dict], max_tokens: int) -> list[str]:
+    if not prompts:
+        return []
+    response = student.rollouts({"prompts": prompts, "n": 1, "max_tokens": max_tokens, "temperature": 0.3, "seed": 0})
+    return [r.text for r in response.rollouts]
+
+
+def run_up(config: StackConfig, verbose: bool = False) -> int:
+    console = Console()
+    stack = Stack(config, console, verbose)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM cleans up like Ctrl-C
+    try:
+        stack.check_ports()
+        models_dir = stack.workdir / "models"
+        teacher_model = resolve_model(config.teacher, models_dir, console)
+        student_model = resolve_model(config.student, models_dir, console)
+        stack.start(teacher_model, student_model)
+        run = stack.run_config(student_model)
+        student = StudentClient(stack.url("student"), api_key=stack.api_key)
+        prompts = held_out_prompts(run, config.samples_to_show)
+        max_tokens = int(run.get("sampling", {}).get("max_tokens", 64))
+        before = sample(student, prompts, max_tokens)
+        trainer = SyncClient(stack.url("trainer"), api_key=stack.api_key)
+        created = trainer.request("POST", "/runs", run)
+        console.print(f"run {created['id']} started: output in {created['output_dir']}")
+        began = time.monotonic()
+        status = RunWatcher(trainer, created["id"], console).follow()
+        after = sample(student, prompts, max_tokens)
+        if prompts:
+            console.print(samples_table(prompts, before, after))
+        out = Path(status["output_dir"])
+        console.print(f"state: {status['state']} after {status['step']} steps in {time.monotonic() - began:.0f}s")
+        console.print(f"plot:        {out / 'teacher_kl.png'}")
+        console.print(f"metrics:     {out / 'metrics.jsonl'}  (TensorBoard: {out / 'tensorboard'})")
+        console.print(f"checkpoints: {stack.checkpoints}  (trainer state: {out})")
+        console.print(f"logs:        {stack.logs}")
+        if status["state"] != "completed":
+            console.print(f"[red]the run ended {status['state']}: {status.get('error') or 'see the trainer log'}[/red]")
+            return 1
+        return 0
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted: stopping every service[/yellow]")
+        return 130
+    except OPDError as exc:
+        console.print(f"[red]{exc}[/red]")
+        return 1
+    finally:
+        stack.stop()
+        signal.signal(signal.SIGTERM, previous)
+        console.print("all services stopped")
+

@@ -1,0 +1,93 @@
+"""`opd up` end to end on the tiny models: three real services, a real run, a clean stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.common.process import free_port, port_free
+
+pytestmark = pytest.mark.slow
+
+
+def marked_processes(mark: str) -> list[int]:
+    """PIDs of live processes whose environment carries `mark` (children inherit it)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if mark.encode() in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+    return pids
+
+
+def stack_yaml(tmp_path: Path, teacher: Path, student: Path, steps: int = 2, **ports: int) -> Path:
+    prompts = tmp_path / "prompts.jsonl"
+    rows = [{"prompt": f"Tell me about the {w} and the {v}."} for w, v in
+            zip("boy house water land earth mother picture country".split(), "day line page world year home hand name".split())]
+    prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    config = {
+        "workdir": str(tmp_path / "stack"),
+        "teacher": {"model": {"path": str(teacher)}, "engine": "vllm", "port": ports.get("teacher", free_port()), "dtype": "float32"},
+        "student": {"model": {"path": str(student)}, "engine": "vllm", "port": ports.get("student", free_port()), "dtype": "float32"},
+        "trainer": {"port": ports.get("trainer", free_port())},
+        "samples_to_show": 1,
+        "run": {
+            "steps": steps,
+            "dataset": {"path": str(prompts), "eval_size": 2},
+            "sampling": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_tokens": 8},
+            "eval": {"every": 1, "max_tokens": 8},
+            "optimizer": {"lr": 1e-3},
+        },
+    }
+    path = tmp_path / "stack.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def opd(*args: str, mark: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "OPD_TEST_MARK": mark, "COLUMNS": "160"}
+    return subprocess.run([sys.executable, "-m", "services", *args], capture_output=True, text=True, env=env,
+                          timeout=timeout, check=False)
+
+
+def test_up_runs_a_distillation_and_leaves_nothing_behind(tmp_path, teacher_model, student_model) -> None:
+    mark = uuid.uuid4().hex
+    config = stack_yaml(tmp_path, teacher_model, student_model, steps=2)
+    result = opd("up", str(config), mark=mark)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-5000:]
+    assert "step   1" in out and "step   2" in out and "teacher KL" in out
+    assert "before" in out and "after" in out
+    assert "state: completed after 2 steps" in out
+    assert "all services stopped" in out
+    stack = yaml.safe_load(config.read_text())
+    assert (Path(stack["workdir"]) / "logs" / "teacher.log").stat().st_size > 0
+    assert (Path(stack["workdir"]) / "run" / "teacher_kl.png").is_file()
+    assert marked_processes(mark) == [], "opd up left processes running"
+    for name in ("teacher", "student", "trainer"):
+        assert port_free("127.0.0.1", stack[name]["port"]), f"{name}'s port is still held"
+
+
+def test_up_refuses_a_taken_port_and_a_missing_model(tmp_path, teacher_model, student_model) -> None:
+    mark = uuid.uuid4().hex
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = opd("up", str(stack_yaml(tmp_path, teacher_model, student_model, student=port)), mark=mark, timeout=120)
+    assert result.returncode == 1
+    assert f"port {port} (student) on 127.0.0.1 is taken" in result.stdout
+    result = opd("up", str(stack_yaml(tmp_path, tmp_path / "nowhere", student_model)), mark=mark, timeout=120)
+    assert result.returncode == 1 and "does not exist" in result.stdout
+    assert marked_processes(mark) == []
