@@ -29,10 +29,10 @@ test: venv
 	$(BIN)/python -m pytest
 
 demo: venv
-	$(BIN)/opd teacher demo
+	$(BIN)/opd up
 
 teacher-demo: venv
-	$(BIN)/opd teacher demo
+	$(BIN)/opd up
 
 bench-teacher: venv
 	$(BIN)/python benchmarks/teacher_throughput.py

@@ -10,7 +10,9 @@ Choices:
    `ServiceUnavailable`; every other error raises `ServiceError` at once with
    the service's own message.
 2) Several base URLs are used round robin (teacher replicas); a failing URL
-   moves the next try to the next one.
+   moves the next try to the next one. With `expand_dns=True`, a host name
+   that resolves to several IPv4 addresses (a scaled compose service) counts
+   as one replica per address.
 3) Requests and responses are the protocol models; a dict is accepted where a
    request model is expected and validated before it is sent.
 """
@@ -18,10 +20,13 @@ Choices:
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import itertools
 import json
+import socket
 import time
 from typing import Any, TypeVar
+from urllib.parse import urlsplit, urlunsplit
 
 import httpx
 from pydantic import BaseModel
@@ -43,8 +48,11 @@ class _Base:
         retries: int = 5,
         backoff: float = 0.5,
         max_backoff: float = 30.0,
+        expand_dns: bool = False,
     ) -> None:
         self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
+        if expand_dns:
+            self.urls = [r for u in self.urls for r in replica_urls(u)]
         if not self.urls:
             raise ValueError("at least one base URL is needed")
         self._next_url = itertools.cycle(range(len(self.urls)))
@@ -74,6 +82,25 @@ class _Base:
         if response.is_success:
             return model.model_validate_json(response.content) if model else response.json()
         raise ServiceError(response.status_code, self._message(response), str(response.request.url))
+
+
+def replica_urls(url: str) -> list[str]:
+    """One URL per IPv4 address of the URL's host; the URL itself when there is one or none."""
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    try:
+        ipaddress.ip_address(host or "")
+        return [url]
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, port, socket.AF_INET, socket.SOCK_STREAM)
+    except OSError:
+        return [url]  # not resolvable yet: the retries will find it when it is up
+    addresses = sorted({info[4][0] for info in infos})
+    if len(addresses) < 2:
+        return [url]
+    return [urlunsplit(parts._replace(netloc=f"{a}:{port}")) for a in addresses]
 
 
 def _encode(body: BaseModel | dict | None) -> str | None:

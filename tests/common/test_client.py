@@ -54,3 +54,18 @@ def test_request_dicts_are_validated_before_sending(live_url: str) -> None:
 
     with pytest.raises(ValidationError):
         TeacherClient(live_url).logprobs([{"token_ids": [1]}])
+
+
+def test_replica_urls_expand_only_multi_address_names(monkeypatch) -> None:
+    import socket
+
+    from services.common.client import replica_urls
+
+    assert replica_urls("http://127.0.0.1:8001") == ["http://127.0.0.1:8001"]
+    assert replica_urls("http://localhost:8001") == ["http://localhost:8001"]
+    assert replica_urls("http://no-such-host.invalid:8001") == ["http://no-such-host.invalid:8001"]
+    # A scaled compose service: Docker's DNS answers one address per replica.
+    fake = [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (ip, 8001)) for ip in ("172.18.0.3", "172.18.0.2", "172.18.0.3")]
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: fake)
+    assert replica_urls("http://teacher:8001/") == ["http://172.18.0.2:8001/", "http://172.18.0.3:8001/"]
+    assert TeacherClient("http://teacher:8001", expand_dns=True).urls == ["http://172.18.0.2:8001", "http://172.18.0.3:8001"]
