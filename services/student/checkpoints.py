@@ -78,6 +78,8 @@ def read_json(path: Path) -> dict:
 
 def resolve(root: Path, relative: str) -> Path:
     """The checkpoint folder `relative` names under `root`, refusing any way out of the root."""
+    if "\x00" in relative:
+        raise InvalidRequest("the path holds a NUL character: give a plain relative path")
     parts = PurePosixPath(relative).parts
     if PurePosixPath(relative).is_absolute() or Path(relative).is_absolute():
         raise InvalidRequest(f"path {relative!r} is absolute: give a path relative to the checkpoint root")
@@ -144,7 +146,8 @@ def check_full(folder: Path, root: Path, base: BaseModel) -> None:
     optional = {"lm_head.weight"} if base.tied_embeddings else set()
     missing = sorted(set(base.shapes) - set(got) - optional)
     unexpected = sorted(set(got) - set(base.shapes) - optional)
-    wrong = sorted(f"{k} {list(got[k])} (expected {list(base.shapes[k])})" for k in set(got) & set(base.shapes) if got[k] != base.shapes[k])
+    shared = set(got) & set(base.shapes)
+    wrong = sorted(f"{k} {list(got[k])} (expected {list(base.shapes[k])})" for k in shared if got[k] != base.shapes[k])
     problems = [
         f"{label}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}"
         for label, items in (("wrong shapes", wrong), ("missing tensors", missing), ("unknown tensors", unexpected))
@@ -166,7 +169,9 @@ def check_lora(folder: Path, root: Path, base: BaseModel, max_rank: int) -> None
         raise InvalidInput(f"{folder.name}/ uses DoRA or modules_to_save, which the student does not serve: save a plain LoRA")
     ranks = [int(config.get("r", 0)), *(int(r) for r in (config.get("rank_pattern") or {}).values())]
     if max(ranks) > max_rank:
-        raise InvalidInput(f"{folder.name}/ has LoRA rank {max(ranks)}; the student serves ranks up to {max_rank} (--max-lora-rank)")
+        raise InvalidInput(
+            f"{folder.name}/ has LoRA rank {max(ranks)}; the student serves ranks up to {max_rank} (--max-lora-rank)"
+        )
     weights = folder / "adapter_model.safetensors"
     if not weights.exists():
         raise InvalidInput(f"adapter_model.safetensors is missing in {folder.name}/: save the adapter with save_pretrained")

@@ -12,7 +12,9 @@ app = typer.Typer(help="The student rollout service.", no_args_is_help=True)
 
 CheckpointRoot = Annotated[str | None, typer.Option(help="Folder that POST /weights paths are relative to.")]
 MaxLoraRank = Annotated[int | None, typer.Option(help="Largest LoRA rank a weight swap may bring.")]
-EnableLora = Annotated[bool | None, typer.Option("--enable-lora/--no-lora", help="Accept LoRA versions (vLLM reserves memory for them).")]
+EnableLora = Annotated[
+    bool | None, typer.Option("--enable-lora/--no-lora", help="Accept LoRA versions (a LoRA-enabled vLLM engine samples slower).")
+]
 
 
 @app.command()

@@ -126,18 +126,27 @@ class HFRolloutEngine(RolloutEngine):
         super().__init__(settings)
         from services.common.hf import load_causal_lm
 
-        self.model = load_causal_lm(settings.model, settings.dtype, settings.device)
-        self.base = self.model  # the weights a LoRA version applies to
-        config = self.model.config
+        model = load_causal_lm(settings.model, settings.dtype, settings.device)
+        config = model.config
         self.vocab_size = min(config.vocab_size, len(self.tokenizer))
         limit = getattr(config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(settings.max_model_len or limit, limit)
-        eos = self.model.generation_config.eos_token_id
-        self.eos_ids = {*(eos if isinstance(eos, list) else [eos] if eos is not None else []), self.tokenizer.eos_token_id} - {None}
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {*eos, self.tokenizer.eos_token_id} - {None}
         pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else min(self.eos_ids)
+        self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
+        self.model = self.base = self._plain(model)  # base: the weights a LoRA version applies to
         # A thread lock, not an asyncio one: the engine may be shared by apps on different event loops (tests).
         self._lock = threading.Lock()
+
+    def _plain(self, model):
+        """The model with generation defaults of its own removed: `generate` fills the fields a request leaves
+        unset from them (a repetition penalty, say), and vLLM does not: only the request shapes the distribution."""
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig(eos_token_id=sorted(self.eos_ids), pad_token_id=self.pad_id)
+        return model
 
     @property
     def device(self):
@@ -208,7 +217,7 @@ class HFRolloutEngine(RolloutEngine):
         from services.common.hf import load_causal_lm
 
         dtype = str(self.base.dtype).removeprefix("torch.")
-        model = load_causal_lm(str(folder), dtype, str(self.device))
+        model = self._plain(load_causal_lm(str(folder), dtype, str(self.device)))
         with self._lock:
             self.base = self.model = model
 

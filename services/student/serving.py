@@ -30,6 +30,7 @@ from services.student.engine import RolloutEngine, Sample, Sampling
 from services.student.versions import VersionLock
 
 log = logging.getLogger("opd.student")
+MAX_SEED = 2**62  # rollout seeds are seed + i*n + j, and the engines take 64-bit seeds
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -115,6 +116,8 @@ class StudentService:
                 f"{count} prompts x n={request.n} = {count * request.n} rollouts; the limit is "
                 f"{self.settings.max_rollouts}: split the request or lower n"
             )
+        if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
+            raise InvalidInput(f"seed must be between 0 and {MAX_SEED}; got {request.seed}")
         prompts = [render_prompt(self.engine.tokenizer, prompt) for prompt in request.prompts]
         for i, ids in enumerate(prompts):
             self._check_prompt(i, ids, request.max_tokens)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 from services.common.settings import StudentSettings
 from services.common.vllm_args import build_async_llm
-from services.student.engine import RolloutEngine, Sample, Sampling
+from services.student.engine import RolloutEngine, Sample, Sampling, cut_text
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -45,7 +45,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self._ids = itertools.count()
 
     def healthy(self) -> bool:
-        return not self.llm.errored
+        return self.llm is not None and not self.llm.errored
 
     async def sample(self, prompts_P: list[list[int]], sampling: Sampling) -> list[list[Sample]]:
         return list(await asyncio.gather(*(self._sample_one(i, ids, sampling) for i, ids in enumerate(prompts_P))))
@@ -59,6 +59,7 @@ class VLLMRolloutEngine(RolloutEngine):
             n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
             seed=None if sampling.seed is None else sampling.seed + index * sampling.n,
             stop=list(sampling.stop) or None, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY,
+            detokenize=bool(sampling.stop),  # vLLM needs text only to find stop strings
         )
         final = None
         async for out in self.llm.generate(
@@ -66,15 +67,16 @@ class VLLMRolloutEngine(RolloutEngine):
         ):
             final = out
         assert final is not None
-        return [self._to_sample(c) for c in sorted(final.outputs, key=lambda c: c.index)]
+        return [self._to_sample(c, sampling.stop) for c in sorted(final.outputs, key=lambda c: c.index)]
 
-    @staticmethod
-    def _to_sample(completion) -> Sample:
+    def _to_sample(self, completion, stop: tuple[str, ...]) -> Sample:
         tokens = list(completion.token_ids)
         # With logprobs=0 each position holds the sampled token (and nothing else).
         logprobs = [float(pos[t].logprob) for t, pos in zip(tokens, completion.logprobs, strict=True)]
         reason = "length" if completion.finish_reason == "length" else "stop"
-        return Sample(tokens, logprobs, reason, completion.text)
+        # The text is decoded here as in the hf engine: vLLM's incremental text drops a trailing partial character.
+        text = cut_text(self.tokenizer.decode(tokens, skip_special_tokens=True), stop)
+        return Sample(tokens, logprobs, reason, text)
 
     async def load_full(self, folder: Path) -> None:
         await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
@@ -91,4 +93,7 @@ class VLLMRolloutEngine(RolloutEngine):
             await self.llm.remove_lora(previous.lora_int_id)
 
     async def close(self) -> None:
-        self.llm.shutdown()
+        # Drop the last reference while the interpreter is whole: AsyncLLM's finaliser fails at exit otherwise.
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()

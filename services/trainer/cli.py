@@ -73,3 +73,26 @@ def train(
     typer.echo(f"{outcome}: metrics {out / 'metrics.jsonl'}, plot {out / 'teacher_kl.png'}")
     if outcome != "completed":
         raise typer.Exit(130)
+
+
+@app.command()
+def demo(
+    config: Annotated[Path, typer.Argument(help="Run config (YAML).")] = Path("services/configs/smollm2.yaml"),
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: section.field=value (repeatable).")] = None,
+    models: Annotated[Path, typer.Option(help="Where the teacher model is prepared (the student goes to student.model).")] = Path("models"),
+    engine: Annotated[str, typer.Option(help="Engine of the teacher and student services: vllm or hf.")] = "vllm",
+    plot_to: Annotated[Path | None, typer.Option(help="Also copy the teacher-KL plot here.")] = None,
+) -> None:
+    """The documented SmolLM2 run: prepare the models, start teacher and student, train, stop them."""
+    from services.common.errors import OPDError
+    from services.common.server import configure_logging
+    from services.trainer.config import load_config
+    from services.trainer.demo import run_demo
+
+    configure_logging("info")
+    try:
+        outcome = run_demo(load_config(config, set_ or []), models, engine, plot_to)
+    except OPDError as exc:
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(1) from exc
+    typer.echo(outcome)

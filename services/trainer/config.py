@@ -55,6 +55,9 @@ class StudentConfig(Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     micro_batch_tokens: PositiveInt = Field(default=4096, description="Padded tokens per training forward.")
+    # vLLM's CPU workers keep their cores busy; a trainer on the same machine
+    # runs far faster with fewer torch threads than cores (None: torch's default).
+    torch_threads: PositiveInt | None = None
 
 
 class DatasetConfig(Section):
@@ -72,8 +75,9 @@ class SamplingConfig(Section):
     prompts_per_step: PositiveInt = 8
     samples_per_prompt: Annotated[int, Field(ge=1, le=64)] = 4
     max_tokens: PositiveInt = 64
-    # The student reports the logprobs of the distribution it samples from only
-    # at temperature 1 and top_p 1; other values bias the importance ratio.
+    # The student reports logprobs after temperature and top-p and the trainer
+    # scores at the same temperature; top_p < 1 truncates only the sampler's
+    # distribution, which biases the importance ratio: keep it at 1.
     temperature: Annotated[float, Field(gt=0, le=10)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
 

@@ -14,9 +14,10 @@ One step:
 
 Choices:
 1) At start the trainer publishes the weights it holds (the base model, or the
-   resumed checkpoint) as a new policy version, so the student serves exactly
-   what the trainer trains, whatever it served before. Version numbers go on
-   from the student's own, as the student demands strictly increasing ones.
+   resumed checkpoint; for LoRA the base model as a full version first) as a
+   new policy version, so the student serves exactly what the trainer trains,
+   whatever it served before. Version numbers go on from the student's own,
+   as the student demands strictly increasing ones.
 2) A resumed run restores weights, optimizer, RNG states and the sampler
    position, drops metrics after the checkpoint's step, and continues; prompts
    and sampling seeds are functions of the step, so it draws what the
@@ -47,7 +48,8 @@ from services.trainer.rollouts import Sample, StaleRollouts, kl_summary, load_ca
 from services.trainer.update import task_rewards, train_on
 
 log = logging.getLogger("opd.trainer")
-EVAL_SEED = 1_000_003
+EVAL_SHOWN = 4  # evaluation completions kept as text per evaluation
+EVAL_STEP = -1  # the evaluation seed's "step": the same prompts and seed at every evaluation
 # Fields a resumed run may change: they do not alter what it computes.
 RESUMABLE = {"steps", "eval", "save_every", "keep_versions", "resume", "services", "api_key", "teacher_urls",
              "student_url", "output_dir", "checkpoint_root", "name"}
@@ -92,6 +94,8 @@ class Trainer:
         self.store = PolicyStore(config.checkpoint_root, config.name, config.keep_versions)
         resumed = self.resume()
         self.metrics = MetricsWriter(self.out, resume_step=self.step if resumed else None)
+        if config.student.finetune == "lora":
+            self.publish(base=True)  # the student may still serve another run's full weights
         self.publish()
         log.info("%s: %s student, %d trainable parameters, %d train / %d eval prompts, from step %d",
                  config.name, config.student.finetune, self.policy.trainable_parameters,
@@ -126,12 +130,13 @@ class Trainer:
             )
 
     # ------------------------------------------------------------ service calls
-    def publish(self) -> None:
-        """Writes the current weights as a new policy version and has the student load it."""
+    def publish(self, base: bool = False) -> None:
+        """Writes the current weights (or the untouched base model) as a new policy version; the student loads it."""
         current = self.remote.student_info().policy_version or 0
         version = max(current, self.version) + 1
-        path = self.store.write(version, self.policy.save_version)
-        loaded = self.remote.load_weights(p.WeightsRequest(version=version, kind=self.policy.finetune, path=path))
+        path = self.store.write(version, self.policy.save_base if base else self.policy.save_version)
+        kind = "full" if base else self.policy.finetune
+        loaded = self.remote.load_weights(p.WeightsRequest(version=version, kind=kind, path=path))
         self.version = loaded.policy_version
 
     def sample_on_policy(self, rows: list[PromptRow], **kwargs: Any) -> list[Sample]:
@@ -150,7 +155,7 @@ class Trainer:
         self.in_step = True
         rows = [self.train_rows[i] for i in self.sampler.next_indices(s.prompts_per_step)]
         samples = self.sample_on_policy(rows, n=s.samples_per_prompt, max_tokens=s.max_tokens,
-                                        temperature=s.temperature, top_p=s.top_p, seed=c.seed * 100_003 + step)
+                                        temperature=s.temperature, top_p=s.top_p, seed=self.seed_of(step))
         sampled = time.perf_counter()
         score(self.remote, samples)  # waits out a teacher outage; the samples stay
         scored = time.perf_counter()
@@ -181,7 +186,7 @@ class Trainer:
         began = time.perf_counter()
         samples = self.sample_on_policy(
             self.eval_rows, n=c.eval.samples_per_prompt, max_tokens=c.eval_max_tokens,
-            temperature=c.sampling.temperature, top_p=c.sampling.top_p, seed=c.seed + EVAL_SEED,
+            temperature=c.sampling.temperature, top_p=c.sampling.top_p, seed=self.seed_of(EVAL_STEP),
         )
         score(self.remote, samples)
         record: dict[str, Any] = kl_summary(samples)
@@ -190,7 +195,15 @@ class Trainer:
         record["time_eval"] = time.perf_counter() - began
         log.info("eval at step %d: teacher_kl %.4f", self.step, record["teacher_kl"])
         assert self.metrics is not None
+        shown = [{"prompt": x.row.get("prompt") or x.row.get("messages"), "completion": x.text,
+                  "teacher_kl": sum(x.rkl) / len(x.token_ids)} for x in samples[:EVAL_SHOWN]]
+        self.metrics.write_samples(self.step, shown)
         return self.metrics.write("eval", self.step, record)
+
+    def seed_of(self, step: int) -> int:
+        # The student seeds rollout k of a request `seed + k`: spacing the steps'
+        # seeds 2^16 apart keeps every rollout of a run on its own stream.
+        return ((self.config.seed * 1_000_003 + step + 1) << 16) % (1 << 62)
 
     def checkpoint(self) -> None:
         state = TrainerState(self.step, self.version, self.sampler.state_dict(), {})

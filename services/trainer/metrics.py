@@ -2,7 +2,8 @@
 
 Records are `{"kind": "train" | "eval", "step": N, ...numbers}`. Choices:
 1) JSONL is the source of truth (GET /runs/{id}/metrics reads it); TensorBoard
-   gets the same numbers as `train/<key>` and `eval/<key>`.
+   gets the same numbers as `train/<key>` and `eval/<key>`. A few evaluation
+   completions go to eval_samples.jsonl as text.
 2) On resume from step N, records after N are dropped from the JSONL and
    TensorBoard purges its events after N, so no step is counted twice.
 3) The plot (matplotlib's Agg backend: no display) shows the teacher reverse
@@ -37,7 +38,9 @@ class MetricsWriter:
         self.dir = Path(output_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / "metrics.jsonl"
-        self.records = self._truncate(resume_step)
+        self.samples_path = self.dir / "eval_samples.jsonl"
+        self.records = self._truncate(self.path, resume_step)
+        self._truncate(self.samples_path, resume_step)
         self._tb = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -45,13 +48,20 @@ class MetricsWriter:
             purge = None if resume_step is None else resume_step + 1
             self._tb = SummaryWriter(str(self.dir / "tensorboard"), purge_step=purge)
 
-    def _truncate(self, resume_step: int | None) -> list[Record]:
+    @staticmethod
+    def _truncate(path: Path, resume_step: int | None) -> list[Record]:
         if resume_step is None:
-            self.path.write_text("")
+            path.write_text("")
             return []
-        kept = [r for r in read_records(self.path) if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        kept = [r for r in read_records(path) if r["step"] <= resume_step]
+        path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         return kept
+
+    def write_samples(self, step: int, samples: list[dict[str, Any]]) -> None:
+        """A few evaluation completions as text, to read what the numbers mean."""
+        with self.samples_path.open("a") as fh:
+            for sample in samples:
+                fh.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> Record:
         record: Record = {"kind": kind, "step": step, **values}

@@ -9,6 +9,9 @@ Choices:
    over `warmup_steps` optimizer steps, then stays constant.
 4) A policy version is what the student loads: a peft adapter folder, or a
    whole-model `save_pretrained` folder (with the tokenizer) for full fine-tuning.
+5) The student applies an adapter to whatever full weights it serves, so a
+   LoRA run first publishes the untouched base model (`save_base`: its files
+   hard-linked, no copy) as a full version.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class Policy:
         self.finetune = student.finetune
         self.tokenizer = load_tokenizer(student.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        if student.torch_threads:
+            torch.set_num_threads(student.torch_threads)
         torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here
         model = load_causal_lm(student.model, student.dtype, student.device)
         self.model = self._wrap(model) if student.finetune == "lora" else model
@@ -82,8 +87,30 @@ class Policy:
     def lr(self) -> float:
         return float(self.scheduler.get_last_lr()[0])
 
+    def save_base(self, folder: Path) -> None:
+        """The untrained base model as a full version: its config and safetensors files, linked or copied."""
+        import os
+        import shutil
+
+        source = model_folder(self.config.student.model)
+        for file in [source / "config.json", *sorted(source.glob("*.safetensors")), *sorted(source.glob("*.safetensors.index.json"))]:
+            try:
+                os.link(file, folder / file.name)  # the files never change: a hard link costs nothing
+            except OSError:
+                shutil.copyfile(file, folder / file.name)
+
     def save_version(self, folder: Path) -> None:
         """What the student service loads: an adapter folder, or a whole model with its tokenizer."""
         self.model.save_pretrained(folder, safe_serialization=True)
         if self.finetune == "full":
             self.tokenizer.save_pretrained(folder)
+
+
+def model_folder(model: str) -> Path:
+    """The local folder of a model given as a path or as a hub id already in the local cache."""
+    path = Path(model)
+    if path.is_dir():
+        return path
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(model, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))

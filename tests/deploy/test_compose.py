@@ -90,7 +90,7 @@ def test_commands_are_valid_opd_invocations(compose: dict) -> None:
 
 def settings_fields() -> dict[str, set[str]]:
     from services.common.settings import StudentSettings, TeacherSettings
-    from services.trainer.settings import TrainerSettings
+    from services.common.settings import TrainerSettings
 
     return {
         prefix: set(cls.model_fields)
@@ -135,7 +135,7 @@ def openapi_paths() -> dict[str, set[str]]:
     from services.student.app import build_app as student_app
     from services.teacher.app import build_app as teacher_app
     from services.trainer.app import build_app as trainer_app
-    from services.trainer.settings import TrainerSettings
+    from services.common.settings import TrainerSettings
 
     return {
         "teacher": set(teacher_app(TeacherSettings(model="m")).openapi()["paths"]),

@@ -23,7 +23,7 @@ from tests.utils.tiny_models import build_llama
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def save_lora(base: Path, out: Path, *, seed: int, rank: int = 8, scale: float = 2.0, targets=LORA_TARGETS) -> Path:
+def save_lora(base: Path, out: Path, *, seed: int, rank: int = 8, scale: float = 0.2, targets=LORA_TARGETS) -> Path:
     """A peft LoRA adapter on `base` with random, nonzero B weights (so it changes the outputs)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -43,7 +43,7 @@ def save_lora(base: Path, out: Path, *, seed: int, rank: int = 8, scale: float =
     return out
 
 
-def save_full(base: Path, out: Path, *, seed: int, noise: float = 0.05, head_gain: float = 8.0) -> Path:
+def save_full(base: Path, out: Path, *, seed: int, noise: float = 0.03, head_gain: float = 3.0) -> Path:
     """A perturbed copy of `base`; a larger output head makes its distributions peaked."""
     from transformers import AutoModelForCausalLM
 

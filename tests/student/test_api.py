@@ -81,7 +81,9 @@ BAD = [
     ("zero temperature", {"prompts": [{"token_ids": [1]}], "temperature": 0}, 422, "temperature"),
     ("top_p over 1", {"prompts": [{"token_ids": [1]}], "top_p": 1.5}, 422, "top_p"),
     ("empty stop", {"prompts": [{"token_ids": [1]}], "stop": [""]}, 422, "stop[0]"),
-    ("too long", {"prompts": [{"token_ids": [1] * 500}], "max_tokens": 13}, 422, "513 is over the student's maximum length of 512"),
+    ("negative seed", {"prompts": [{"token_ids": [1]}], "seed": -1}, 422, "seed must be between 0 and"),
+    ("huge seed", {"prompts": [{"token_ids": [1]}], "seed": 2**64}, 422, "seed must be between 0 and"),
+    ("too long", {"prompts": [{"token_ids": [1] * 500}], "max_tokens": 13}, 422, "513 is over the student's maximum length"),
     ("too many prompts", {"prompts": [{"token_ids": [1]}] * 5}, 413, "5 prompts in one request; the limit is 4"),
     ("too many rollouts", {"prompts": [{"token_ids": [1]}] * 3, "n": 3}, 413, "= 9 rollouts; the limit is 8"),
     ("body too large", {"prompts": [{"token_ids": [1] * 15000}]}, 413, "over the limit"),
@@ -165,3 +167,22 @@ def test_auth(student_settings: StudentSettings, hf_engine: HFRolloutEngine) -> 
             r = c.post(path, json=body, headers={"Authorization": "Bearer nope"})
             assert r.status_code == 401 and "Bearer" in r.json()["detail"]
         assert c.post("/rollouts", json=GOOD, headers={"Authorization": "Bearer s3cret"}).status_code == 200
+
+
+async def test_racing_swaps_to_one_version_load_it_once(student_settings: StudentSettings) -> None:
+    """Two swaps to the same version at once: one loads it, the other gets 409 after waiting for the first."""
+    import asyncio
+
+    from prometheus_client import CollectorRegistry
+
+    from services.common import protocol as p
+    from services.common.errors import Conflict
+    from services.student.serving import StudentMetrics, StudentService
+
+    service = StudentService(HFRolloutEngine(student_settings), student_settings, StudentMetrics(CollectorRegistry()))
+    swaps = [service.load_weights(p.WeightsRequest(version=2, kind=kind, path=path))
+             for kind, path in (("full", "full-a"), ("lora", "lora-a"))]
+    results = await asyncio.gather(*swaps, return_exceptions=True)
+    assert isinstance(results[0], p.WeightsResponse) and results[0].policy_version == 2
+    assert isinstance(results[1], Conflict) and "not newer than the serving version 2" in str(results[1])
+    assert service.version == 2 and service.kind == "full"

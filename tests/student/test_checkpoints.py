@@ -34,6 +34,7 @@ PATHS = [
     ("/etc", InvalidRequest, "is absolute"),
     ("escape", InvalidRequest, "leads out of the checkpoint root"),
     ("missing", NotFound, "no checkpoint at 'missing'"),
+    ("nul\x00byte", InvalidRequest, "NUL character"),
     ("full-a/config.json", InvalidInput, "is a file"),
 ]
 

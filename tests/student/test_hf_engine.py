@@ -21,7 +21,8 @@ ATOL = 1e-4
 
 def as_rollouts(prompts: list[list[int]], groups: list[list[Sample]]) -> list[dict]:
     return [
-        {"prompt_token_ids": p, "token_ids": s.token_ids, "logprobs": s.logprobs, "finish_reason": s.finish_reason, "text": s.text}
+        {"prompt_token_ids": p, "token_ids": s.token_ids, "logprobs": s.logprobs,
+         "finish_reason": s.finish_reason, "text": s.text}
         for p, group in zip(prompts, groups, strict=True)
         for s in group
     ]
@@ -118,3 +119,19 @@ def test_swaps_change_outputs_and_match_the_new_weights(
             asyncio.run(fresh.load_full(checkpoint_root / folder))
         seen[version] = sample_and_check(version)
     assert len({str(t) for t in seen.values()}) == len(seen)  # every version samples differently
+
+
+def test_model_generation_defaults_do_not_leak_in(
+    student_model: Path, student_settings: StudentSettings, prompts, reference: Reference, tmp_path: Path
+) -> None:
+    """A model folder's generation_config.json (a repetition penalty, top-k) must not change the distribution."""
+    import json
+    import shutil
+
+    folder = shutil.copytree(student_model, tmp_path / "student")
+    (folder / "generation_config.json").write_text(
+        json.dumps({"eos_token_id": 2, "repetition_penalty": 5.0, "top_k": 3, "temperature": 0.2, "no_repeat_ngram_size": 1})
+    )
+    engine = HFRolloutEngine(student_settings.model_copy(update={"model": str(folder)}))
+    rollouts = as_rollouts(prompts, engine.sample_sync(prompts, Sampling(n=2, max_tokens=12, seed=0)))
+    assert reference.max_error("base", rollouts) < ATOL

@@ -120,7 +120,7 @@ async def test_swaps_change_outputs_and_match_the_new_weights(
             await base.load_full(checkpoint_root / folder)
         seen[version] = await sample_and_check(version)
     assert len({str(t) for t in seen.values()}) == len(seen)
-    assert await base.llm.list_loras() == {4}  # the earlier adapters were removed
+    assert set(await base.llm.list_loras()) == {4}  # the earlier adapters were removed
     await base.load_full(student_model)
     assert [r for r in await sample_and_check("base")] == seen["base"]
 
@@ -131,7 +131,7 @@ def service(base, vllm_settings: StudentSettings) -> StudentService:
 
 
 async def test_a_rollout_in_flight_during_a_swap_is_all_old_or_all_new(service: StudentService, reference: Reference) -> None:
-    request = p.RolloutRequest(prompts=[{"text": "The old man"}, {"text": "Where is"}], n=4, max_tokens=48, seed=1)
+    request = p.RolloutRequest(prompts=[{"text": "The old man"}, {"text": "Where is"}], n=8, max_tokens=200, seed=1)
     events: list[str] = []
 
     async def tagged(name: str, coro):

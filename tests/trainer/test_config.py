@@ -75,7 +75,7 @@ def test_bad_override_syntax_and_files(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="section.field=value"):
         build_config(BASE, ["steps"], environ={})
     with pytest.raises(ConfigError, match="is a value, not a section"):
-        build_config(BASE, ["steps.x=1"], environ={})
+        build_config(BASE, ["student.model.x=1"], environ={})
     with pytest.raises(ConfigError, match="no config file"):
         load_config(tmp_path / "missing.yaml")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")

@@ -31,7 +31,8 @@ def marked_processes(mark: str) -> list[int]:
     return pids
 
 
-def stack_yaml(tmp_path: Path, teacher: Path, student: Path, steps: int = 2, **ports: int) -> Path:
+def stack_yaml(tmp_path: Path, teacher: Path, student: Path, steps: int = 2, ports: dict[str, int] | None = None) -> Path:
+    ports = ports or {}
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"Tell me about the {w} and the {v}."} for w, v in
             zip("boy house water land earth mother picture country".split(), "day line page world year home hand name".split())]
@@ -85,7 +86,7 @@ def test_up_refuses_a_taken_port_and_a_missing_model(tmp_path, teacher_model, st
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = opd("up", str(stack_yaml(tmp_path, teacher_model, student_model, student=port)), mark=mark, timeout=120)
+        result = opd("up", str(stack_yaml(tmp_path, teacher_model, student_model, ports={"student": port})), mark=mark, timeout=120)
     assert result.returncode == 1
     assert f"port {port} (student) on 127.0.0.1 is taken" in result.stdout
     result = opd("up", str(stack_yaml(tmp_path, tmp_path / "nowhere", student_model)), mark=mark, timeout=120)

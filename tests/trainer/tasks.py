@@ -1,0 +1,12 @@
+"""A task reward and a verifier for the tests, loaded by 'module:function' like a user's own."""
+
+from __future__ import annotations
+
+
+def prefers_short(row: dict, completion: str) -> float:
+    """Fewer characters score higher: a reward that disagrees with nothing the teacher says."""
+    return -len(completion) / 100.0
+
+
+def mentions_a_word_of_the_prompt(row: dict, completion: str) -> bool:
+    return any(word.lower() in completion.lower().split() for word in row["prompt"].split())

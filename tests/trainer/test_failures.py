@@ -1,0 +1,78 @@
+"""Failures a real run meets: the teacher goes away mid-run and comes back;
+models that do not share a tokenizer are refused at start."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from services.common.errors import TokenizerMismatch
+from services.common.process import ServiceProcess
+from services.trainer.loop import Trainer
+from services.trainer.metrics import read_records
+from tests.trainer.conftest import start_service, teacher_args, wait_all
+
+pytestmark = pytest.mark.slow
+
+
+def wait_for(condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_teacher_restart_mid_run_completes_every_step(
+    make_config, services: dict[str, ServiceProcess], teacher_model: Path, service_logs: Path, caplog
+) -> None:
+    steps = 8
+    config = make_config(name="restart", steps=steps, eval__every=0, save_every=steps)
+    trainer = Trainer(config)
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(trainer.run()))
+    thread.start()
+    try:
+        metrics = Path(config.output_dir) / "metrics.jsonl"
+        wait_for(lambda: len(read_records(metrics)) >= 2, 120, "two steps")
+        old = services["teacher"]
+        old.stop()
+        time.sleep(3)  # the run meets a dead teacher: connection refused, retried, then waiting
+        assert len(read_records(metrics)) < steps, "the run must still be going when the teacher comes back"
+        services["teacher"] = start_service("teacher", teacher_args(teacher_model), service_logs, port=old.port)
+        wait_all(services["teacher"])
+    finally:
+        thread.join(300)
+    assert outcome == ["completed"]
+    records = read_records(Path(config.output_dir) / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, steps + 1)), "no step skipped or counted twice"
+    assert sum(r["time_waiting"] for r in records) > 3
+    assert any("waiting" in m for m in caplog.messages)
+    assert all(r["sequences"] == 32 for r in records), "a waiting step keeps and scores its own rollouts"
+
+
+def test_teacher_with_another_tokenizer_is_refused(
+    make_config, other_tokenizer_model: Path, service_logs: Path, services
+) -> None:
+    other = start_service("teacher-other", ["teacher", "serve", "--model", str(other_tokenizer_model), "--engine", "hf",
+                                            "--dtype", "float32", "--device", "cpu"], service_logs)
+    try:
+        wait_all(other)
+        config = make_config(name="mismatch", teacher_urls=f"[{services['teacher'].url}, {other.url}]")
+        with pytest.raises(TokenizerMismatch) as err:
+            Trainer(config).run()
+    finally:
+        other.stop()
+    message = str(err.value)
+    assert str(other_tokenizer_model) in message and config.student.model in message
+    assert other.url in message and "tokenizer" in message
+    assert not (Path(config.output_dir) / "metrics.jsonl").exists(), "refused before anything ran"
+
+
+def test_trainable_student_must_match_the_student_service(make_config, other_tokenizer_model: Path) -> None:
+    config = make_config(name="mismatch2", student__model=str(other_tokenizer_model))
+    with pytest.raises(TokenizerMismatch) as err:
+        Trainer(config).run()
+    assert str(other_tokenizer_model) in str(err.value) and "student" in str(err.value)

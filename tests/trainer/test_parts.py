@@ -1,0 +1,133 @@
+"""The trainer's parts without services: data, sampler, atomic files, metrics, rewards."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from services.trainer import checkpoint as ck
+from services.trainer.config import DatasetConfig, build_config
+from services.trainer.data import DatasetError, PromptSampler, load_prompts, read_rows
+from services.trainer.metrics import MetricsWriter, plot_teacher_kl, read_records
+from services.trainer.rollouts import Sample
+from services.trainer.update import advantages, task_rewards
+
+
+def jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_rows_prompts_and_held_out_split(tmp_path: Path) -> None:
+    rows = [{"prompt": f"question {i}", "answer": str(i)} for i in range(30)]
+    rows[3] = {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]}
+    path = jsonl(tmp_path / "p.jsonl", rows)
+    train, held = load_prompts(DatasetConfig(path=str(path), eval_size=5), seed=1)
+    assert len(train) == 25 and len(held) == 5
+    texts = lambda xs: {json.dumps(x.row) for x in xs}  # noqa: E731
+    assert not texts(train) & texts(held), "train and eval never share a prompt"
+    assert load_prompts(DatasetConfig(path=str(path), eval_size=5), seed=1)[1] == held, "the split is seeded"
+    chat = next(x for x in train + held if x.row.get("messages"))
+    assert [m.role for m in chat.prompt.messages] == ["system", "user"]
+    plain = next(x for x in train if x.row.get("answer") == "0")
+    assert plain.prompt.messages[0].content == "question 0" and plain.row["answer"] == "0"
+    text_mode, _ = load_prompts(DatasetConfig(path=str(path), eval_size=5, prompt_format="text"), seed=1)
+    assert any(x.prompt.text == "question 0" for x in text_mode)
+
+
+def test_folder_splits_and_bad_data(tmp_path: Path) -> None:
+    folder = tmp_path / "ds"
+    folder.mkdir()
+    jsonl(folder / "train.jsonl", [{"prompt": f"t{i}"} for i in range(6)])
+    jsonl(folder / "test.jsonl", [{"prompt": f"e{i}"} for i in range(4)])
+    train, held = load_prompts(DatasetConfig(path=str(folder), eval_split="test", eval_size=3), seed=0)
+    assert len(train) == 6 and [x.row["prompt"] for x in held] == ["e0", "e1", "e2"]
+    with pytest.raises(DatasetError, match="neither a datasets folder nor valid.jsonl"):
+        read_rows(folder, "valid")
+    (tmp_path / "bad.jsonl").write_text('{"prompt": "ok"}\n{oops\n')
+    with pytest.raises(DatasetError, match="bad.jsonl:2 is not valid JSON"):
+        read_rows(tmp_path / "bad.jsonl")
+    jsonl(tmp_path / "empty.jsonl", [{"prompt": f"x{i}"} for i in range(5)] + [{"text": "no prompt"}])
+    with pytest.raises(DatasetError, match="neither a non-empty 'prompt'"):
+        load_prompts(DatasetConfig(path=str(tmp_path / "empty.jsonl"), eval_size=1), seed=0)
+    with pytest.raises(DatasetError, match="too few to hold out"):
+        load_prompts(DatasetConfig(path=str(folder / "test.jsonl"), eval_size=4), seed=0)
+
+
+def test_parquet_rows(tmp_path: Path) -> None:
+    pq = pytest.importorskip("pyarrow.parquet")
+    import pyarrow as pa
+
+    pq.write_table(pa.Table.from_pylist([{"prompt": "a"}, {"prompt": "b"}]), tmp_path / "p.parquet")
+    assert read_rows(tmp_path / "p.parquet") == [{"prompt": "a"}, {"prompt": "b"}]
+
+
+def test_sampler_epochs_and_exact_resume() -> None:
+    straight = PromptSampler(10, seed=4)
+    drawn = [straight.next_indices(3) for _ in range(8)]
+    assert sorted(sum(drawn[:4], [])[:10]) == list(range(10)), "an epoch draws every prompt once"
+    half = PromptSampler(10, seed=4)
+    for _ in range(4):
+        half.next_indices(3)
+    resumed = PromptSampler(10, seed=4)
+    resumed.load_state_dict(half.state_dict())
+    assert [resumed.next_indices(3) for _ in range(4)] == drawn[4:]
+    assert PromptSampler(10, seed=5).next_indices(10) != sum(drawn[:4], [])[:10], "the seed matters"
+    with pytest.raises(DatasetError, match="same dataset"):
+        PromptSampler(11, seed=4).load_state_dict(half.state_dict())
+
+
+def test_atomic_dir_leaves_nothing_on_failure(tmp_path: Path) -> None:
+    final = tmp_path / "root" / "v000001"
+    with pytest.raises(RuntimeError):
+        with ck.atomic_dir(final) as tmp:
+            (tmp / "half.bin").write_bytes(b"x")
+            raise RuntimeError("killed mid-write")
+    assert not final.exists() and list((tmp_path / "root").iterdir()) == []
+    with ck.atomic_dir(final) as tmp:
+        (tmp / "a").write_text("1")
+    with ck.atomic_dir(final) as tmp:  # a reused version number replaces the folder whole
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in final.iterdir()) == ["b"]
+
+
+def test_policy_store_keeps_the_newest_versions(tmp_path: Path) -> None:
+    store = ck.PolicyStore(tmp_path, "run", keep=2)
+    for v in (1, 2, 3, 4):
+        assert store.write(v, lambda d: (d / "w").write_text("x")) == f"run/v{v:06d}"
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["v000003", "v000004"]
+
+
+def test_metrics_resume_drops_later_records_and_plots(tmp_path: Path) -> None:
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    w.write("eval", 0, {"teacher_kl": 0.9})
+    for step in range(1, 6):
+        w.write("train", step, {"teacher_kl": 1.0 / step})
+    with (tmp_path / "metrics.jsonl").open("a") as fh:
+        fh.write('{"kind": "train", "st')  # a line cut off by a kill
+    again = MetricsWriter(tmp_path, resume_step=3, tensorboard=False)
+    assert [(r["kind"], r["step"]) for r in read_records(tmp_path / "metrics.jsonl")] == [("eval", 0), ("train", 1), ("train", 2), ("train", 3)]
+    again.write("train", 4, {"teacher_kl": 0.2})
+    assert again.latest("train")["step"] == 4 and again.latest("eval")["step"] == 0
+    png = plot_teacher_kl(again.records, tmp_path / "kl.png")
+    assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
+    assert plot_teacher_kl([], tmp_path / "none.png") is None
+
+
+def sample(group: int, sampling: list[float], teacher: list[float], text: str = "") -> Sample:
+    return Sample(group, [1, 2], list(range(len(sampling))), sampling, text, "stop", {"id": group}, teacher)
+
+
+def test_rewards_are_group_centered_and_added_to_every_token() -> None:
+    samples = [sample(0, [-1.0, -1.0], [-1.0, -2.0], "aaaa"), sample(0, [-1.0], [-1.0], "aa"),
+               sample(1, [-0.5], [-0.5], "a"), sample(1, [-0.5, -0.5, -0.5], [-0.5, -0.5, -0.5], "aaa")]
+    raw, centered = task_rewards(samples, lambda row, text: len(text))
+    assert raw == [4.0, 2.0, 1.0, 3.0] and centered == [1.0, -1.0, -1.0, 1.0]
+    config = build_config({"student": {"model": "m"}, "teacher_urls": ["u"], "student_url": "s", "dataset": {"path": "p"},
+                           "kl_coef": 2.0}, environ={})
+    adv = advantages(samples, config, centered)
+    assert [a.tolist() for a in adv] == [[1.0, -1.0], [-1.0], [-1.0], [1.0, 1.0, 1.0]]
+    assert torch.equal(advantages(samples, config, None)[0], torch.tensor([0.0, -2.0]))
