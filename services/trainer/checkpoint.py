@@ -108,7 +108,6 @@ class TrainerState:
     step: int
     policy_version: int
     sampler: dict[str, int]
-    extra: dict[str, Any]
 
 
 def rng_state() -> dict[str, Any]:
@@ -150,7 +149,6 @@ def save_checkpoint(
                 "step": state.step,
                 "policy_version": state.policy_version,
                 "sampler": state.sampler,
-                "extra": state.extra,
                 "rng": rng_state(),
             },
             tmp / "state.pt",
@@ -189,4 +187,4 @@ def load_checkpoint(
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"])
-    return TrainerState(saved["step"], saved["policy_version"], saved["sampler"], saved["extra"])
+    return TrainerState(saved["step"], saved["policy_version"], saved["sampler"])

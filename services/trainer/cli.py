@@ -2,8 +2,9 @@
 
 `opd train` resumes from the checkpoint in the config's output_dir when there
 is one (unless `--set resume=false`), shows a progress bar with ETA, and ends
-with the path of the teacher-KL plot. Exit status: 0 completed, 1 failed,
-130 stopped by Ctrl-C (after a checkpoint of the last whole step).
+with the path of the teacher-KL plot. The first Ctrl-C ends the run after the
+current step, with a checkpoint; a second one ends it at once. Exit status:
+0 completed, 1 failed, 2 invalid config, 130 stopped.
 """
 
 from __future__ import annotations
@@ -16,6 +17,17 @@ from typing import Annotated
 import typer
 
 from services.common import cli_options as o
+
+
+def quiet_logging(level: str) -> None:
+    """Our log lines at `level`; one line per HTTP request only when debugging."""
+    import logging
+
+    from services.common.server import configure_logging
+
+    configure_logging(level)
+    if level.lower() != "debug":
+        logging.getLogger("httpx").setLevel(logging.WARNING)
 
 app = typer.Typer(help="The trainer: on-policy distillation runs.", no_args_is_help=True)
 
@@ -39,6 +51,10 @@ def serve(
         settings = TrainerSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    if settings.log_level.lower() != "debug":  # the runs' calls to teacher and student: one line each otherwise
+        import logging
+
+        logging.getLogger("httpx").setLevel(logging.WARNING)
     run(build_app(settings), settings.host, settings.port, settings.log_level)
 
 
@@ -50,18 +66,24 @@ def train(
 ) -> None:
     """Run on-policy distillation in the foreground (resumes from output_dir's checkpoint)."""
     from services.common.errors import OPDError
-    from services.common.server import configure_logging
     from services.trainer.config import load_config
     from services.trainer.loop import Trainer
 
-    configure_logging(log_level)
+    quiet_logging(log_level)
     try:
         run_config = load_config(config, set_ or [])
     except OPDError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     stop = threading.Event()
-    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())  # first Ctrl-C: checkpoint, then stop
+
+    def interrupt(*_: object) -> None:
+        if stop.is_set():  # the second Ctrl-C: stop now, without a checkpoint
+            raise KeyboardInterrupt
+        typer.echo("stopping after this step (Ctrl-C again to stop at once)", err=True)
+        stop.set()
+
+    previous = signal.signal(signal.SIGINT, interrupt)
     try:
         outcome = Trainer(run_config, stop=stop, progress=progress).run()
     except OPDError as exc:
@@ -85,11 +107,10 @@ def demo(
 ) -> None:
     """The documented SmolLM2 run: prepare the models, start teacher and student, train, stop them."""
     from services.common.errors import OPDError
-    from services.common.server import configure_logging
     from services.trainer.config import load_config
     from services.trainer.demo import run_demo
 
-    configure_logging("info")
+    quiet_logging("info")
     try:
         outcome = run_demo(load_config(config, set_ or []), models, engine, plot_to)
     except OPDError as exc:

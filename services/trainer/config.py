@@ -131,7 +131,9 @@ class RunConfig(Section):
     seed: int = 0
     output_dir: str = Field(default="runs/opd", description="Metrics, TensorBoard, plot and trainer checkpoints.")
     checkpoint_root: str = Field(default="checkpoints", description="The student service's --checkpoint-root.")
-    resume: bool = Field(default=True, description="Continue from the checkpoint in output_dir when there is one.")
+    resume: bool = Field(
+        default=True, description="Continue from the checkpoint in output_dir when there is one; false: start afresh, dropping it."
+    )
     services: ServicesConfig = ServicesConfig()
 
     @field_validator("reward_fn")

@@ -3,7 +3,7 @@
 Prepares SmolLM2-135M-Instruct (the teacher, 30 layers) and its first 12
 layers (the student), starts the teacher and student services (vLLM by
 default) on the ports of the config's URLs, with the student's checkpoint
-root set to the config's, runs the training in the foreground with a
+root and dtype set to the config's, runs the training in the foreground with a
 progress bar, copies the plot where asked, and stops both services.
 """
 
@@ -47,8 +47,10 @@ def run_demo(config: RunConfig, models: Path, engine: str, plot_to: Path | None)
     Path(config.checkpoint_root).mkdir(parents=True, exist_ok=True)
     teacher = start("teacher", ["teacher", "serve", "--model", str(teacher_model), "--engine", engine],
                     config.teacher_urls[0], out, console)
+    # The student serves in the trainer's dtype, so its sampling logprobs are the ones the trainer computes.
     student = start("student", ["student", "serve", "--model", config.student.model, "--engine", engine,
-                                "--checkpoint-root", config.checkpoint_root], config.student_url, out, console)
+                                "--dtype", config.student.dtype, "--checkpoint-root", config.checkpoint_root],
+                    config.student_url, out, console)
     try:
         with console.status("waiting for the teacher and the student to load"):
             teacher.wait_ready(timeout=900, api_key=config.api_key)

@@ -50,9 +50,9 @@ from services.trainer.update import task_rewards, train_on
 log = logging.getLogger("opd.trainer")
 EVAL_SHOWN = 4  # evaluation completions kept as text per evaluation
 EVAL_STEP = -1  # the evaluation seed's "step": the same prompts and seed at every evaluation
-# Fields a resumed run may change: they do not alter what it computes.
-RESUMABLE = {"steps", "eval", "save_every", "keep_versions", "resume", "services", "api_key", "teacher_urls",
-             "student_url", "output_dir", "checkpoint_root", "name"}
+# Fields (and sections) a resumed run may change: they do not alter what it computes.
+RESUMABLE = ("steps", "eval", "save_every", "keep_versions", "resume", "services", "api_key", "teacher_urls",
+             "student_url", "output_dir", "checkpoint_root", "name", "student.torch_threads", "student.device")
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -121,8 +121,8 @@ class Trainer:
     def check_same_run(self, saved: dict[str, Any]) -> None:
         now = flat(json.loads(self.config.model_dump_json(exclude={"api_key"})))
         before = flat(saved)
-        differ = sorted(k for k in now.keys() | before.keys()
-                        if k.split(".")[0] not in RESUMABLE and now.get(k) != before.get(k))
+        free = lambda key: any(key == f or key.startswith(f + ".") for f in RESUMABLE)  # noqa: E731
+        differ = sorted(k for k in now.keys() | before.keys() if not free(k) and now.get(k) != before.get(k))
         if differ:
             raise CheckpointError(
                 f"{self.out} holds a run with a different config ({', '.join(differ)}): resume with the same "
@@ -206,7 +206,7 @@ class Trainer:
         return ((self.config.seed * 1_000_003 + step + 1) << 16) % (1 << 62)
 
     def checkpoint(self) -> None:
-        state = TrainerState(self.step, self.version, self.sampler.state_dict(), {})
+        state = TrainerState(self.step, self.version, self.sampler.state_dict())
         save_checkpoint(self.out, state, self.policy.model, self.policy.optimizer, self.policy.scheduler)
         self.saved_step = self.step
 

@@ -53,6 +53,32 @@ def test_teacher_restart_mid_run_completes_every_step(
     assert all(r["sequences"] == 32 for r in records), "a waiting step keeps and scores its own rollouts"
 
 
+def test_student_restart_mid_run_reloads_the_policy_and_stays_on_policy(
+    make_config, services: dict[str, ServiceProcess], service_logs: Path
+) -> None:
+    """A restarted student serves its base model at version 0: the trainer loads its weights again before sampling."""
+    steps = 6
+    config = make_config(name="student-restart", steps=steps, eval__every=0, save_every=steps)
+    trainer = Trainer(config)
+    outcome: list[str] = []
+    thread = threading.Thread(target=lambda: outcome.append(trainer.run()))
+    thread.start()
+    try:
+        metrics = Path(config.output_dir) / "metrics.jsonl"
+        wait_for(lambda: len(read_records(metrics)) >= 2, 120, "two steps")
+        old = services["student"]
+        old.stop()
+        services["student"] = start_service("student", old.args[:-2], service_logs, port=old.port)
+        wait_all(services["student"])
+    finally:
+        thread.join(300)
+    assert outcome == ["completed"]
+    records = read_records(Path(config.output_dir) / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, steps + 1))
+    for r in records:  # off-policy samples (the restarted student's base model) would show here
+        assert 0.98 < r["ratio_min"] <= r["ratio_max"] < 1.02, r
+
+
 def test_teacher_with_another_tokenizer_is_refused(
     make_config, other_tokenizer_model: Path, service_logs: Path, services
 ) -> None:
