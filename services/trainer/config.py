@@ -148,6 +148,18 @@ class RunConfig(Section):
     def _one_url(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
 
+    @model_validator(mode="before")
+    @classmethod
+    def _environment_defaults(cls, data: Any) -> Any:
+        """What a config leaves out comes from `OPD_TRAIN_*` variables: a trainer
+        service's deployment defaults (service URLs, student model, folders)."""
+        if not isinstance(data, Mapping):
+            return data
+        defaults: dict[str, Any] = {}
+        for path, value in env_overrides(os.environ):
+            set_path(defaults, path, value)
+        return deep_merge(defaults, dict(data))
+
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
         if self.eval.verifier is not None and self.eval.verifier.count(":") != 1:
@@ -188,6 +200,15 @@ def set_path(tree: dict, path: Sequence[str], value: Any) -> None:
             raise ConfigError(f"{'.'.join(path[: i + 1])} is a value, not a section: cannot set {'.'.join(path)}")
         node = child
     node[path[-1]] = value
+
+
+def deep_merge(base: Mapping[str, Any], extra: Mapping[str, Any]) -> dict[str, Any]:
+    """`extra` over `base`, section by section."""
+    out = dict(base)
+    for key, value in extra.items():
+        both = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = deep_merge(out[key], value) if both else value
+    return out
 
 
 def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:

@@ -29,6 +29,7 @@ from rich.console import Console
 from services.common.client import StudentClient, SyncClient
 from services.common.errors import OPDError
 from services.common.process import ServiceProcess, StartupFailed, port_free
+from services.trainer.config import deep_merge
 from services.up.config import EngineService, StackConfig
 from services.up.report import RunWatcher, samples_table
 
@@ -61,13 +62,6 @@ def resolve_model(spec: EngineService, models_dir: Path, console: Console) -> st
     name = source.prepare + (f"-l{source.layers}" if source.layers else "")
     with console.status(f"preparing {name} (once)"):
         return str(prepare(source.prepare, models_dir / name, layers=source.layers))
-
-
-def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 class Stack:
