@@ -46,7 +46,8 @@ class Remote:
         s = config.services
         kwargs = dict(api_key=config.api_key, timeout=s.request_timeout_s, retries=s.retries, max_backoff=s.max_backoff_s)
         self.config = config
-        self.teacher = TeacherClient(list(config.teacher_urls), **kwargs)
+        # A scaled compose service resolves to one address per replica: spread over all.
+        self.teacher = TeacherClient(list(config.teacher_urls), expand_dns=True, **kwargs)
         self.student = StudentClient(config.student_url, **kwargs)
         self.replicas = [TeacherClient(url, **kwargs) for url in config.teacher_urls]
         self.stop = stop or threading.Event()
