@@ -184,7 +184,7 @@ def run_up(config: StackConfig, verbose: bool = False) -> int:
         console.print(f"checkpoints: {stack.checkpoints}  (trainer state: {out})")
         console.print(f"logs:        {stack.logs}")
         if status["state"] != "completed":
-            console.print(f"[red]the run ended {status['state']}: {status.get('error') or 'see the trainer log'}[/red]")
+            console.print(f"[red]the run ended {status['state']}: {status.get('error') or 'see the trainer log'}[/red]", soft_wrap=True)
             return 1
         return 0
     except KeyboardInterrupt:

@@ -33,6 +33,7 @@ def marked_processes(mark: str) -> list[int]:
 
 def stack_yaml(tmp_path: Path, teacher: Path, student: Path, steps: int = 2, ports: dict[str, int] | None = None) -> Path:
     ports = ports or {}
+    tmp_path.mkdir(parents=True, exist_ok=True)
     prompts = tmp_path / "prompts.jsonl"
     rows = [{"prompt": f"Tell me about the {w} and the {v}."} for w, v in
             zip("boy house water land earth mother picture country".split(), "day line page world year home hand name".split())]
@@ -91,4 +92,29 @@ def test_up_refuses_a_taken_port_and_a_missing_model(tmp_path, teacher_model, st
     assert f"port {port} (student) on 127.0.0.1 is taken" in result.stdout
     result = opd("up", str(stack_yaml(tmp_path, tmp_path / "nowhere", student_model)), mark=mark, timeout=120)
     assert result.returncode == 1 and "does not exist" in result.stdout
+    assert marked_processes(mark) == []
+
+
+def test_swapping_the_teacher_touches_only_the_teacher(tmp_path, teacher_model, student_model, other_tokenizer_model,
+                                                         models_dir, tiny_tokenizer) -> None:
+    """The same stack and run config against another teacher: one with the student's
+    tokenizer trains; one with another tokenizer stops with the mismatch message."""
+    from tests.utils.tiny_models import build_llama
+
+    second = build_llama(models_dir / "teacher-2", tiny_tokenizer, seed=11, layers=3, init_std=0.05)
+    mark = uuid.uuid4().hex
+    outputs = {}
+    for name, teacher in (("same-tokenizer", second), ("other-tokenizer", other_tokenizer_model)):
+        config = stack_yaml(tmp_path / name, teacher, student_model, steps=1)
+        stack = yaml.safe_load(config.read_text())
+        for service in ("teacher", "student"):
+            stack[service]["engine"] = "hf"  # the swap is about configuration, not engines: keep it quick
+        config.write_text(yaml.safe_dump(stack))
+        result = opd("up", str(config), mark=mark)
+        outputs[name] = (result.returncode, result.stdout + result.stderr)
+    code, out = outputs["same-tokenizer"]
+    assert code == 0 and "state: completed after 1 steps" in out, out[-3000:]
+    code, out = outputs["other-tokenizer"]
+    assert code == 1, out[-3000:]
+    assert "tokenizer" in out and str(other_tokenizer_model) in out and str(student_model) in out
     assert marked_processes(mark) == []
