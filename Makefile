@@ -32,7 +32,7 @@ demo: venv
 	$(BIN)/opd up
 
 teacher-demo: venv
-	$(BIN)/opd up
+	$(BIN)/opd teacher demo
 
 bench-teacher: venv
 	$(BIN)/python benchmarks/teacher_throughput.py
