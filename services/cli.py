@@ -26,6 +26,8 @@ def models_prepare(
     name: Annotated[str, typer.Argument(help="Model to build: smollm2-135m-instruct.")],
     out: Annotated[Path, typer.Argument(help="Folder to write.")],
     layers: Annotated[int | None, typer.Option(help="Keep only the first N decoder layers (a smaller student).")] = None,
+    drop_layers: Annotated[str | None, typer.Option(
+        help="Remove these decoder layers, 0-based inclusive spans such as '12-21' (a smaller student that still writes).")] = None,
     dtype: Annotated[str, typer.Option(help="Saved dtype.")] = "bfloat16",
     force: Annotated[bool, typer.Option(help="Rebuild even when the folder is up to date.")] = False,
 ) -> None:
@@ -34,7 +36,7 @@ def models_prepare(
     from services.common.models import prepare
 
     try:
-        path = prepare(name, out, layers=layers, dtype=dtype, force=force)
+        path = prepare(name, out, layers=layers, drop_layers=drop_layers, dtype=dtype, force=force)
     except InvalidRequest as exc:
         raise typer.BadParameter(str(exc)) from exc
     typer.echo(f"ready: {path}")

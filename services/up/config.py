@@ -36,13 +36,16 @@ class ModelSource(_Section):
     path: str | None = None
     prepare: str | None = None
     layers: Annotated[int | None, Field(ge=1)] = None
+    drop_layers: Annotated[str | None, Field(pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")] = None
 
     @model_validator(mode="after")
     def _one(self) -> ModelSource:
         if (self.path is None) == (self.prepare is None):
             raise ValueError("give exactly one of 'path' or 'prepare'")
-        if self.layers is not None and self.prepare is None:
-            raise ValueError("'layers' goes with 'prepare'")
+        if (self.layers is not None or self.drop_layers is not None) and self.prepare is None:
+            raise ValueError("'layers' and 'drop_layers' go with 'prepare'")
+        if self.layers is not None and self.drop_layers is not None:
+            raise ValueError("give 'layers' or 'drop_layers', not both")
         return self
 
 

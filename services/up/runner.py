@@ -60,8 +60,9 @@ def resolve_model(spec: EngineService, models_dir: Path, console: Console) -> st
     from services.common.models import prepare
 
     name = source.prepare + (f"-l{source.layers}" if source.layers else "")
+    name += f"-drop{source.drop_layers.replace(',', '_')}" if source.drop_layers else ""
     with console.status(f"preparing {name} (once)"):
-        return str(prepare(source.prepare, models_dir / name, layers=source.layers))
+        return str(prepare(source.prepare, models_dir / name, layers=source.layers, drop_layers=source.drop_layers))
 
 
 class Stack:
@@ -101,7 +102,7 @@ class Stack:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         for spec, name, model, extra in (
             (c.teacher, "teacher", teacher_model, []),
-            (c.student, "student", student_model, ["--checkpoint-root", str(self.checkpoints)]),
+            (c.student, "student", student_model, ["--checkpoint-root", str(self.checkpoints), *self._lora_flag()]),
         ):
             args = [name, "serve", "--model", model, "--engine", spec.engine, "--dtype", spec.dtype,
                     "--kv-cache-gib", str(spec.kv_cache_gib), *extra]
@@ -114,6 +115,11 @@ class Stack:
             trainer.wait_ready(c.startup_timeout_s, api_key=self.api_key)
         for proc in self.procs:
             self.console.print(f"[green]ready[/green] {proc.name} at {proc.url}")
+
+    def _lora_flag(self) -> list[str]:
+        """A full fine-tuning run never serves an adapter, and a vLLM engine without LoRA samples faster."""
+        finetune = (self.config.run.get("student") or {}).get("finetune", "lora")
+        return ["--no-lora"] if finetune == "full" and self.config.student.engine == "vllm" else []
 
     def url(self, name: str) -> str:
         return next(p.url for p in self.procs if p.name == name)

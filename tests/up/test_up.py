@@ -118,3 +118,16 @@ def test_swapping_the_teacher_touches_only_the_teacher(tmp_path, teacher_model, 
     assert code == 1, out[-3000:]
     assert "tokenizer" in out and str(other_tokenizer_model) in out and str(student_model) in out
     assert marked_processes(mark) == []
+
+
+def test_stack_model_sources_are_validated() -> None:
+    from pydantic import ValidationError
+
+    from services.up.config import ModelSource
+
+    assert ModelSource(prepare="smollm2-135m-instruct", drop_layers="12-21").drop_layers == "12-21"
+    for bad in ({"prepare": "smollm2-135m-instruct", "layers": 12, "drop_layers": "12-21"},
+                {"path": "models/x", "drop_layers": "1"},
+                {"prepare": "smollm2-135m-instruct", "drop_layers": "twelve"}):
+        with pytest.raises(ValidationError):
+            ModelSource(**bad)
