@@ -1,6 +1,6 @@
 """Rollout throughput and weight-swap time of the student, side by side, on SmolLM2.
 
-    python benchmarks/rollout_throughput.py            # the default run (about 8 minutes on 2 cores)
+    python benchmarks/rollout_throughput.py            # the default run (about 7 minutes on 2 cores)
     python benchmarks/rollout_throughput.py --prompts 4 --n 2 --max-tokens 32 --layers 12 --rows vllm,serve   # quick
 
 Rows, one after the other (never two engines at once: they would share the CPU):
