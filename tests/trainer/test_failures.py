@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -25,26 +27,34 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-def test_teacher_restart_mid_run_completes_every_step(
-    make_config, services: dict[str, ServiceProcess], teacher_model: Path, service_logs: Path, caplog
-) -> None:
-    steps = 8
-    config = make_config(name="restart", steps=steps, eval__every=0, save_every=steps)
+@contextmanager
+def run_in_background(config, outcome: list[str]) -> Iterator[Path]:
+    """Runs `config` in a thread and yields its metrics file once two steps are done;
+    on exit waits for the run and appends its final state to `outcome`."""
     trainer = Trainer(config)
-    outcome: list[str] = []
     thread = threading.Thread(target=lambda: outcome.append(trainer.run()))
     thread.start()
     try:
         metrics = Path(config.output_dir) / "metrics.jsonl"
         wait_for(lambda: len(read_records(metrics)) >= 2, 120, "two steps")
+        yield metrics
+    finally:
+        thread.join(300)
+
+
+def test_teacher_restart_mid_run_completes_every_step(
+    make_config, services: dict[str, ServiceProcess], teacher_model: Path, service_logs: Path, caplog
+) -> None:
+    steps = 8
+    config = make_config(name="restart", steps=steps, eval__every=0, save_every=steps)
+    outcome: list[str] = []
+    with run_in_background(config, outcome) as metrics:
         old = services["teacher"]
         old.stop()
         time.sleep(3)  # the run meets a dead teacher: connection refused, retried, then waiting
         assert len(read_records(metrics)) < steps, "the run must still be going when the teacher comes back"
         services["teacher"] = start_service("teacher", teacher_args(teacher_model), service_logs, port=old.port)
         wait_all(services["teacher"])
-    finally:
-        thread.join(300)
     assert outcome == ["completed"]
     records = read_records(Path(config.output_dir) / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, steps + 1)), "no step skipped or counted twice"
@@ -59,19 +69,12 @@ def test_student_restart_mid_run_reloads_the_policy_and_stays_on_policy(
     """A restarted student serves its base model at version 0: the trainer loads its weights again before sampling."""
     steps = 6
     config = make_config(name="student-restart", steps=steps, eval__every=0, save_every=steps)
-    trainer = Trainer(config)
     outcome: list[str] = []
-    thread = threading.Thread(target=lambda: outcome.append(trainer.run()))
-    thread.start()
-    try:
-        metrics = Path(config.output_dir) / "metrics.jsonl"
-        wait_for(lambda: len(read_records(metrics)) >= 2, 120, "two steps")
+    with run_in_background(config, outcome):
         old = services["student"]
         old.stop()
         services["student"] = start_service("student", old.args[:-2], service_logs, port=old.port)
         wait_all(services["student"])
-    finally:
-        thread.join(300)
     assert outcome == ["completed"]
     records = read_records(Path(config.output_dir) / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, steps + 1))
