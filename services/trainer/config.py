@@ -80,6 +80,11 @@ class SamplingConfig(Section):
     # distribution, which biases the importance ratio: keep it at 1.
     temperature: Annotated[float, Field(gt=0, le=10)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_staleness: Annotated[int, Field(ge=0, le=1)] = Field(
+        default=0,
+        description="1: sample the next step's rollouts while this step scores and trains (one policy version "
+        "behind; the importance ratio corrects it, PPO clips it); 0: every step samples the policy it trains.",
+    )
 
 
 class OptimizerConfig(Section):
