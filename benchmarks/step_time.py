@@ -20,8 +20,9 @@ Rows, one after the other (never two at once: they would share the CPU):
 For each row: seconds per step (median and min-max over the steps after the
 first, a warm-up), opd's sample/score/train/sync medians, the peak memory of
 all the row's processes together (proportional set size, so pages shared by
-vLLM's processes count once), the CPU busy fraction of the whole machine over
-the measured steps, and the ratio to the TRL row. Model preparation and
+vLLM's processes count once), how busy the row's processes kept the machine's
+cores over the measured steps (their CPU seconds over wall seconds x cores, so
+other work on the machine does not count), and the ratio to the TRL row. Model preparation and
 service start-up are not timed.
 """
 
@@ -64,7 +65,7 @@ class Monitor:
     metrics: Path | None = None
     interval: float = 0.5
     peak_bytes: int = 0
-    cpu: list[tuple[float, float, float]] = field(default_factory=list)  # (time, busy jiffies, total jiffies)
+    cpu: list[tuple[float, float]] = field(default_factory=list)  # (time, CPU seconds of the process tree)
     lines_at: list[float] = field(default_factory=list)  # when the k-th train record appeared
     _stop: threading.Event = field(default_factory=threading.Event)
 
@@ -72,25 +73,24 @@ class Monitor:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
 
-    @staticmethod
-    def _cpu_times() -> tuple[float, float]:
-        fields = [float(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-        idle = fields[3] + fields[4]  # idle + iowait
-        total = sum(fields[:8])
-        return total - idle, total
-
-    def _memory(self) -> int:
+    def _tree(self) -> list[psutil.Process]:
         try:
-            procs = [psutil.Process(self.root_pid), *psutil.Process(self.root_pid).children(recursive=True)]
+            root = psutil.Process(self.root_pid)
+            return [root, *root.children(recursive=True)]
         except psutil.Error:
-            return 0
-        total = 0
-        for proc in procs:
+            return []
+
+    def _sample(self) -> tuple[float, int]:
+        """CPU seconds and PSS bytes of the process tree, now."""
+        cpu, pss = 0.0, 0
+        for proc in self._tree():
             try:
-                total += proc.memory_full_info().pss
+                times = proc.cpu_times()
+                cpu += times.user + times.system
+                pss += proc.memory_full_info().pss
             except psutil.Error:
                 pass
-        return total
+        return cpu, pss
 
     def _train_records(self) -> int:
         if self.metrics is None or not self.metrics.is_file():
@@ -100,8 +100,9 @@ class Monitor:
     def _run(self) -> None:
         while not self._stop.is_set():
             now = time.monotonic()
-            self.cpu.append((now, *self._cpu_times()))
-            self.peak_bytes = max(self.peak_bytes, self._memory())
+            cpu, pss = self._sample()
+            self.cpu.append((now, cpu))
+            self.peak_bytes = max(self.peak_bytes, pss)
             for _ in range(self._train_records() - len(self.lines_at)):
                 self.lines_at.append(now)
             self._stop.wait(self.interval)
@@ -111,11 +112,12 @@ class Monitor:
         self._thread.join()
 
     def busy(self, start: float, end: float) -> float:
+        """The share of every core that the row's processes used between `start` and `end`."""
         inside = [c for c in self.cpu if start <= c[0] <= end]
         if len(inside) < 2:
             return float("nan")
-        (_, b0, t0), (_, b1, t1) = inside[0], inside[-1]
-        return (b1 - b0) / (t1 - t0) if t1 > t0 else float("nan")
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return (c1 - c0) / ((t1 - t0) * (psutil.cpu_count() or 1)) if t1 > t0 else float("nan")
 
 
 @dataclass
@@ -200,8 +202,8 @@ def run_trl(args: argparse.Namespace, work: Path) -> Result:
     assert proc.stdout is not None
     for line in proc.stdout:
         tail = (tail + [line])[-30:]
-        if line.startswith("{") and '"seconds"' in line:
-            steps.append(json.loads(line)["seconds"])
+        if '{"step"' in line:  # progress bars share the line
+            steps.append(json.loads(line[line.index('{"step"'):])["seconds"])
             ends.append(time.monotonic())
     code = proc.wait()
     monitor.stop()

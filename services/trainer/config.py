@@ -55,8 +55,8 @@ class StudentConfig(Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     micro_batch_tokens: PositiveInt = Field(default=4096, description="Padded tokens per training forward.")
-    # vLLM's CPU workers keep their cores busy; a trainer on the same machine
-    # runs far faster with fewer torch threads than cores (None: torch's default).
+    # None: torch's default (every core). Idle vLLM engines spin for only a second
+    # after their last step, so a trainer beside them can use every core.
     torch_threads: PositiveInt | None = None
 
 
