@@ -75,9 +75,8 @@ class SamplingConfig(Section):
     prompts_per_step: PositiveInt = 8
     samples_per_prompt: Annotated[int, Field(ge=1, le=64)] = 4
     max_tokens: PositiveInt = 64
-    # The student reports logprobs after temperature and top-p and the trainer
-    # scores at the same temperature; top_p < 1 truncates only the sampler's
-    # distribution, which biases the importance ratio: keep it at 1.
+    # The student reports logprobs after temperature and top-p, and the trainer
+    # scores with the same temperature and nucleus (services/common/hf.py).
     temperature: Annotated[float, Field(gt=0, le=10)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
 

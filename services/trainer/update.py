@@ -52,7 +52,8 @@ def chunk_loss(
     """The loss of one micro-batch (normalised by the whole chunk's tokens) and its ratio statistics."""
     seqs = [s.prompt_ids + s.token_ids for s in samples]
     starts = [len(s.prompt_ids) for s in samples]
-    logprobs_BT, mask_BT = L.pad_right(policy.logprobs(seqs, starts, config.sampling.temperature))
+    sampling = config.sampling  # the distribution the student drew from: temperature and nucleus
+    logprobs_BT, mask_BT = L.pad_right(policy.logprobs(seqs, starts, sampling.temperature, sampling.top_p))
     sampling_BT, _ = L.pad_right([torch.tensor(s.sampling_logprobs) for s in samples])
     adv_BT, _ = L.pad_right(adv_B)
     logprobs_BT = logprobs_BT.to(sampling_BT.device)

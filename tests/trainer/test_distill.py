@@ -73,3 +73,11 @@ def test_ppo_substeps_reward_and_verifier(make_config) -> None:
     assert any(r["clip_fraction"] > 0 for r in train)
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2] and all(0.0 <= r["accuracy"] <= 1.0 for r in evals)
+
+
+def test_top_p_run_stays_on_policy(make_config) -> None:
+    """vLLM's nucleus logprobs (the student's) and the trainer's agree: with top_p < 1 the ratio stays at 1
+    (scored without the nucleus it would sit near the nucleus mass, about top_p)."""
+    config = make_config(name="top-p", steps=2, eval__every=0, save_every=2, sampling__top_p=0.8)
+    for r in run(config):
+        assert 0.98 < r["ratio_min"] <= r["ratio_max"] < 1.02, f"step {r['step']} is off-policy: {r}"
