@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common import protocol as p
 from services.common.errors import InvalidInput, PayloadTooLarge
@@ -27,6 +27,9 @@ class TeacherMetrics:
             "opd_teacher_latency_seconds", "Latency of /logprobs", registry=registry,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
+        self.rescored = Gauge(
+            "opd_teacher_rescored_sequences", "Sequences scored again without the prefix cache (vllm engine)", registry=registry
+        )
 
 
 class TeacherService:
@@ -34,6 +37,7 @@ class TeacherService:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        metrics.rescored.set_function(lambda: getattr(engine, "rescored", 0))
 
     def info(self) -> p.ServiceInfo:
         return p.ServiceInfo(

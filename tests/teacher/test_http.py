@@ -134,8 +134,8 @@ def test_client_waits_for_a_service_that_is_starting(teacher_model: Path, tmp_pa
 
 def test_vllm_shared_prompts_score_like_hf(vllm_teacher, hf_engine: HFScoringEngine) -> None:
     """G completions per prompt (the trainer's batches): prompt blocks come from vLLM's
-    prefix cache, completions sharing their first tokens fall back to a full prefill,
-    and every logprob still matches the reference."""
+    prefix cache, and every logprob still matches the reference. (Cache hits that reach
+    past `start`, which need longer shared completions, are in test_vllm_engine.py.)"""
     rng = random.Random(3)
     jobs = []
     for length in (200, 37, 300):
