@@ -52,6 +52,7 @@ class TeacherService:
                 "max_request_tokens": self.settings.max_request_tokens,
                 "max_top_k": p.MAX_TOP_K,
                 "max_pending": self.settings.max_pending,
+                "max_sequence_len": self.engine.max_sequence_len,
             },
         )
 
@@ -86,9 +87,11 @@ class TeacherService:
         return jobs
 
     def _check_ids(self, i: int, ids: list[int]) -> None:
-        if len(ids) > self.engine.max_model_len:
+        limit = self.engine.max_sequence_len
+        if len(ids) > limit:
+            why = "" if limit == self.engine.max_model_len else f" (max_model_len {self.engine.max_model_len}, less the token the {self.engine.name} engine generates)"
             raise InvalidInput(
-                f"sequences[{i}] has {len(ids)} tokens; the teacher's maximum length is {self.engine.max_model_len}: shorten it"
+                f"sequences[{i}] has {len(ids)} tokens; the teacher's maximum length is {limit}{why}: shorten it"
             )
         bad = max(ids)
         if bad >= self.engine.vocab_size:

@@ -14,12 +14,15 @@ Choices:
    logprob row for a cached token (its buffer rows stay uninitialised), so a
    sequence is scored again without the cache when its reported cache hit
    reaches into the scored span (completions that share their first tokens
-   across a whole cache block: 128 tokens on the CPU build, typically 16 on GPUs), when
-   the hit is not reported, or when any returned row names another token than
-   the one scored: after a preemption vLLM may serve a longer cache hit than
-   the one it reported at first scheduling.
+   across a whole cache block: 128 tokens on the CPU build, typically 16 on
+   GPUs), when the hit is not reported, or when any returned row names
+   another token than the one scored: after a preemption vLLM may serve a
+   longer cache hit than the one it reported at first scheduling.
 5) vLLM computes prompt logprobs from the unscaled logits, so this engine
    scores at temperature 1 only; the hf engine scores at any temperature.
+6) vLLM generates one token after the prompt, so a sequence holds at most
+   max_model_len - 1 tokens (`max_sequence_len`); whatever vLLM still refuses
+   as a bad request is a 422 with its message, never a 500.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidInput, InvalidRequest
 from services.common.settings import TeacherSettings
 from services.common.vllm_args import build_async_llm
 from services.teacher.engine import ScoreJob, ScoreOutput, ScoringEngine
@@ -44,6 +47,7 @@ class VLLMScoringEngine(ScoringEngine):
         config = self.llm.model_config
         self.vocab_size = min(config.get_vocab_size(), len(self.tokenizer))
         self.max_model_len = config.max_model_len
+        self.max_sequence_len = self.max_model_len - 1  # room for the token vLLM generates
         self.rescored = 0  # sequences scored again without the prefix cache
         self._ids = itertools.count()
 
@@ -87,13 +91,17 @@ class VLLMScoringEngine(ScoringEngine):
         return ScoreOutput(logprobs, top)
 
     async def _generate(self, token_ids: list[int], params):
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
 
         final = None
-        async for out in self.llm.generate(
-            TokensPrompt(prompt_token_ids=token_ids), params, request_id=f"score-{next(self._ids)}"
-        ):
-            final = out
+        try:
+            async for out in self.llm.generate(
+                TokensPrompt(prompt_token_ids=token_ids), params, request_id=f"score-{next(self._ids)}"
+            ):
+                final = out
+        except VLLMClientError as exc:  # vLLM's own request validation: the request's fault
+            raise InvalidInput(f"the teacher's vLLM engine refused the sequence: {exc}") from exc
         assert final is not None and final.prompt_logprobs is not None
         return final
 

@@ -110,6 +110,12 @@ def test_vllm_bad_input_and_auth(vllm_teacher) -> None:
     with pytest.raises(ServiceError) as err:
         client.logprobs([{"token_ids": [1, 99999]}])
     assert err.value.status_code == 422 and "vocabulary" in err.value.message
+    # vLLM needs one position for the token it generates: max_model_len tokens are one too many.
+    with pytest.raises(ServiceError) as err:
+        client.logprobs([{"token_ids": [1] * 512}])
+    assert err.value.status_code == 422 and "maximum length is 511" in err.value.message
+    assert client.info().limits["max_sequence_len"] == 511
+    assert len(client.logprobs([{"token_ids": [1] * 511, "start": 500}]).results[0].logprobs) == 11
     r = httpx.post(vllm_teacher.url + "/logprobs", json={"sequences": [{"token_ids": [1, 2]}]})
     assert r.status_code == 401
     assert httpx.get(vllm_teacher.url + "/health").status_code == 200

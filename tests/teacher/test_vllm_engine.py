@@ -1,5 +1,5 @@
 """The teacher's vLLM engine in-process (one AsyncLLM for the module): the
-prefix-cache paths of shared prompts against the hf engine.
+prefix-cache paths of shared prompts against the hf engine, and its limits.
 
 vLLM's CPU build caches whole blocks of 128 tokens and writes no logprob row
 for a cached token, so these sequences are long enough for a cache hit to
@@ -14,6 +14,7 @@ import pytest
 import pytest_asyncio
 import torch
 
+from services.common.errors import InvalidInput
 from services.common.settings import TeacherSettings
 from services.teacher.engine import HFScoringEngine, ScoreJob
 
@@ -82,3 +83,13 @@ async def test_a_row_for_another_token_is_rescored(engine, hf_engine: HFScoringE
     assert_like_hf(outputs, jobs, hf_engine, top_k=0)
     assert len(stale) == len(jobs) and engine.rescored - before == len(jobs)
 
+
+async def test_length_limit_is_vllms_and_its_refusals_are_bad_requests(engine) -> None:
+    """vLLM generates one token after the prompt, so it scores at most max_model_len - 1 tokens;
+    a longer sequence that reaches it is the request's fault (422), not the engine's (500)."""
+    assert engine.max_model_len == 512 and engine.max_sequence_len == 511
+    ok = await engine.score([ScoreJob([7] * 511, 500)])
+    assert len(ok[0].logprobs) == 11
+    with pytest.raises(InvalidInput) as err:
+        await engine.score([ScoreJob([7] * 512, 500)])
+    assert err.value.status_code == 422 and "maximum model length of 512" in str(err.value)
