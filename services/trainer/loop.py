@@ -85,8 +85,9 @@ class Trainer:
         from services.trainer.policy import Policy
 
         config = self.config
-        self.remote.check_tokenizers(tokenizer_fingerprint(load_tokenizer(config.student.model)))
+        teachers, student = self.remote.check_tokenizers(tokenizer_fingerprint(load_tokenizer(config.student.model)))
         self.train_rows, self.eval_rows = load_prompts(config.dataset, config.seed)
+        self.remote.check_limits(teachers, student, len(self.eval_rows))
         self.sampler = PromptSampler(len(self.train_rows), config.seed)
         self.reward_fn = load_callable(config.reward_fn, "reward_fn") if config.reward_fn else None
         self.verifier = load_callable(config.eval.verifier, "eval.verifier") if config.eval.verifier else None

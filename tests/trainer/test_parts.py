@@ -1,4 +1,4 @@
-"""The trainer's parts without services: data, sampler, atomic files, metrics, rewards."""
+"""The trainer's parts without services: data, sampler, atomic files, metrics, rewards, scoring limits."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.common import protocol as p
+from services.common.errors import InvalidInput
 from services.trainer import checkpoint as ck
 from services.trainer.config import DatasetConfig, build_config
 from services.trainer.data import DatasetError, PromptSampler, load_prompts, read_rows
 from services.trainer.metrics import MetricsWriter, plot_teacher_kl, read_records
-from services.trainer.rollouts import Sample
+from services.trainer.remote import ScoreLimits
+from services.trainer.rollouts import Sample, chunks, fit
 from services.trainer.update import advantages, task_rewards
 
 
@@ -131,3 +134,30 @@ def test_rewards_are_group_centered_and_added_to_every_token() -> None:
     adv = advantages(samples, config, centered)
     assert [a.tolist() for a in adv] == [[1.0, -1.0], [-1.0], [-1.0], [1.0, 1.0, 1.0]]
     assert torch.equal(advantages(samples, config, None)[0], torch.tensor([0.0, -2.0]))
+
+
+def info(limits: dict[str, int], max_model_len: int = 2048) -> p.ServiceInfo:
+    return p.ServiceInfo(service="teacher", model="m", engine="vllm", vocab_size=512, tokenizer_fingerprint="f",
+                         max_model_len=max_model_len, limits=limits)
+
+
+def test_scoring_requests_fit_the_teachers_limits() -> None:
+    limits = ScoreLimits.of([info({"max_sequences": 4, "max_request_tokens": 1000, "max_sequence_len": 2047}),
+                             info({"max_sequences": 9, "max_request_tokens": 300}, max_model_len=1024)])
+    assert limits == ScoreLimits(max_sequences=4, max_request_tokens=300, max_sequence_len=1024)
+    assert ScoreLimits.of([info({})]) == ScoreLimits(128, 262_144, 2048), "a teacher that states no limits"
+    lengths = [100, 150, 60, 300, 20, 20, 20, 20, 20]
+    groups = chunks(lengths, limits)
+    assert sum(groups, []) == list(range(len(lengths))), "every sequence once, in order"
+    assert groups == [[0, 1], [2], [3], [4, 5, 6, 7], [8]]
+    assert all(len(g) <= 4 and sum(lengths[i] for i in g) <= 300 for g in groups)
+
+
+def test_a_sample_longer_than_the_teacher_scores_loses_its_last_tokens() -> None:
+    s = Sample(0, [1] * 10, [5, 6, 7, 8], [-1.0, -2.0, -3.0, -4.0], "t", "stop", {})
+    fit(s, 14)
+    assert (s.token_ids, s.trimmed) == ([5, 6, 7, 8], 0)
+    fit(s, 12)
+    assert (s.token_ids, s.sampling_logprobs, s.finish_reason, s.trimmed) == ([5, 6], [-1.0, -2.0], "length", 2)
+    with pytest.raises(InvalidInput, match="leaves no room"):
+        fit(s, 10)
