@@ -163,7 +163,10 @@ class Trainer:
         raw, rewards = task_rewards(samples, self.reward_fn) if self.reward_fn else (None, None)
         update = train_on(self.policy, samples, c, rewards)
         trained = time.perf_counter()
-        self.publish()
+        if update["skipped_updates"] < c.substeps:
+            self.publish()
+        else:  # the weights did not change: nothing new to serve
+            log.warning("step %d: no update (loss or gradient not finite); the student keeps version %d", step, self.version)
         synced = time.perf_counter()
         record = {
             **kl_summary(samples), **update,

@@ -19,6 +19,7 @@ Choices:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -79,14 +80,16 @@ class Policy:
         out = token_logprobs(self.model, seqs, starts, temperature=temperature, top_p=top_p, pad_id=self.pad_id)
         return [chosen for chosen, _, _ in out]
 
-    def optimizer_step(self) -> float:
-        """Clips, steps, schedules, zeroes; returns the gradient norm before clipping."""
+    def optimizer_step(self, finite_loss: bool = True) -> float:
+        """Clips, steps, schedules, zeroes; returns the gradient norm before clipping. With a non-finite
+        loss or gradient norm it only zeroes: weights, optimizer state and schedule stay as they were."""
         clip = self.config.optimizer.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf")))
+        if finite_loss and math.isfinite(norm):
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     @property
     def lr(self) -> float:

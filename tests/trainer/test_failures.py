@@ -1,5 +1,6 @@
 """Failures a real run meets: the teacher goes away mid-run and comes back;
-models that do not share a tokenizer are refused at start."""
+models that do not share a tokenizer are refused at start; a step whose loss
+is not finite is skipped and never published."""
 
 from __future__ import annotations
 
@@ -105,3 +106,29 @@ def test_trainable_student_must_match_the_student_service(make_config, other_tok
     with pytest.raises(TokenizerMismatch) as err:
         Trainer(config).run()
     assert str(other_tokenizer_model) in str(err.value) and "student" in str(err.value)
+
+
+def test_a_non_finite_step_is_skipped_and_never_published(make_config, services: dict[str, ServiceProcess], monkeypatch) -> None:
+    """Step 2's loss is NaN (one teacher logprob made NaN on its way into the update): the step takes no
+    optimizer step and publishes nothing, so the student keeps step 1's version; step 3 trains on."""
+    from services.common.client import StudentClient
+    from services.trainer import loop
+
+    real, calls = loop.train_on, []
+
+    def nan_at_step_2(policy, samples, config, rewards=None):
+        calls.append(1)
+        if len(calls) == 2:
+            samples[0].teacher_logprobs[0] = float("nan")
+        return real(policy, samples, config, rewards)
+
+    monkeypatch.setattr(loop, "train_on", nan_at_step_2)
+    config = make_config(name="nan-step", steps=3, eval__every=0, save_every=3)
+    assert Trainer(config).run() == "completed"
+    records = read_records(Path(config.output_dir) / "metrics.jsonl")
+    assert [r["skipped_updates"] for r in records] == [0, 1, 0]
+    assert records[1]["loss"] is None and records[1]["grad_norm"] is None, "written as null, not NaN"
+    v1, v2, v3 = (r["policy_version"] for r in records)
+    assert v1 == v2 < v3, "nothing was published for step 2"
+    assert StudentClient(services["student"].url).info().policy_version == v3
+    assert 0.98 < records[2]["ratio_min"] <= records[2]["ratio_max"] < 1.02, "step 3 sampled the weights it trains"

@@ -161,3 +161,12 @@ def test_a_sample_longer_than_the_teacher_scores_loses_its_last_tokens() -> None
     assert (s.token_ids, s.sampling_logprobs, s.finish_reason, s.trimmed) == ([5, 6], [-1.0, -2.0], "length", 2)
     with pytest.raises(InvalidInput, match="leaves no room"):
         fit(s, 10)
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path: Path) -> None:
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    w.write("train", 1, {"loss": float("nan"), "grad_norm": float("inf"), "tokens": 5, "teacher_kl": 0.5})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert read_records(tmp_path / "metrics.jsonl") == [
+        {"kind": "train", "step": 1, "loss": None, "grad_norm": None, "tokens": 5, "teacher_kl": 0.5}]

@@ -54,3 +54,29 @@ def test_top_p_samples_train_on_policy(student_model: Path, temperature: float, 
                                temperature, top_p=1.0)
     mass = torch.cat([lp - torch.tensor(s.sampling_logprobs) for lp, s in zip(full, samples, strict=True)]).exp()
     assert mass.max() < 1.0001 and mass.min() < 0.95, "top-p cut off part of the mass somewhere"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_a_non_finite_loss_leaves_the_weights_alone(student_model: Path, bad: float) -> None:
+    """One teacher logprob that is NaN (or -inf: an infinite reverse KL) makes the loss and the gradient
+    non-finite: the optimizer step is skipped and reported, weights and optimizer state stay untouched,
+    and the next finite step trains as usual."""
+    run = config(student_model, substeps=2)
+    policy = Policy(run)
+    before = {k: v.detach().clone() for k, v in policy.model.named_parameters()}
+    samples = sampled(student_model, 1.0, 1.0)
+    poisoned = [Sample(s.group, s.prompt_ids, s.token_ids, s.sampling_logprobs, s.text, s.finish_reason, s.row,
+                       list(s.teacher_logprobs)) for s in samples]
+    poisoned[0].teacher_logprobs[1] = bad  # the first substep's chunk; the second is clean
+    update = train_on(policy, poisoned, run)
+    after = dict(policy.model.named_parameters())
+    assert all(torch.isfinite(p).all() for p in after.values()), "no NaN reached the weights"
+    assert update["skipped_updates"] == 1 and not torch.isfinite(torch.tensor(update["loss"]))
+    assert policy.scheduler.last_epoch == 1, "one update taken, one skipped"
+
+    clean = Policy(run)  # the same start, only the clean second substep applied
+    half = len(samples) // 2
+    train_on(clean, samples[half:], config(student_model, substeps=1))
+    for name, p in clean.model.named_parameters():
+        assert torch.equal(p, after[name]), name
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the clean substep trained"
