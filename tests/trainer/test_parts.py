@@ -170,3 +170,65 @@ def test_non_finite_numbers_are_written_as_null(tmp_path: Path) -> None:
     assert "NaN" not in line and "Infinity" not in line
     assert read_records(tmp_path / "metrics.jsonl") == [
         {"kind": "train", "step": 1, "loss": None, "grad_norm": None, "tokens": 5, "teacher_kl": 0.5}]
+
+
+def test_replacing_a_folder_never_leaves_neither(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version folder written again (a number reused after the student restarted): a crash at any
+    point of the replacement leaves the old folder or the new one in place. Here the process dies
+    at the second rename, if there is one."""
+
+    class Killed(BaseException):
+        pass
+
+    final = tmp_path / "run" / "v000003"
+    with ck.atomic_dir(final) as tmp:
+        (tmp / "old").write_text("1")
+    real, renames = Path.rename, []
+
+    def dies_at_second_rename(self: Path, target):
+        renames.append(target)
+        if len(renames) > 1:
+            raise Killed
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", dies_at_second_rename)
+    try:
+        with ck.atomic_dir(final) as tmp:
+            (tmp / "new").write_text("2")
+    except Killed:
+        pass
+    assert final.is_dir() and sorted(p.name for p in final.iterdir()) in (["old"], ["new"])
+    monkeypatch.undo()
+    assert sorted(p.name for p in final.iterdir()) == ["new"], "no crash: the new folder"
+    assert [p.name for p in final.parent.iterdir()] == ["v000003"], "nothing left beside it"
+
+
+def test_a_checkpoint_saved_on_a_gpu_resumes_on_a_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """student.device may change on resume: tensors saved from CUDA (here: tagged so by torch.save) load on
+    the CPU, and the optimizer takes its state to its parameters' device."""
+    import torch.serialization as ts
+
+    def trained() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 1.0)
+
+    model, opt, sched = trained()
+    state = ck.TrainerState(step=5, policy_version=7, sampler={"drawn": 3})
+    as_cuda = [(0, lambda obj: "cuda:0", lambda obj, location: None)]
+    with monkeypatch.context() as patch:
+        patch.setattr(ts, "_package_registry", as_cuda + ts._package_registry)
+        saved = ck.save_checkpoint(tmp_path, state, model, opt, sched)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(saved / "state.pt", weights_only=False)  # what load_checkpoint did without map_location
+    fresh, fresh_opt, fresh_sched = trained()
+    with torch.no_grad():
+        fresh.weight.zero_()
+    assert ck.load_checkpoint(saved, fresh, fresh_opt, fresh_sched) == state
+    assert torch.equal(fresh.weight, model.weight)
+    moments = fresh_opt.state_dict()["state"][0]["exp_avg"]
+    assert moments.device.type == "cpu" and torch.equal(moments, opt.state_dict()["state"][0]["exp_avg"])

@@ -93,3 +93,56 @@ def test_resume_refuses_a_different_config(make_config, tmp_path: Path) -> None:
     longer = make_config(name="refuse", steps=2, save_every=1, eval__every=0, output_dir=str(tmp_path / "r"))
     assert Trainer(longer).run() == "completed"  # more steps is the same run, continued
     assert [r["step"] for r in read_records(tmp_path / "r" / "metrics.jsonl")] == [1, 2]
+
+
+def test_a_stop_during_an_evaluation_keeps_its_record(make_config, tmp_path: Path) -> None:
+    """The stop request comes while step 2's evaluation waits for a student that is down: the run ends,
+    checkpointing step 2; resumed, it evaluates step 2 first, so no evaluation is lost."""
+    from services.common.errors import ServiceError
+
+    config = make_config(name="stop-eval", steps=3, eval__every=2, save_every=3, output_dir=str(tmp_path / "r"))
+
+    class StoppedDuringEval(Trainer):
+        def evaluate(self):
+            if self.step != 2 or self.stop.is_set():
+                return super().evaluate()
+
+            def down(request):
+                self.stop.set()  # POST /runs/{id}/stop, while the student is unavailable
+                raise ServiceError(503, "the student is restarting")
+
+            self.remote.student.rollouts = down
+            try:
+                return super().evaluate()
+            finally:
+                del self.remote.student.rollouts
+
+    assert StoppedDuringEval(config).run() == "stopped"
+    done = lambda: [(r["kind"], r["step"]) for r in read_records(tmp_path / "r" / "metrics.jsonl")]  # noqa: E731
+    assert done() == [("eval", 0), ("train", 1), ("train", 2)]
+    assert Trainer(config).run() == "completed"
+    assert done() == [("eval", 0), ("train", 1), ("train", 2), ("eval", 2), ("train", 3), ("eval", 3)]
+
+
+def test_a_missing_config_json_keeps_the_checkpoints(make_config, tmp_path: Path) -> None:
+    """Each checkpoint carries its run's config: without output_dir/config.json a run still resumes (and
+    still refuses other settings); with no config at all it refuses instead of deleting the checkpoints."""
+    from services.trainer.checkpoint import CheckpointError
+
+    out = tmp_path / "r"
+    make = lambda **kw: make_config(name="no-config", save_every=1, eval__every=0, output_dir=str(out), **kw)  # noqa: E731
+    assert Trainer(make(steps=1)).run() == "completed"
+    step_1 = read_records(out / "metrics.jsonl")
+    (out / "config.json").unlink()
+    assert Trainer(make(steps=2)).run() == "completed"
+    records = read_records(out / "metrics.jsonl")
+    assert records[:1] == step_1 and [r["step"] for r in records] == [1, 2], "step 1 resumed, not trained again"
+    (out / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="kl_coef"):
+        Trainer(make(steps=3, kl_coef=0.5)).run()
+    assert not (out / "config.json").exists()
+    for ckpt in (out / "checkpoints").iterdir():
+        (ckpt / "config.json").unlink()
+    with pytest.raises(CheckpointError, match="resume=false"):
+        Trainer(make(steps=3)).run()
+    assert sorted(d.name for d in (out / "checkpoints").iterdir()) == ["step-000001", "step-000002"]
