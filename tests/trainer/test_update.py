@@ -19,7 +19,7 @@ from services.student.engine import HFRolloutEngine, Sampling
 from services.trainer.config import RunConfig, build_config
 from services.trainer.policy import Policy
 from services.trainer.rollouts import Sample
-from services.trainer.update import train_on
+from services.trainer.update import accumulate, advantages, train_on
 
 PROMPTS = [[5, 6, 7, 8], [40, 41, 42], [100, 7, 200, 9, 31, 2], [300, 301]]
 
@@ -80,3 +80,23 @@ def test_a_non_finite_loss_leaves_the_weights_alone(student_model: Path, bad: fl
     for name, p in clean.model.named_parameters():
         assert torch.equal(p, after[name]), name
     assert any(not torch.equal(before[k], after[k]) for k in before), "the clean substep trained"
+
+
+def test_micro_batches_accumulate_the_gradient_of_one_batch(student_model: Path) -> None:
+    """The same samples in one forward, or in micro-batches of at most two sequences, give the same loss and
+    gradient: each micro-batch's loss is normalised by the whole chunk's tokens, so their sum is the chunk's."""
+    samples = sampled(student_model, 1.0, 1.0, seed=3)
+    longest = max(len(s.prompt_ids) + len(s.token_ids) for s in samples)
+    results = []
+    for budget in (100_000, 2 * longest):
+        run = config(student_model, student__micro_batch_tokens=budget)
+        policy = Policy(run)
+        loss, stats = accumulate(policy, samples, advantages(samples, run, None), run)
+        grads = {name: p.grad.clone() for name, p in policy.model.named_parameters() if p.grad is not None}
+        results.append((loss, len(stats), grads))
+    (loss_one, forwards_one, grads_one), (loss_micro, forwards_micro, grads_micro) = results
+    assert forwards_one == 1 and forwards_micro >= len(samples) // 2
+    assert loss_micro == pytest.approx(loss_one, rel=1e-5) and loss_one != 0
+    assert grads_one.keys() == grads_micro.keys() and len(grads_one) > 0
+    for name, g in grads_one.items():
+        assert torch.allclose(grads_micro[name], g, rtol=1e-4, atol=1e-7), name
