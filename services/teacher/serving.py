@@ -89,7 +89,9 @@ class TeacherService:
     def _check_ids(self, i: int, ids: list[int]) -> None:
         limit = self.engine.max_sequence_len
         if len(ids) > limit:
-            why = "" if limit == self.engine.max_model_len else f" (max_model_len {self.engine.max_model_len}, less the token the {self.engine.name} engine generates)"
+            why = "" if limit == self.engine.max_model_len else (
+                f" (max_model_len {self.engine.max_model_len}, less the token the {self.engine.name} engine generates)"
+            )
             raise InvalidInput(
                 f"sequences[{i}] has {len(ids)} tokens; the teacher's maximum length is {limit}{why}: shorten it"
             )

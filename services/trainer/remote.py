@@ -160,7 +160,8 @@ class Remote:
         problems = []
         for field, prompts, n, max_tokens, tokens_field in requests:
             if max_prompts is not None and prompts > max_prompts:
-                problems.append(f"{field}: {prompts} prompts in one rollout request; the student takes at most {max_prompts} (max_prompts)")
+                problems.append(f"{field}: {prompts} prompts in one rollout request; "
+                                f"the student takes at most {max_prompts} (max_prompts)")
             if max_rollouts is not None and prompts * n > max_rollouts:
                 problems.append(f"{field}: {prompts} prompts x {n} samples = {prompts * n} rollouts in one request; "
                                 f"the student takes at most {max_rollouts} (max_rollouts)")

@@ -84,7 +84,9 @@ def merge(stats: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def accumulate(policy: Policy, samples: list[Sample], adv_B: list[torch.Tensor], config: RunConfig) -> tuple[float, list[dict[str, float]]]:
+def accumulate(
+    policy: Policy, samples: list[Sample], adv_B: list[torch.Tensor], config: RunConfig
+) -> tuple[float, list[dict[str, float]]]:
     """Gradients of one optimizer step's loss, summed over micro-batches; returns the loss and each micro-batch's stats."""
     num_tokens = sum(len(s.token_ids) for s in samples)
     total, stats = 0.0, []
