@@ -155,8 +155,8 @@ class Remote:
         requests = [("sampling.prompts_per_step", c.sampling.prompts_per_step, c.sampling.samples_per_prompt,
                      c.sampling.max_tokens, "sampling.max_tokens")]
         if c.eval.every > 0:
-            requests.append(("the held-out prompts (dataset.eval_size, eval_path)", eval_prompts, c.eval.samples_per_prompt, c.eval_max_tokens,
-                             "eval.max_tokens"))
+            requests.append(("the held-out prompts (dataset.eval_size, eval_path)", eval_prompts,
+                             c.eval.samples_per_prompt, c.eval_max_tokens, "eval.max_tokens"))
         problems = []
         for field, prompts, n, max_tokens, tokens_field in requests:
             if max_prompts is not None and prompts > max_prompts:
