@@ -224,6 +224,7 @@ class RunList(Response):
 
 class RunMetrics(Response):
     id: str
-    records: list[dict[str, float | int | str]] = Field(
-        description='One record per training step ("kind": "train") and per evaluation ("kind": "eval").'
+    records: list[dict[str, float | int | str | None]] = Field(
+        description='One record per training step ("kind": "train") and per evaluation ("kind": "eval"); '
+        "null stands for a number that was not finite (a skipped update's loss)."
     )

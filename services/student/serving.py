@@ -6,7 +6,9 @@ Choices:
    bad request never disturbs the rollouts of good ones or the serving version.
 2) Versions only move forward: a swap to a version at or below the current
    one is a 409, checked before and again after waiting for the lock (two
-   swaps may race).
+   swaps may race). A swap to exactly what is serving (same version, kind
+   and path) succeeds without loading anything: a client that lost the
+   answer to a swap that went through (a timeout) may send it again.
 3) A rollout request runs under the read side of `VersionLock` and reports
    the version it ran under; a swap runs under the write side.
 4) Usage counts each prompt's tokens once (not once per sample).
@@ -186,7 +188,16 @@ class StudentService:
             checkpoints.check_lora(folder, self.root, self.base, self.settings.max_lora_rank)
         return folder
 
+    def _serving(self, request: p.WeightsRequest) -> bool:
+        return (request.version, request.kind, request.path) == (self.version, self.kind, self.path)
+
+    def _already(self, request: p.WeightsRequest) -> p.WeightsResponse:
+        log.info("policy version %d (%s %s) is already serving", self.version, self.kind, self.path)
+        return p.WeightsResponse(policy_version=self.version, kind=request.kind, path=request.path, seconds=0.0)
+
     async def load_weights(self, request: p.WeightsRequest) -> p.WeightsResponse:
+        if self._serving(request):
+            return self._already(request)
         try:
             self._check_version(request.version)
             folder = self._checked_folder(request)
@@ -195,6 +206,8 @@ class StudentService:
             raise
         waited = time.perf_counter()
         async with self.lock.write():
+            if self._serving(request):  # the same swap, sent again while the first one loaded
+                return self._already(request)
             self._check_version(request.version)
             began = time.perf_counter()
             await self._load(request, folder)

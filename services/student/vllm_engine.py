@@ -21,6 +21,8 @@ Choices:
 5) vLLM's engine dies on a bad adapter or checkpoint, so checkpoints are
    checked before they get here (checkpoints.py); if it dies anyway,
    `healthy()` turns false and /ready answers 503.
+6) A request vLLM refuses (its own validation) is the request's fault: a 422
+   with vLLM's message, never a 500.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import asyncio
 import itertools
 from pathlib import Path
 
+from services.common.errors import InvalidInput
 from services.common.settings import StudentSettings
 from services.student.checkpoints import local_model_folder
 from services.common.vllm_args import build_async_llm
@@ -63,6 +66,7 @@ class VLLMRolloutEngine(RolloutEngine):
 
     async def _sample_one(self, index: int, prompt: list[int], sampling: Sampling) -> list[Sample]:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
@@ -73,10 +77,13 @@ class VLLMRolloutEngine(RolloutEngine):
             detokenize=bool(sampling.stop),  # vLLM needs text only to find stop strings
         )
         final = None
-        async for out in self.llm.generate(
-            TokensPrompt(prompt_token_ids=prompt), params, request_id=f"rollout-{next(self._ids)}", lora_request=self.lora
-        ):
-            final = out
+        try:
+            async for out in self.llm.generate(
+                TokensPrompt(prompt_token_ids=prompt), params, request_id=f"rollout-{next(self._ids)}", lora_request=self.lora
+            ):
+                final = out
+        except VLLMClientError as exc:
+            raise InvalidInput(f"prompts[{index}]: the student's vLLM engine refused it: {exc}") from exc
         assert final is not None
         return [self._to_sample(c, sampling.stop) for c in sorted(final.outputs, key=lambda c: c.index)]
 

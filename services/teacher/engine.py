@@ -40,6 +40,7 @@ class ScoringEngine(ABC):
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.vocab_size = 0
         self.max_model_len = 0
+        self.max_sequence_len = 0  # the longest sequence it scores (prompt and completion)
 
     @abstractmethod
     async def score(self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0) -> list[ScoreOutput]: ...
@@ -62,7 +63,7 @@ class HFScoringEngine(ScoringEngine):
         config = self.model.config
         self.vocab_size = min(config.vocab_size, len(self.tokenizer))
         limit = getattr(config, "max_position_embeddings", None) or 2048
-        self.max_model_len = min(settings.max_model_len or limit, limit)
+        self.max_model_len = self.max_sequence_len = min(settings.max_model_len or limit, limit)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._lock = asyncio.Lock()  # one forward at a time; requests queue in order
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common import protocol as p
 from services.common.errors import InvalidInput, PayloadTooLarge
@@ -27,6 +27,9 @@ class TeacherMetrics:
             "opd_teacher_latency_seconds", "Latency of /logprobs", registry=registry,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
+        self.rescored = Gauge(
+            "opd_teacher_rescored_sequences", "Sequences scored again without the prefix cache (vllm engine)", registry=registry
+        )
 
 
 class TeacherService:
@@ -34,6 +37,7 @@ class TeacherService:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        metrics.rescored.set_function(lambda: getattr(engine, "rescored", 0))
 
     def info(self) -> p.ServiceInfo:
         return p.ServiceInfo(
@@ -48,6 +52,7 @@ class TeacherService:
                 "max_request_tokens": self.settings.max_request_tokens,
                 "max_top_k": p.MAX_TOP_K,
                 "max_pending": self.settings.max_pending,
+                "max_sequence_len": self.engine.max_sequence_len,
             },
         )
 
@@ -82,9 +87,13 @@ class TeacherService:
         return jobs
 
     def _check_ids(self, i: int, ids: list[int]) -> None:
-        if len(ids) > self.engine.max_model_len:
+        limit = self.engine.max_sequence_len
+        if len(ids) > limit:
+            why = "" if limit == self.engine.max_model_len else (
+                f" (max_model_len {self.engine.max_model_len}, less the token the {self.engine.name} engine generates)"
+            )
             raise InvalidInput(
-                f"sequences[{i}] has {len(ids)} tokens; the teacher's maximum length is {self.engine.max_model_len}: shorten it"
+                f"sequences[{i}] has {len(ids)} tokens; the teacher's maximum length is {limit}{why}: shorten it"
             )
         bad = max(ids)
         if bad >= self.engine.vocab_size:

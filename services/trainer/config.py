@@ -9,7 +9,8 @@ Choices:
 2) Three layers, later wins: the YAML file, then `OPD_TRAIN_*` environment
    variables (`OPD_TRAIN_SAMPLING__MAX_TOKENS=32`: `__` separates sections),
    then `--set a.b=value` overrides. Values are parsed as YAML, so `3` is an
-   int, `[a, b]` a list and `true` a bool.
+   int, `[a, b]` a list and `true` a bool. `build_config(..., environ=...)`
+   reads only the mapping it is given, never the process environment.
 3) The API key falls back to `OPD_API_KEY`, the key the services share.
 4) The config is pure pydantic (no torch): the trainer service validates a
    POST /runs body with it, and a 422 names the bad field.
@@ -23,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from services.common.errors import InvalidInput
 
@@ -75,9 +76,8 @@ class SamplingConfig(Section):
     prompts_per_step: PositiveInt = 8
     samples_per_prompt: Annotated[int, Field(ge=1, le=64)] = 4
     max_tokens: PositiveInt = 64
-    # The student reports logprobs after temperature and top-p and the trainer
-    # scores at the same temperature; top_p < 1 truncates only the sampler's
-    # distribution, which biases the importance ratio: keep it at 1.
+    # The student reports logprobs after temperature and top-p, and the trainer
+    # scores with the same temperature and nucleus (services/common/hf.py).
     temperature: Annotated[float, Field(gt=0, le=10)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     max_staleness: Annotated[int, Field(ge=0, le=1)] = Field(
@@ -155,13 +155,15 @@ class RunConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _environment_defaults(cls, data: Any) -> Any:
+    def _environment_defaults(cls, data: Any, info: ValidationInfo) -> Any:
         """What a config leaves out comes from `OPD_TRAIN_*` variables: a trainer
-        service's deployment defaults (service URLs, student model, folders)."""
+        service's deployment defaults (service URLs, student model, folders).
+        The environment is `os.environ` unless the validation context names one."""
         if not isinstance(data, Mapping):
             return data
+        environ = (info.context or {}).get("environ", os.environ)
         defaults: dict[str, Any] = {}
-        for path, value in env_overrides(os.environ):
+        for path, value in env_overrides(environ):
             set_path(defaults, path, value)
         return deep_merge(defaults, dict(data))
 
@@ -225,11 +227,11 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
     return out
 
 
-def validate(data: Mapping[str, Any]) -> RunConfig:
+def validate(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> RunConfig:
     from services.common.server import describe_validation_errors
 
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context=None if environ is None else {"environ": environ})
     except ValidationError as exc:
         raise ConfigError("invalid run config: " + describe_validation_errors(list(exc.errors()))) from exc
 
@@ -246,7 +248,7 @@ def build_config(
     env = os.environ if environ is None else environ
     if tree.get("api_key") is None and env.get("OPD_API_KEY"):
         tree["api_key"] = env["OPD_API_KEY"]
-    return validate(tree)
+    return validate(tree, env)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> RunConfig:

@@ -21,9 +21,12 @@ Choices:
 2) A resumed run restores weights, optimizer, RNG states and the sampler
    position, drops metrics after the checkpoint's step, and continues; prompts
    and sampling seeds are functions of the step, so it draws what the
-   uninterrupted run drew.
+   uninterrupted run drew. It checks the config saved with the checkpoint
+   (or, for older checkpoints, output_dir/config.json); with neither it
+   refuses rather than drop checkpoints it cannot check.
 3) A stop request ends the run at the next step boundary (or interrupts a
-   wait for a service) and checkpoints the last whole step.
+   wait for a service) and checkpoints the last whole step. An evaluation
+   due at that step that did not finish runs first when the run resumes.
 4) With `sampling.max_staleness: 1`, step n+1's rollouts are sampled in a
    background thread while step n scores and trains, from the version step n
    started with; the student's swap to step n's version waits for them. The
@@ -95,8 +98,9 @@ class Trainer:
         from services.trainer.policy import Policy
 
         config = self.config
-        self.remote.check_tokenizers(tokenizer_fingerprint(load_tokenizer(config.student.model)))
+        teachers, student = self.remote.check_tokenizers(tokenizer_fingerprint(load_tokenizer(config.student.model)))
         self.train_rows, self.eval_rows = load_prompts(config.dataset, config.seed)
+        self.remote.check_limits(teachers, student, len(self.eval_rows))
         self.sampler = PromptSampler(len(self.train_rows), config.seed)
         self.reward_fn = load_callable(config.reward_fn, "reward_fn") if config.reward_fn else None
         self.verifier = load_callable(config.eval.verifier, "eval.verifier") if config.eval.verifier else None
@@ -115,18 +119,28 @@ class Trainer:
         """Loads the newest checkpoint of output_dir when resuming; otherwise starts the folder afresh."""
         saved = self.out / "config.json"
         ckpt = latest_checkpoint(self.out) if self.config.resume else None
-        if ckpt is not None and saved.is_file():
-            self.check_same_run(json.loads(saved.read_text()))
+        if ckpt is not None:
+            before = next((f for f in (ckpt / "config.json", saved) if f.is_file()), None)
+            if before is None:
+                raise CheckpointError(
+                    f"{ckpt} comes without the config of its run ({saved} is missing), so it cannot be checked: "
+                    "put that config.json back, or start afresh with resume=false (which drops the checkpoints)"
+                )
+            self.check_same_run(json.loads(before.read_text()))
             state = load_checkpoint(ckpt, self.policy.model, self.policy.optimizer, self.policy.scheduler)
             self.step, self.version, self.saved_step = state.step, state.policy_version, state.step
             self.sampler.load_state_dict(state.sampler)
             log.info("resuming from %s (step %d)", ckpt, state.step)
         else:
-            ckpt = None
             shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
         self.out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(self.config.model_dump_json(indent=2, exclude={"api_key"}))
+        partial = saved.with_name(".config.json.tmp")
+        partial.write_text(self.config_json())
+        partial.replace(saved)  # whole or not at all
         return ckpt is not None
+
+    def config_json(self) -> str:
+        return self.config.model_dump_json(indent=2, exclude={"api_key"})
 
     def check_same_run(self, saved: dict[str, Any]) -> None:
         now = flat(json.loads(self.config.model_dump_json(exclude={"api_key"})))
@@ -201,7 +215,10 @@ class Trainer:
         raw, rewards = task_rewards(samples, self.reward_fn) if self.reward_fn else (None, None)
         update = train_on(self.policy, samples, c, rewards)
         trained = time.perf_counter()
-        self.publish(made_at=step)
+        if update["skipped_updates"] < c.substeps:
+            self.publish(made_at=step)
+        else:  # the weights did not change: nothing new to serve
+            log.warning("step %d: no update (loss or gradient not finite); the student keeps version %d", step, self.version)
         synced = time.perf_counter()
         record = {
             **kl_summary(samples), **update,
@@ -248,12 +265,18 @@ class Trainer:
 
     def checkpoint(self) -> None:
         state = TrainerState(self.step, self.version, self.sampler.state_dict())
-        save_checkpoint(self.out, state, self.policy.model, self.policy.optimizer, self.policy.scheduler)
+        save_checkpoint(self.out, state, self.policy.model, self.policy.optimizer, self.policy.scheduler,
+                        config_json=self.config_json())
         self.saved_step = self.step
 
     def eval_due(self) -> bool:
         every = self.config.eval.every
         return every > 0 and (self.step % every == 0 or self.step == self.config.steps)
+
+    def eval_missing(self) -> bool:
+        """The evaluation due at this step is not on record: step 0, or a stop that came during it."""
+        assert self.metrics is not None
+        return self.eval_due() and not any(r["kind"] == "eval" and r["step"] == self.step for r in self.metrics.records)
 
     # ------------------------------------------------------------ the run
     def run(self) -> str:
@@ -262,7 +285,7 @@ class Trainer:
         self.state = "running"
         try:
             with self.progress() as advance:
-                if self.step == 0 and self.config.eval.every > 0:
+                if self.eval_missing():
                     self.evaluate()
                 while self.step < self.config.steps and not self.stop.is_set():
                     record = self.train_step(self.step + 1)

@@ -10,6 +10,11 @@ Choices:
    only the call that failed, so nothing is resampled, skipped or counted twice.
 3) At start every teacher replica and the student are asked for `/info`;
    their tokenizer fingerprints, and the trainable student's own, must agree.
+4) The same `/info` answers give the limits: scoring requests are cut to the
+   smallest `max_sequences` and `max_request_tokens` over the teacher
+   replicas (`ScoreLimits`), and a run whose requests the student would
+   refuse (`prompts_per_step`, the held-out prompts, `max_tokens`) is refused
+   at start, naming the setting, instead of failing at its first step.
 """
 
 from __future__ import annotations
@@ -18,15 +23,35 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TypeVar
 
 from services.common import protocol as p
 from services.common.client import StudentClient, TeacherClient
 from services.common.errors import OPDError, ServiceError, TokenizerMismatch
-from services.trainer.config import RunConfig
+from services.trainer.config import ConfigError, RunConfig
 
 log = logging.getLogger("opd.trainer")
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ScoreLimits:
+    """What one teacher /logprobs request may hold; the defaults stand for a teacher that does not say."""
+
+    max_sequences: int = 128
+    max_request_tokens: int = 262_144
+    max_sequence_len: int | None = None  # the longest sequence it scores; None: unknown
+
+    @classmethod
+    def of(cls, teachers: list[p.ServiceInfo]) -> ScoreLimits:
+        """The smallest limits over the replicas: any of them may get any request."""
+        least = lambda key, default: min(t.limits.get(key, default) for t in teachers)  # noqa: E731
+        return cls(
+            max_sequences=least("max_sequences", cls.max_sequences),
+            max_request_tokens=least("max_request_tokens", cls.max_request_tokens),
+            max_sequence_len=min(t.limits.get("max_sequence_len", t.max_model_len) for t in teachers),
+        )
 
 
 class ServiceDown(OPDError):
@@ -52,6 +77,7 @@ class Remote:
         self.replicas = [TeacherClient(url, **kwargs) for url in config.teacher_urls]
         self.stop = stop or threading.Event()
         self.waited_s = 0.0
+        self.score_limits = ScoreLimits()
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """fn(), waiting through outages of up to max_wait_s; `what` names the call in logs and errors."""
@@ -120,3 +146,30 @@ class Remote:
                 "the model the student service serves"
             )
         return teachers, student
+
+    def check_limits(self, teachers: list[p.ServiceInfo], student: p.ServiceInfo, eval_prompts: int) -> None:
+        """Takes the teachers' scoring limits; refuses a run whose rollout requests the student would refuse."""
+        self.score_limits = ScoreLimits.of(teachers)
+        c, limits = self.config, student.limits
+        max_prompts, max_rollouts = limits.get("max_prompts"), limits.get("max_rollouts")
+        requests = [("sampling.prompts_per_step", c.sampling.prompts_per_step, c.sampling.samples_per_prompt,
+                     c.sampling.max_tokens, "sampling.max_tokens")]
+        if c.eval.every > 0:
+            requests.append(("the held-out prompts (dataset.eval_size, eval_path)", eval_prompts,
+                             c.eval.samples_per_prompt, c.eval_max_tokens, "eval.max_tokens"))
+        problems = []
+        for field, prompts, n, max_tokens, tokens_field in requests:
+            if max_prompts is not None and prompts > max_prompts:
+                problems.append(f"{field}: {prompts} prompts in one rollout request; "
+                                f"the student takes at most {max_prompts} (max_prompts)")
+            if max_rollouts is not None and prompts * n > max_rollouts:
+                problems.append(f"{field}: {prompts} prompts x {n} samples = {prompts * n} rollouts in one request; "
+                                f"the student takes at most {max_rollouts} (max_rollouts)")
+            if max_tokens >= student.max_model_len:
+                problems.append(f"{tokens_field}: {max_tokens} tokens leave no room for a prompt under the student's "
+                                f"maximum length of {student.max_model_len}")
+        if problems:
+            raise ConfigError(
+                f"the student at {c.student_url} would refuse this run's requests: {'; '.join(problems)}. "
+                "Lower these settings, or raise the student's limits (OPD_STUDENT_MAX_PROMPTS, OPD_STUDENT_MAX_ROLLOUTS)"
+            )

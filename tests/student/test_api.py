@@ -118,6 +118,23 @@ def test_swaps_carry_the_new_version(client: TestClient, reference: Reference) -
     assert 'opd_student_swap_seconds_count{kind="full"} 1.0' in metrics and "opd_student_policy_version 7.0" in metrics
 
 
+def test_a_swap_sent_again_is_a_success_that_loads_nothing(client: TestClient) -> None:
+    """A trainer whose POST /weights timed out after the swap went through sends it again: same version,
+    kind and path is that swap, answered 200 without a second load; another path at that version stays a 409."""
+    swap = {"version": 2, "kind": "lora", "path": "lora-a"}
+    first = client.post("/weights", json=swap)
+    assert first.status_code == 200 and first.json()["seconds"] > 0
+    serving = rollouts(client)
+    again = client.post("/weights", json=swap)
+    assert again.status_code == 200, again.text
+    assert again.json() == {**first.json(), "seconds": 0.0}
+    assert rollouts(client) == serving
+    assert 'opd_student_swaps_total{kind="lora",outcome="ok"} 1.0' in client.get("/metrics").text
+    for other in ({**swap, "path": "lora-b"}, {**swap, "kind": "full", "path": "full-a"}, {**swap, "version": 1}):
+        r = client.post("/weights", json=other)
+        assert r.status_code == 409 and "not newer than the serving version 2" in r.json()["detail"], other
+
+
 BAD_WEIGHTS = [
     ("same version", {"version": 1, "kind": "full", "path": "full-a"}, 409, "not newer than the serving version 1"),
     ("older version", {"version": 0, "kind": "full", "path": "full-a"}, 422, "version"),
@@ -170,7 +187,8 @@ def test_auth(student_settings: StudentSettings, hf_engine: HFRolloutEngine) -> 
 
 
 async def test_racing_swaps_to_one_version_load_it_once(student_settings: StudentSettings) -> None:
-    """Two swaps to the same version at once: one loads it, the other gets 409 after waiting for the first."""
+    """Two swaps to the same version at once: one loads it, the other gets 409 after waiting for the first;
+    the same swap sent twice at once loads once and succeeds twice."""
     import asyncio
 
     from prometheus_client import CollectorRegistry
@@ -179,10 +197,15 @@ async def test_racing_swaps_to_one_version_load_it_once(student_settings: Studen
     from services.common.errors import Conflict
     from services.student.serving import StudentMetrics, StudentService
 
-    service = StudentService(HFRolloutEngine(student_settings), student_settings, StudentMetrics(CollectorRegistry()))
+    registry = CollectorRegistry()
+    service = StudentService(HFRolloutEngine(student_settings), student_settings, StudentMetrics(registry))
     swaps = [service.load_weights(p.WeightsRequest(version=2, kind=kind, path=path))
              for kind, path in (("full", "full-a"), ("lora", "lora-a"))]
     results = await asyncio.gather(*swaps, return_exceptions=True)
     assert isinstance(results[0], p.WeightsResponse) and results[0].policy_version == 2
     assert isinstance(results[1], Conflict) and "not newer than the serving version 2" in str(results[1])
     assert service.version == 2 and service.kind == "full"
+    same = p.WeightsRequest(version=3, kind="lora", path="lora-a")
+    results = await asyncio.gather(service.load_weights(same), service.load_weights(same))
+    assert [r.policy_version for r in results] == [3, 3] and sorted(r.seconds > 0 for r in results) == [False, True]
+    assert registry.get_sample_value("opd_student_swaps_total", {"kind": "lora", "outcome": "ok"}) == 1

@@ -99,8 +99,9 @@ def test_full_swap_and_refusals_over_http(vllm_student, reference: Reference) ->
     serving = client.rollouts(body)
     assert serving.policy_version == version and serving.rollouts != before.rollouts
     assert within_bf16(reference, "full-a", serving.rollouts)
+    assert client.load_weights({"version": version, "kind": "full", "path": "full-a"}).seconds == 0.0  # sent again
     refusals = [
-        ({"version": version, "kind": "full", "path": "full-a"}, 409, "not newer"),
+        ({"version": version, "kind": "full", "path": "full-b"}, 409, "not newer"),
         ({"version": version + 1, "kind": "full", "path": "wide"}, 422, "wrong shapes"),
         ({"version": version + 1, "kind": "lora", "path": "lora-wide"}, 422, "needs [r, 256]"),
         ({"version": version + 1, "kind": "full", "path": "mistral"}, 422, "MistralForCausalLM"),

@@ -17,7 +17,7 @@ import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
 from services.common import protocol as p
-from services.common.errors import OPDError
+from services.common.errors import InvalidInput, OPDError
 from services.common.settings import StudentSettings
 from services.student.engine import Sampling
 from services.student.serving import StudentMetrics, StudentService
@@ -77,6 +77,14 @@ async def test_seeds_make_each_rollout_reproducible(base, prompts) -> None:
     assert crowd[0] == first and crowd[2] == first and crowd[1] != first
     unseeded = [s.token_ids for g in crowd[3] for s in g]
     assert unseeded != tokens
+
+
+async def test_a_prompt_vllm_refuses_is_a_bad_request(base, prompts) -> None:
+    """vLLM needs room for one generated token: a prompt of max_model_len tokens is the request's fault."""
+    with pytest.raises(InvalidInput) as err:
+        await base.sample([[7] * 512], Sampling(max_tokens=1))
+    assert err.value.status_code == 422 and "prompts[0]" in str(err.value) and "maximum model length" in str(err.value)
+    assert base.healthy() and len(await base.sample(prompts[:1], Sampling(max_tokens=2))) == 1
 
 
 async def test_stop_strings_and_eos(base, checkpoint_root: Path, prompts, reference: Reference) -> None:
