@@ -23,7 +23,11 @@ Choices:
    and sampling seeds are functions of the step, so it draws what the
    uninterrupted run drew.
 3) A stop request ends the run at the next step boundary (or interrupts a
-   wait for a service) and checkpoints the last whole step.
+   wait for a service) and checkpoints the last whole step; a wait inside a
+   step, before its update, gives back the step's prompts first.
+4) A student that serves another version than the trainer last loaded (it
+   restarted with its base model, version 0) is given the current weights
+   as a new version, and the trainer logs that it noticed.
 """
 
 from __future__ import annotations
@@ -76,6 +80,7 @@ class Trainer:
         self.version = 0
         self.saved_step = -1
         self.in_step = False
+        self.drawn_from: dict[str, int] | None = None  # the sampler before this step's draw, until the update
         self.state = "starting"
         self.metrics: MetricsWriter | None = None
 
@@ -134,6 +139,9 @@ class Trainer:
         """Writes the current weights (or the untouched base model) as a new policy version; the student loads it."""
         current = self.remote.student_info().policy_version or 0
         version = max(current, self.version) + 1
+        if self.version and current != self.version:
+            log.warning("the student serves policy version %d, the trainer's is %d (the student or the trainer restarted): "
+                        "loading the trainer's weights as version %d", current, self.version, version)
         path = self.store.write(version, self.policy.save_base if base else self.policy.save_version)
         kind = "full" if base else self.policy.finetune
         loaded = self.remote.load_weights(p.WeightsRequest(version=version, kind=kind, path=path))
@@ -152,7 +160,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, Any]:
         c, s = self.config, self.config.sampling
         began, waited = time.perf_counter(), self.remote.waited_s
-        self.in_step = True
+        self.in_step, self.drawn_from = True, self.sampler.state_dict()
         rows = [self.train_rows[i] for i in self.sampler.next_indices(s.prompts_per_step)]
         samples = self.sample_on_policy(rows, n=s.samples_per_prompt, max_tokens=s.max_tokens,
                                         temperature=s.temperature, top_p=s.top_p, seed=self.seed_of(step))
@@ -160,6 +168,7 @@ class Trainer:
         score(self.remote, samples)  # waits out a teacher outage; the samples stay
         scored = time.perf_counter()
         raw, rewards = task_rewards(samples, self.reward_fn) if self.reward_fn else (None, None)
+        self.drawn_from = None  # the weights move: an interruption from here on loses the step
         update = train_on(self.policy, samples, c, rewards)
         trained = time.perf_counter()
         self.publish()
@@ -231,7 +240,11 @@ class Trainer:
                         self.checkpoint()
                     advance(record)
         except RunStopped:
-            log.warning("stopped while waiting for a service; the run resumes from step %d", self.saved_step)
+            if self.in_step and self.drawn_from is not None:  # nothing of this step has changed the weights yet
+                self.sampler.load_state_dict(self.drawn_from)
+                self.in_step = False
+            log.warning("stopped while waiting for a service; the run resumes after step %d",
+                        self.step if not self.in_step else self.saved_step)
         finally:
             self.finish()
         return self.state
