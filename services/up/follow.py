@@ -13,9 +13,9 @@ Choices:
    in the same output folder, and RunWatcher shows no step twice.
 3) A stop (the first Ctrl-C, or a service beyond its restart limit) holds the
    supervisor, posts POST /runs/{id}/stop and waits for the run to end: at
-   most `grace_s` plus the longest step (and evaluation) seen so far, as the
-   trainer stops at a step boundary or at once when it is waiting for a
-   service. A trainer that is down, or the deadline, ends the wait: then
+   most `grace_s` plus the longest step (and evaluation) seen so far (before
+   the first step: plus the time the run has taken so far), as the trainer
+   stops at a step boundary or at once when it is waiting for a service. A trainer that is down, or the deadline, ends the wait: then
    `opd up` stops everything, and the last checkpoint stands.
 """
 
@@ -33,7 +33,8 @@ from services.up.interrupts import Interrupts
 from services.up.report import DONE, RunWatcher
 from services.up.supervisor import Supervisor
 
-POLL_S = 1.0
+POLL_S = 1.0  # how often the trainer is asked
+TICK_S = 0.1  # how often a stop request is looked for
 
 
 @dataclass
@@ -56,6 +57,7 @@ class RunFollower:
         self.output_dir: str | None = None
         self.trainer_generation = supervisor.generation("trainer")
         self.deadline: float | None = None
+        self.submitted_at = time.monotonic()
         self.reason: str | None = None
         self.status: dict[str, Any] | None = None
 
@@ -64,6 +66,7 @@ class RunFollower:
         body = {**self.run, "resume": True} if resume else self.run
         created = self.client.request("POST", "/runs", body)
         self.run_id, self.output_dir = created["id"], created["output_dir"]
+        self.submitted_at = time.monotonic()
         verb = "resumed" if resume else "started"
         self.console.print(f"run {self.run_id} {verb}: output in {self.output_dir}")
 
@@ -79,21 +82,28 @@ class RunFollower:
                         return Outcome(self.status["state"], self.status, self.reason)
                     if self.deadline is not None and (time.monotonic() > self.deadline or not self.supervisor.up("trainer")):
                         return Outcome("interrupted", self.status, self.reason)
-                    time.sleep(POLL_S)
+                    self._pause()
         finally:
             self.interrupts.graceful = False
 
+    def _pause(self) -> None:
+        """POLL_S, cut short by a stop request (the signal handler only sets a flag)."""
+        until = time.monotonic() + POLL_S
+        while time.monotonic() < until and not (self.deadline is None and self._stop_reason()):
+            time.sleep(TICK_S)
+
+    def _stop_reason(self) -> str | None:
+        if self.interrupts.stop_requested:
+            return "interrupted"
+        return self.supervisor.failure
+
     def _maybe_stop(self) -> None:
-        if self.deadline is not None:
+        if self.deadline is not None or not (reason := self._stop_reason()):
             return
-        if self.interrupts.stop_requested.is_set():
-            self.reason = "interrupted"
-        elif self.supervisor.failure:
-            self.reason = self.supervisor.failure
-        else:
-            return
+        self.reason = reason
         self.supervisor.hold()
-        bound = self.grace_s + self.watcher.longest_step + self.watcher.longest_eval
+        step = self.watcher.longest_step + self.watcher.longest_eval or time.monotonic() - self.submitted_at
+        bound = self.grace_s + step
         self.deadline = time.monotonic() + bound
         if self.reason == "interrupted":
             self.console.print(f"[yellow]stopping: the trainer ends the run at its next safe point and checkpoints "

@@ -2,7 +2,7 @@
 
     with Interrupts() as interrupts:
         interrupts.graceful = True           # a run is in progress: a first Ctrl-C only asks
-        ... interrupts.stop_requested.is_set() ...
+        ... interrupts.stop_requested ...
         interrupts.cleaning = True           # from here on, signals only hurry the clean-up
 
 Choices:
@@ -14,15 +14,18 @@ Choices:
    point, which checkpoints. Any other time, and for the second signal, the
    handler raises `KeyboardInterrupt` wherever the main thread is (preparing
    models, waiting for a service, an HTTP call): everything stops at once.
-3) Once the clean-up has begun (`cleaning`), a signal never raises, so it
+3) Once the clean-up has begun (`cleaning`, set by the handler itself when
+   it raises, and by the caller otherwise), a signal never raises, so it
    cannot cut the clean-up short and leave a child running: it sets `hurry`,
    and the clean-up kills what is left without waiting.
+4) The handler only sets plain flags that the main thread polls: it runs in
+   the main thread between two bytecodes, where taking a lock the main thread
+   may already hold (a threading.Event's) could deadlock.
 """
 
 from __future__ import annotations
 
 import signal
-import threading
 from types import FrameType, TracebackType
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -34,8 +37,8 @@ class Interrupts:
         self.cleaning = False
         self.count = 0
         self.last_signal: int | None = None
-        self.stop_requested = threading.Event()
-        self.hurry = threading.Event()
+        self.stop_requested = False  # the first signal while `graceful`
+        self.hurry = False  # stop without a grace period
         self._previous: dict[int, object] = {}
 
     @property
@@ -47,12 +50,12 @@ class Interrupts:
         self.count += 1
         self.last_signal = signum
         if self.cleaning:
-            self.hurry.set()
+            self.hurry = True
             return
-        if self.graceful and not self.stop_requested.is_set():
-            self.stop_requested.set()
+        if self.graceful and not self.stop_requested:
+            self.stop_requested = True
             return
-        self.hurry.set()
+        self.hurry = self.cleaning = True  # what follows is the clean-up: it must not be cut short
         raise KeyboardInterrupt
 
     def __enter__(self) -> Interrupts:

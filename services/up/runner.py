@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import json
 import secrets
-import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -134,11 +134,11 @@ class Stack:
                                      startup_timeout_s=self.config.startup_timeout_s).start()
         return self.supervisor
 
-    def stop(self, quick: bool, hurry: threading.Event) -> None:
-        """Every service, every process group; `quick`: SIGKILL after 2 s, not after stop_grace_s."""
+    def stop(self, quick: bool, hurry: Callable[[], bool]) -> None:
+        """Every service, every process group; `quick`: SIGKILL after 1 s, not after stop_grace_s."""
         if self.supervisor is not None:
             self.supervisor.close()
-        stop_all(self.procs, 2.0 if quick else self.config.stop_grace_s, hurry)
+        stop_all(self.procs, 1.0 if quick else self.config.stop_grace_s, hurry)
         busy = [p.port for p in self.procs if not port_free(p.host, p.port)]
         if busy:
             self.console.print(f"[yellow]ports still held after stop: {busy}[/yellow]")
@@ -198,10 +198,9 @@ def run_up(config: StackConfig, verbose: bool = False) -> int:
             console.print(f"[red]{failure or exc}[/red]", soft_wrap=True)
             return 1
         finally:
-            quick = quick or interrupts.hurry.is_set()
-            interrupts.cleaning = True  # from here a signal only hurries the clean-up
-            interrupts.hurry.clear()
-            stack.stop(quick, interrupts.hurry)
+            quick = quick or interrupts.hurry
+            interrupts.cleaning, interrupts.hurry = True, False  # from here a signal only hurries the clean-up
+            stack.stop(quick, lambda: interrupts.hurry)
             console.print("all services stopped")
 
 

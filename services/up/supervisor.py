@@ -4,7 +4,7 @@
     supervisor.start()                      # a thread; every child is ready by now
     supervisor.generation("trainer")        # how many times the trainer came back
     supervisor.failure                      # set once a service crashed more often than allowed
-    supervisor.close(); stop_all(stack.procs, grace=10, hurry=event)
+    supervisor.close(); stop_all(stack.procs, grace=10, hurry=lambda: interrupts.hurry)
 
 Choices:
 1) One thread polls every child (every 0.2 s). An exit nobody asked for is
@@ -154,13 +154,13 @@ def log_lines(proc: ServiceProcess, count: int = 8) -> list[str]:
     return ([x for x in lines if not ACCESS_LOG.search(x)] or lines)[-count:]
 
 
-def stop_all(procs: list[ServiceProcess], grace: float, hurry: threading.Event) -> None:
-    """SIGTERM to every process group at once; SIGKILL to what is left after `grace`, or as soon as `hurry` is set."""
+def stop_all(procs: list[ServiceProcess], grace: float, hurry: Callable[[], bool]) -> None:
+    """SIGTERM to every process group at once; SIGKILL to what is left after `grace`, or as soon as `hurry()`."""
     for proc in procs:
         if proc.alive():
             proc.send_signal(signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while any(p.alive() for p in procs) and time.monotonic() < deadline and not hurry.is_set():
+    while any(p.alive() for p in procs) and time.monotonic() < deadline and not hurry():
         time.sleep(0.05)
     for proc in procs:
         proc.stop(grace=0)

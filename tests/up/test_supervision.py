@@ -56,7 +56,7 @@ class Up:
     def steps_done(self) -> int:
         return sum(r["kind"] == "train" for r in read_records(self.run_dir / "metrics.jsonl"))
 
-    def wait_for(self, condition, what: str, timeout: float = 240) -> None:
+    def wait_for(self, condition, what: str, timeout: float = 600) -> None:
         deadline = time.monotonic() + timeout
         while not condition():
             assert self.proc.poll() is None, f"opd up ended while waiting for {what}:\n{self.text[-4000:]}"
@@ -73,7 +73,7 @@ class Up:
                 continue
         raise AssertionError(f"no {name} process")
 
-    def finish(self, timeout: float = 300) -> str:
+    def finish(self, timeout: float = 600) -> str:
         try:
             self.proc.wait(timeout)
         finally:
@@ -181,6 +181,25 @@ def test_ctrl_c_while_the_services_start_stops_them_at_once(tmp_path, teacher_mo
     up = Up(hf_stack(tmp_path, teacher_model, student_model, steps=2), tmp_path / "up.out")
     try:
         up.wait_for(lambda: len(marked_processes(up.mark)) >= 3, "opd up and two services")
+        began = time.monotonic()
+        up.proc.send_signal(signal.SIGINT)
+        up.proc.wait(30)
+        took = time.monotonic() - began
+    finally:
+        out = up.finish(30)
+    assert up.proc.returncode == 130 and "interrupted: stopping every service at once" in out, out[-3000:]
+    assert took < 15, f"{took:.1f}s"
+    up.assert_nothing_left()
+
+
+def test_a_second_ctrl_c_during_a_step_stops_everything_at_once(tmp_path, teacher_model, student_model) -> None:
+    """The first Ctrl-C lets the trainer finish its step; a second one does not wait for it, nor for anything."""
+    up = Up(hf_stack(tmp_path, teacher_model, student_model, steps=50, run={"sampling": {
+        "prompts_per_step": 4, "samples_per_prompt": 4, "max_tokens": 64}}), tmp_path / "up.out")
+    try:
+        up.wait_for(lambda: up.steps_done() >= 1, "a step")
+        up.proc.send_signal(signal.SIGINT)
+        up.wait_for(lambda: "stopping: the trainer ends the run" in up.text, "the first Ctrl-C to be heard", timeout=30)
         began = time.monotonic()
         up.proc.send_signal(signal.SIGINT)
         up.proc.wait(30)
