@@ -25,9 +25,14 @@ Choices:
    (or, for older checkpoints, output_dir/config.json); with neither it
    refuses rather than drop checkpoints it cannot check.
 3) A stop request ends the run at the next step boundary (or interrupts a
-   wait for a service) and checkpoints the last whole step. An evaluation
-   due at that step that did not finish runs first when the run resumes.
-4) With `sampling.max_staleness: 1`, step n+1's rollouts are sampled in a
+   wait for a service) and checkpoints the last whole step; a wait inside a
+   step, before its update, gives back the step's prompts first. An
+   evaluation due at that step that did not finish runs first when the run
+   resumes.
+4) A student that serves another version than the trainer last loaded (it
+   restarted with its base model, version 0) is given the current weights
+   as a new version, and the trainer logs that it noticed.
+5) With `sampling.max_staleness: 1`, step n+1's rollouts are sampled in a
    background thread while step n scores and trains, from the version step n
    started with; the student's swap to step n's version waits for them. The
    importance ratio corrects the one-version lag (`staleness` in the metrics).
@@ -85,6 +90,7 @@ class Trainer:
         self.version = 0
         self.saved_step = -1
         self.in_step = False
+        self.drawn_from: dict[str, int] | None = None  # the sampler before this step's draw, until the update
         self.state = "starting"
         self.metrics: MetricsWriter | None = None
         self.made_at: dict[int, int] = {}  # policy version -> the step whose update it holds
@@ -159,6 +165,9 @@ class Trainer:
         `made_at`: the step whose update the weights hold (default: the last whole step)."""
         current = self.remote.student_info().policy_version or 0
         version = max(current, self.version) + 1
+        if self.version and current != self.version:
+            log.warning("the student serves policy version %d, the trainer's is %d (the student or the trainer restarted): "
+                        "loading the trainer's weights as version %d", current, self.version, version)
         path = self.store.write(version, self.policy.save_base if base else self.policy.save_version)
         kind = "full" if base else self.policy.finetune
         loaded = self.remote.load_weights(p.WeightsRequest(version=version, kind=kind, path=path))
@@ -207,12 +216,13 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, Any]:
         c = self.config
         began, waited = time.perf_counter(), self.remote.waited_s
-        self.in_step = True
+        self.in_step, self.drawn_from = True, self.sampler.state_dict()
         rows, samples, sampled_by = self.rollouts_for(step)
         sampled = time.perf_counter()
         score(self.remote, samples)  # waits out a teacher outage; the samples stay
         scored = time.perf_counter()
         raw, rewards = task_rewards(samples, self.reward_fn) if self.reward_fn else (None, None)
+        self.drawn_from = None  # the weights move: an interruption from here on loses the step
         update = train_on(self.policy, samples, c, rewards)
         trained = time.perf_counter()
         if update["skipped_updates"] < c.substeps:
@@ -295,7 +305,11 @@ class Trainer:
                         self.checkpoint()
                     advance(record)
         except RunStopped:
-            log.warning("stopped while waiting for a service; the run resumes from step %d", self.saved_step)
+            if self.in_step and self.drawn_from is not None:  # nothing of this step has changed the weights yet
+                self.sampler.load_state_dict(self.drawn_from)
+                self.in_step = False
+            log.warning("stopped while waiting for a service; the run resumes after step %d",
+                        self.step if not self.in_step else self.saved_step)
         finally:
             self.finish()
         return self.state

@@ -69,13 +69,14 @@ class RunStopped(OPDError):
 class Remote:
     def __init__(self, config: RunConfig, stop: threading.Event | None = None) -> None:
         s = config.services
-        kwargs = dict(api_key=config.api_key, timeout=s.request_timeout_s, retries=s.retries, max_backoff=s.max_backoff_s)
+        self.stop = stop or threading.Event()
+        kwargs = dict(api_key=config.api_key, timeout=s.request_timeout_s, retries=s.retries, max_backoff=s.max_backoff_s,
+                      cancel=self.stop)  # a stop request ends the clients' retry pauses too
         self.config = config
         # A scaled compose service resolves to one address per replica: spread over all.
         self.teacher = TeacherClient(list(config.teacher_urls), expand_dns=True, **kwargs)
         self.student = StudentClient(config.student_url, **kwargs)
         self.replicas = [TeacherClient(url, **kwargs) for url in config.teacher_urls]
-        self.stop = stop or threading.Event()
         self.waited_s = 0.0
         self.score_limits = ScoreLimits()
 
