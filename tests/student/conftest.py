@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from services.common.settings import StudentSettings
-from services.student.engine import HFRolloutEngine
+from services.student.hf_engine import HFRolloutEngine
 from tests.utils.tiny_models import build_llama
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from services.common.settings import StudentSettings
-from services.student.engine import HFRolloutEngine, Sample, Sampling
+from services.student.engine import Sample, Sampling
+from services.student.hf_engine import HFRolloutEngine
 from tests.student.conftest import Reference
 
 ATOL = 1e-4

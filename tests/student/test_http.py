@@ -21,7 +21,8 @@ import torch
 
 from services.common.client import AsyncStudentClient, StudentClient
 from services.common.errors import ServiceError
-from services.student.engine import HFRolloutEngine, Sampling
+from services.student.engine import Sampling
+from services.student.hf_engine import HFRolloutEngine
 from tests.student.conftest import Reference
 from tests.utils.services import running
 
