@@ -5,10 +5,12 @@ things only the running service knows are set here, when the document is
 first asked for (after start-up, so the model's limits are known):
 1) Auth: without an API key configured no operation needs one, so the bearer
    scheme and every 401 answer leave the document; with a key, every
-   operation but /health lists them.
+   operation but /health lists both.
 2) Limits from the settings and the loaded model, as JSON-schema keywords on
-   the protocol's fields (a `maximum`, a `maxItems`): `limits()` returns
-   {schema name: {field: {keyword: value}}}.
+   the protocol's fields (a `maximum`, a `maxItems`, the largest token id):
+   `limits()` returns {schema name: {field: {keyword: value}}}, merged into
+   the field's schema. What a schema cannot say (prompt + max_tokens within
+   the model's length, prompts x n within max_rollouts) stays a 413/422.
 3) Every 503 answer documents its Retry-After header.
 A fuzzer that reads the document (tests/*/test_fuzz.py) then sends what the
 service really accepts, and anything else must be a 4xx.
@@ -38,7 +40,9 @@ def publish(app: FastAPI, *, api_key: str | None, limits: Callable[[], Limits | 
         if done:
             return done
         doc = copy.deepcopy(fastapi_document())
-        if not api_key:
+        if api_key:
+            _document_401(doc)
+        else:
             _drop_auth(doc)
         _document_retry_after(doc)
         known = limits() if limits else {}
@@ -63,6 +67,15 @@ def _drop_auth(doc: dict[str, Any]) -> None:
         op.get("responses", {}).pop("401", None)
 
 
+def _document_401(doc: dict[str, Any]) -> None:
+    answer: dict[str, Any] = {"description": "missing or wrong API key"}
+    if "ErrorBody" in doc.get("components", {}).get("schemas", {}):
+        answer["content"] = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}
+    for op in _operations(doc):
+        if op.get("security"):
+            op.setdefault("responses", {}).setdefault("401", answer)
+
+
 def _document_retry_after(doc: dict[str, Any]) -> None:
     for op in _operations(doc):
         if "503" in op.get("responses", {}):
@@ -77,5 +90,12 @@ def _apply_limits(doc: dict[str, Any], limits: Limits) -> None:
             if prop is None:
                 continue
             # An optional field is anyOf [its type, null]: the keywords go on its type.
-            target = next((s for s in prop.get("anyOf", []) if s.get("type") != "null"), prop)
-            target.update(keywords)
+            _merge(next((s for s in prop.get("anyOf", []) if s.get("type") != "null"), prop), keywords)
+
+
+def _merge(schema: dict[str, Any], keywords: dict[str, Any]) -> None:
+    for key, value in keywords.items():
+        if isinstance(value, dict) and isinstance(schema.get(key), dict):
+            _merge(schema[key], value)
+        else:
+            schema[key] = value

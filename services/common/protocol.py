@@ -46,6 +46,11 @@ class Response(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+def one_of(*forms: list[str]) -> dict:
+    """JSON schema for "exactly one of these sets of fields" (the validators below say it in words)."""
+    return {"oneOf": [{"required": form} for form in forms]}
+
+
 # --------------------------------------------------------------------- prompts
 class ChatMessage(Request):
     role: Annotated[str, Field(min_length=1, examples=["user"])]
@@ -59,9 +64,12 @@ class Prompt(Request):
     the generation prompt added.
     """
 
-    token_ids: TokenIds | None = None
-    text: str | None = None
-    messages: list[ChatMessage] | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra=one_of(["token_ids"], ["text"], ["messages"]))
+
+    # Empty ones are refused by the validator, in its words; the schema says it too.
+    token_ids: TokenIds | None = Field(default=None, json_schema_extra={"minItems": 1})
+    text: str | None = Field(default=None, json_schema_extra={"minLength": 1})
+    messages: list[ChatMessage] | None = Field(default=None, json_schema_extra={"minItems": 1})
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Prompt:
@@ -87,10 +95,12 @@ class ScoreSequence(Request):
     exactly the completion tokens are scored.
     """
 
-    token_ids: TokenIds | None = None
-    start: Annotated[Count, Field(ge=0)] | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra=one_of(["token_ids"], ["prompt", "completion"]))
+
+    token_ids: TokenIds | None = Field(default=None, json_schema_extra={"minItems": 2})
+    start: Annotated[Count, Field(ge=1)] | None = None
     prompt: Prompt | None = None
-    completion: TokenIds | None = None
+    completion: TokenIds | None = Field(default=None, json_schema_extra={"minItems": 1})
 
     @model_validator(mode="after")
     def _one_form(self) -> ScoreSequence:

@@ -72,7 +72,13 @@ def build_app(settings: StudentSettings, engine: RolloutEngine | None = None) ->
         service = app.state.service
         if service is None:
             return None
-        return {"RolloutRequest": {"max_tokens": {"maximum": service.max_tokens}, "prompts": {"maxItems": settings.max_prompts}}}
+        return {
+            "RolloutRequest": {
+                "max_tokens": {"maximum": service.max_tokens, "default": service.default_max_tokens},
+                "prompts": {"maxItems": settings.max_prompts},
+            },
+            "Prompt": {"token_ids": {"items": {"maximum": service.engine.vocab_size - 1}}},
+        }
 
     registry = install_common(
         app, api_key=settings.api_key, max_pending=settings.max_pending, max_body_bytes=settings.max_body_bytes,

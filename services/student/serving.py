@@ -12,6 +12,9 @@ Choices:
    whose client goes away is cancelled (the route watches the connection),
    which stops its engine work and counts it as "cancelled".
 4) Usage counts each prompt's tokens once (not once per sample).
+5) max_tokens is bounded by OPD_STUDENT_MAX_TOKENS and, with each prompt, by
+   the model's length (422 naming the bound); a request that leaves it out
+   gets the protocol's default of 128, or the bound where that is lower.
 """
 
 from __future__ import annotations
@@ -114,7 +117,17 @@ class StudentService:
         """The largest max_tokens any request may ask for: the limit, and one prompt token short of the model's length."""
         return max(1, min(self.settings.max_tokens, self.engine.max_model_len - 1))
 
+    @property
+    def default_max_tokens(self) -> int:
+        """What a request that leaves max_tokens out gets: the protocol's default, within `max_tokens`."""
+        return min(p.RolloutRequest.model_fields["max_tokens"].default, self.max_tokens)
+
     # ------------------------------------------------------------ rollouts
+    def with_defaults(self, request: p.RolloutRequest) -> p.RolloutRequest:
+        if "max_tokens" in request.model_fields_set:
+            return request
+        return request.model_copy(update={"max_tokens": self.default_max_tokens})
+
     def to_prompts(self, request: p.RolloutRequest) -> list[list[int]]:
         count, limit = len(request.prompts), self.settings.max_prompts
         if count > limit:
@@ -150,6 +163,7 @@ class StudentService:
             )
 
     async def rollouts(self, request: p.RolloutRequest) -> p.RolloutResponse:
+        request = self.with_defaults(request)
         try:
             prompts = self.to_prompts(request)
             if not self.engine.healthy():

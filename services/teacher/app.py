@@ -62,9 +62,11 @@ def build_app(settings: TeacherSettings, engine: ScoringEngine | None = None) ->
         service = app.state.service
         if service is None:
             return None
+        largest_id = {"items": {"maximum": service.engine.vocab_size - 1}}
         return {
             "LogprobsRequest": {"sequences": {"maxItems": settings.max_sequences}},
-            "ScoreSequence": {"token_ids": {"maxItems": service.engine.max_model_len}},
+            "ScoreSequence": {"token_ids": {"maxItems": service.engine.max_model_len, **largest_id}, "completion": largest_id},
+            "Prompt": {"token_ids": largest_id},
         }
 
     registry = install_common(
