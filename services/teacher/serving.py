@@ -7,6 +7,7 @@ sees it, so a bad request never disturbs the batches of good ones.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -109,7 +110,11 @@ class TeacherService:
         except Exception:
             self.metrics.requests.labels("rejected").inc()
             raise
-        outputs = await self.engine.score(jobs, top_k=request.top_k, temperature=request.temperature)
+        try:
+            outputs = await self.engine.score(jobs, top_k=request.top_k, temperature=request.temperature)
+        except asyncio.CancelledError:  # the client went away: the engine has stopped its work
+            self.metrics.requests.labels("cancelled").inc()
+            raise
         results = []
         for job, out in zip(jobs, outputs, strict=True):
             top = None

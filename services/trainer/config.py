@@ -27,6 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from services.common.errors import InvalidInput
+from services.common.protocol import MIN_TEMPERATURE
 
 ENV_PREFIX = "OPD_TRAIN_"
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -78,7 +79,8 @@ class SamplingConfig(Section):
     max_tokens: PositiveInt = 64
     # The student reports logprobs after temperature and top-p, and the trainer
     # scores with the same temperature and nucleus (services/common/hf.py).
-    temperature: Annotated[float, Field(gt=0, le=10)] = 1.0
+    # Greedy rollouts (temperature below MIN_TEMPERATURE) have no sampling logprobs.
+    temperature: Annotated[float, Field(ge=MIN_TEMPERATURE, le=10)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     max_staleness: Annotated[int, Field(ge=0, le=1)] = Field(
         default=0,

@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from services.common.settings import StudentSettings
 from services.student.app import build_app
-from services.student.engine import HFRolloutEngine
+from services.student.hf_engine import HFRolloutEngine
 from tests.student.conftest import Reference
 
 ATOL = 1e-4
@@ -18,7 +18,9 @@ GOOD = {"prompts": [{"token_ids": [5, 6, 7]}, {"text": "the boy"}], "n": 2, "max
 @pytest.fixture
 def client(student_settings: StudentSettings):
     """An app with an engine of its own (swaps change the engine's weights)."""
-    settings = student_settings.model_copy(update={"max_prompts": 4, "max_rollouts": 8, "max_body_bytes": 20_000})
+    settings = student_settings.model_copy(
+        update={"max_prompts": 4, "max_rollouts": 8, "max_body_bytes": 20_000, "max_tokens": 128}
+    )
     with TestClient(build_app(settings, engine=HFRolloutEngine(settings))) as c:
         yield c
 
@@ -78,11 +80,17 @@ BAD = [
     ("unknown prompt field", {"prompts": [{"token_ids": [1], "role": "user"}]}, 422, "unknown field"),
     ("n zero", {"prompts": [{"token_ids": [1]}], "n": 0}, 422, "n:"),
     ("max_tokens zero", {"prompts": [{"token_ids": [1]}], "max_tokens": 0}, 422, "max_tokens"),
-    ("zero temperature", {"prompts": [{"token_ids": [1]}], "temperature": 0}, 422, "temperature"),
+    ("negative temperature", {"prompts": [{"token_ids": [1]}], "temperature": -0.5}, 422, "temperature"),
+    ("temperature as text", {"prompts": [{"token_ids": [1]}], "temperature": "0.5"}, 422, "temperature: Input should be a valid number"),
+    ("bool token id", {"prompts": [{"token_ids": [5, True]}]}, 422, "prompts[0].token_ids[1]: Input should be a valid integer"),
+    ("float token id", {"prompts": [{"token_ids": [5.0]}]}, 422, "prompts[0].token_ids[0]: Input should be a valid integer"),
+    ("bool n", {"prompts": [{"token_ids": [1]}], "n": True}, 422, "n: Input should be a valid integer"),
+    ("float max_tokens", {"prompts": [{"token_ids": [1]}], "max_tokens": 4.0}, 422, "max_tokens: Input should be a valid integer"),
+    ("max_tokens over the limit", {"prompts": [{"token_ids": [1]}], "max_tokens": 129}, 422, "max_tokens 129 is over this student's limit of 128"),
     ("top_p over 1", {"prompts": [{"token_ids": [1]}], "top_p": 1.5}, 422, "top_p"),
     ("empty stop", {"prompts": [{"token_ids": [1]}], "stop": [""]}, 422, "stop[0]"),
-    ("negative seed", {"prompts": [{"token_ids": [1]}], "seed": -1}, 422, "seed must be between 0 and"),
-    ("huge seed", {"prompts": [{"token_ids": [1]}], "seed": 2**64}, 422, "seed must be between 0 and"),
+    ("negative seed", {"prompts": [{"token_ids": [1]}], "seed": -1}, 422, "seed: Input should be greater than or equal to 0"),
+    ("huge seed", {"prompts": [{"token_ids": [1]}], "seed": 2**64}, 422, "seed: Input should be less than or equal to"),
     ("too long", {"prompts": [{"token_ids": [1] * 500}], "max_tokens": 13}, 422, "513 is over the student's maximum length"),
     ("too many prompts", {"prompts": [{"token_ids": [1]}] * 5}, 413, "5 prompts in one request; the limit is 4"),
     ("too many rollouts", {"prompts": [{"token_ids": [1]}] * 3, "n": 3}, 413, "= 9 rollouts; the limit is 8"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from services.common.client import AsyncTeacherClient, TeacherClient
 from services.common.errors import ServiceError
 from services.teacher.engine import HFScoringEngine, ScoreJob
-from tests.utils.services import running
+from tests.utils.services import assert_idle, hang_up, running, wait_for_metric
 
 pytestmark = pytest.mark.slow
 VLLM_ATOL = 2e-3
@@ -156,3 +157,17 @@ def test_vllm_shared_prompts_score_like_hf(vllm_teacher, hf_engine: HFScoringEng
         for r, l in zip(remote.results, hf_engine.score_sync(jobs, top_k=2), strict=True):
             assert len(r.logprobs) == len(l.logprobs)
             assert torch.allclose(torch.tensor(r.logprobs), torch.tensor(l.logprobs), atol=VLLM_ATOL)
+
+
+def test_a_client_that_goes_away_stops_its_scoring(teacher_model: Path, tmp_path) -> None:
+    """A request of 480 sequences (one micro-batch each) whose client hangs up is cancelled within a micro-batch."""
+    args = ["teacher", "serve", "--model", str(teacher_model), "--engine", "hf", "--dtype", "float32", "--device", "cpu"]
+    rng = random.Random(5)
+    body = {"sequences": [{"token_ids": [rng.randrange(512) for _ in range(500)]} for _ in range(480)]}
+    with running("teacher-hf", args, log_dir=tmp_path, env={"OPD_TEACHER_MICRO_BATCH_TOKENS": "512"}) as proc:
+        hang_up(proc.url + "/logprobs", body, after=2.0)
+        metrics = wait_for_metric(proc.url, 'opd_teacher_requests_total{outcome="cancelled"} 1.0')
+        assert "opd_queue_depth 0.0" in metrics
+        time.sleep(0.5)  # the micro-batch that was running ends
+        assert_idle(proc.proc.pid)
+        assert len(TeacherClient(proc.url).logprobs([{"token_ids": [5, 6, 7]}]).results[0].logprobs) == 2
