@@ -103,6 +103,29 @@ class EvalConfig(Section):
     verifier: str | None = Field(default=None, description="'module:function' (row, completion_text) -> bool: eval accuracy.")
 
 
+class ChatTurn(Section):
+    role: Annotated[str, Field(min_length=1)]
+    content: str
+
+
+class TeacherPromptConfig(Section):
+    """What the teacher sees before the student's completion (context.py).
+
+    The student never sees any of it; the teacher renders it with its own chat
+    template and scores exactly the student's completion tokens after it.
+    """
+
+    system: str | None = Field(default=None, description="Privileged instructions: the start of the teacher's system message.")
+    examples: tuple[ChatTurn, ...] = Field(default=(), description="Few-shot turns before each row's conversation.")
+    row_context: str = Field(default="teacher_context", description="A row's field whose text extends the system message.")
+    row_messages: str = Field(default="teacher_messages", description="A row's field holding the teacher's whole conversation.")
+    render: Literal["auto", "teacher"] = Field(
+        default="auto",
+        description="auto: the teacher scores the student's own prompt tokens unless a context applies; teacher: it "
+        "always renders the prompt with its own chat template (a teacher whose template differs).",
+    )
+
+
 class ServicesConfig(Section):
     request_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     retries: Annotated[int, Field(ge=0)] = 4
@@ -123,6 +146,7 @@ class RunConfig(Section):
     kl_coef: Annotated[float, Field(ge=0)] = 1.0
     kl_discount: Annotated[float, Field(ge=0, le=1)] = 0.0
     reward_fn: str | None = Field(default=None, description="'module:function' (row, completion_text) -> float, group-centered.")
+    teacher_prompt: TeacherPromptConfig = TeacherPromptConfig()
     substeps: PositiveInt = 1
     steps: PositiveInt = 100
     eval: EvalConfig = EvalConfig()
@@ -164,6 +188,8 @@ class RunConfig(Section):
     def _consistent(self) -> RunConfig:
         if self.eval.verifier is not None and self.eval.verifier.count(":") != 1:
             raise ValueError("eval.verifier: write it as 'package.module:function'")
+        if self.teacher_prompt.examples and self.dataset.prompt_format == "text":
+            raise ValueError("teacher_prompt.examples: few-shot turns need dataset.prompt_format 'chat'")
         sequences = self.sampling.prompts_per_step * self.sampling.samples_per_prompt
         if self.substeps > sequences:
             raise ValueError(

@@ -41,6 +41,7 @@ from typing import Any
 from services.common import protocol as p
 from services.trainer.checkpoint import CheckpointError, PolicyStore, TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from services.trainer.config import RunConfig
+from services.trainer.context import with_teacher_prompts
 from services.trainer.data import PromptRow, PromptSampler, load_prompts
 from services.trainer.metrics import MetricsWriter, plot_teacher_kl
 from services.trainer.remote import Remote, RunStopped
@@ -86,7 +87,9 @@ class Trainer:
 
         config = self.config
         self.remote.check_tokenizers(tokenizer_fingerprint(load_tokenizer(config.student.model)))
-        self.train_rows, self.eval_rows = load_prompts(config.dataset, config.seed)
+        train_rows, eval_rows = load_prompts(config.dataset, config.seed)
+        self.train_rows = with_teacher_prompts(train_rows, config.teacher_prompt, "train")
+        self.eval_rows = with_teacher_prompts(eval_rows, config.teacher_prompt, "eval")
         self.sampler = PromptSampler(len(self.train_rows), config.seed)
         self.reward_fn = load_callable(config.reward_fn, "reward_fn") if config.reward_fn else None
         self.verifier = load_callable(config.eval.verifier, "eval.verifier") if config.eval.verifier else None

@@ -4,8 +4,9 @@
     score(remote, samples)            # fills teacher_logprobs_T in place
 
 Choices:
-1) The teacher scores exactly the student's token ids (`token_ids` + `start`),
-   never re-rendered text, so both see the same tokens.
+1) The teacher scores exactly the student's completion token ids, never
+   re-rendered text: after the student's own prompt ids, or after the
+   teacher's own prompt when the run gives it a privileged context (context.py).
 2) Rollouts must come from the policy version the trainer last loaded; a
    student that answers with another version (it restarted, or someone else
    loaded weights) raises `StaleRollouts`, and the caller reloads and samples
@@ -23,6 +24,7 @@ from typing import Any
 
 from services.common import protocol as p
 from services.common.errors import InvalidInput, OPDError
+from services.trainer.context import score_sequence
 from services.trainer.data import PromptRow
 from services.trainer.remote import Remote
 
@@ -53,6 +55,7 @@ class Sample:
     finish_reason: str
     row: dict[str, Any] = field(repr=False)
     teacher_logprobs: list[float] | None = None
+    teacher_prompt: p.Prompt | None = field(default=None, repr=False)  # None: the student's prompt ids
 
     @property
     def rkl(self) -> list[float]:
@@ -76,8 +79,9 @@ def sample(
         if len(r.logprobs) != len(r.token_ids):
             raise ScoreMismatch(f"the student returned {len(r.token_ids)} tokens but {len(r.logprobs)} logprobs")
         if r.token_ids:
+            row = prompts[r.prompt_index]
             out.append(Sample(r.prompt_index, r.prompt_token_ids, r.token_ids, r.logprobs, r.text, r.finish_reason,
-                              prompts[r.prompt_index].row))
+                              row.row, teacher_prompt=row.teacher))
     return out
 
 
@@ -87,7 +91,7 @@ def score(remote: Remote, samples: list[Sample]) -> None:
         chunk = [s for s in samples[lo : lo + SCORE_CHUNK] if s.teacher_logprobs is None]
         if not chunk:
             continue  # scored before an interruption: never scored twice
-        sequences = [p.ScoreSequence(token_ids=s.prompt_ids + s.token_ids, start=len(s.prompt_ids)) for s in chunk]
+        sequences = [score_sequence(s.prompt_ids, s.token_ids, s.teacher_prompt) for s in chunk]
         response = remote.score(sequences)
         for s, result in zip(chunk, response.results, strict=True):
             if len(result.logprobs) != len(s.token_ids):
