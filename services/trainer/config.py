@@ -138,6 +138,14 @@ class RunConfig(Section):
     student: StudentConfig
     teacher_urls: Annotated[tuple[str, ...], Field(min_length=1, description="Teacher replicas, used round robin.")]
     student_url: Annotated[str, Field(min_length=1)]
+    objective: Literal["opd", "rl", "sft"] = Field(
+        default="opd",
+        description="opd: per-token reverse KL to the teacher; rl: the task reward only, centred per prompt, no "
+        "teacher; sft: log-likelihood of completions the teacher samples (teacher_sampler_url).",
+    )
+    teacher_sampler_url: str | None = Field(
+        default=None, description="objective sft: a student service serving the teacher's model, sampling its completions."
+    )
     api_key: str | None = Field(default=None, repr=False)
     dataset: DatasetConfig
     sampling: SamplingConfig = SamplingConfig()
@@ -188,6 +196,10 @@ class RunConfig(Section):
     def _consistent(self) -> RunConfig:
         if self.eval.verifier is not None and self.eval.verifier.count(":") != 1:
             raise ValueError("eval.verifier: write it as 'package.module:function'")
+        if self.objective == "sft" and not self.teacher_sampler_url:
+            raise ValueError("objective sft: give teacher_sampler_url, a student service serving the teacher's model")
+        if self.objective == "rl" and not (self.reward_fn or self.eval.verifier):
+            raise ValueError("objective rl: give reward_fn or eval.verifier, the reward to learn from")
         if self.teacher_prompt.examples and self.dataset.prompt_format == "text":
             raise ValueError("teacher_prompt.examples: few-shot turns need dataset.prompt_format 'chat'")
         sequences = self.sampling.prompts_per_step * self.sampling.samples_per_prompt

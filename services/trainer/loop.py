@@ -46,14 +46,16 @@ from services.trainer.data import PromptRow, PromptSampler, load_prompts
 from services.trainer.metrics import MetricsWriter, plot_teacher_kl
 from services.trainer.remote import Remote, RunStopped
 from services.trainer.rollouts import Sample, StaleRollouts, kl_summary, load_callable, sample, score
-from services.trainer.update import task_rewards, train_on
+from services.trainer.objectives import step_counts, step_rewards, teacher_samples
+from services.trainer.update import train_on
 
 log = logging.getLogger("opd.trainer")
 EVAL_SHOWN = 4  # evaluation completions kept as text per evaluation
 EVAL_STEP = -1  # the evaluation seed's "step": the same prompts and seed at every evaluation
 # Fields (and sections) a resumed run may change: they do not alter what it computes.
 RESUMABLE = ("steps", "eval", "save_every", "keep_versions", "resume", "services", "api_key", "teacher_urls",
-             "student_url", "output_dir", "checkpoint_root", "name", "student.torch_threads", "student.device")
+             "student_url", "teacher_sampler_url", "output_dir", "checkpoint_root", "name", "student.torch_threads",
+             "student.device")
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -157,18 +159,23 @@ class Trainer:
         began, waited = time.perf_counter(), self.remote.waited_s
         self.in_step = True
         rows = [self.train_rows[i] for i in self.sampler.next_indices(s.prompts_per_step)]
-        samples = self.sample_on_policy(rows, n=s.samples_per_prompt, max_tokens=s.max_tokens,
-                                        temperature=s.temperature, top_p=s.top_p, seed=self.seed_of(step))
+        shape = dict(n=s.samples_per_prompt, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                     seed=self.seed_of(step))
+        if c.objective == "sft":  # objectives.py: the teacher's completions under the student's prompt
+            samples = teacher_samples(self.remote, rows, self.policy.tokenizer, **shape)
+        else:
+            samples = self.sample_on_policy(rows, **shape)
         sampled = time.perf_counter()
-        score(self.remote, samples)  # waits out a teacher outage; the samples stay
+        if c.objective == "opd":
+            score(self.remote, samples)  # waits out a teacher outage; the samples stay
         scored = time.perf_counter()
-        raw, rewards = task_rewards(samples, self.reward_fn) if self.reward_fn else (None, None)
+        raw, rewards = step_rewards(c.objective, samples, self.reward_fn, self.verifier)
         update = train_on(self.policy, samples, c, rewards)
         trained = time.perf_counter()
         self.publish()
         synced = time.perf_counter()
         record = {
-            **kl_summary(samples), **update,
+            **kl_summary(samples), **update, **step_counts(c.objective, samples, self.verifier),
             "policy_version": self.version,
             "time_sample": sampled - began, "time_score": scored - sampled,
             "time_train": trained - scored, "time_sync": synced - trained, "time_step": synced - began,
@@ -179,8 +186,8 @@ class Trainer:
         self.step = step
         self.in_step = False
         assert self.metrics is not None
-        log.info("step %d/%d teacher_kl %.4f loss %.4f tokens %d (%.1fs)",
-                 step, c.steps, record["teacher_kl"], record["loss"], record["tokens"], record["time_step"])
+        log.info("step %d/%d teacher_kl %.4f loss %.4f tokens %d (%.1fs)", step, c.steps,
+                 record.get("teacher_kl", float("nan")), record["loss"], record["tokens"], record["time_step"])
         return self.metrics.write("train", step, record)
 
     def evaluate(self) -> dict[str, Any]:
@@ -263,7 +270,7 @@ class Trainer:
             task = bar.add_task(self.config.name, total=self.config.steps, completed=self.step, info="")
 
             def advance(record: dict[str, Any]) -> None:
-                info = f"teacher KL {record['teacher_kl']:.3f}  {record['time_step']:.1f}s/step"
+                info = f"teacher KL {record.get('teacher_kl', float('nan')):.3f}  {record['time_step']:.1f}s/step"
                 bar.update(task, completed=self.step, info=info)
 
             yield advance

@@ -102,19 +102,21 @@ def score(remote: Remote, samples: list[Sample]) -> None:
 
 
 def kl_summary(samples: list[Sample]) -> dict[str, float]:
-    """Mean per-token teacher reverse KL, the sample estimate of the student's entropy, lengths."""
+    """Mean per-token teacher reverse KL (when scored), the sample estimate of the sampler's entropy, lengths."""
     tokens = sum(len(s.token_ids) for s in samples)
     if tokens == 0:
         return {"teacher_kl": 0.0, "entropy": 0.0, "tokens": 0, "sequences": 0}
-    return {
-        "teacher_kl": sum(sum(s.rkl) for s in samples) / tokens,
-        # -E[log p(x)] over the student's own samples estimates its entropy per token.
+    out = {
+        # -E[log p(x)] over the sampler's own samples estimates its entropy per token.
         "entropy": -sum(sum(s.sampling_logprobs) for s in samples) / tokens,
         "tokens": tokens,
         "sequences": len(samples),
         "mean_length": tokens / len(samples),
         "stop_fraction": sum(s.finish_reason == "stop" for s in samples) / len(samples),
     }
+    if all(s.teacher_logprobs is not None for s in samples):  # the rl and sft arms ask no teacher while training
+        out = {"teacher_kl": sum(sum(s.rkl) for s in samples) / tokens, **out}
+    return out
 
 
 def load_callable(spec: str, what: str) -> Callable[..., Any]:
