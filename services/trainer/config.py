@@ -110,6 +110,29 @@ class EvalConfig(Section):
     verifier: str | None = Field(default=None, description="'module:function' (row, completion_text) -> bool: eval accuracy.")
 
 
+class ChatTurn(Section):
+    role: Annotated[str, Field(min_length=1)]
+    content: str
+
+
+class TeacherPromptConfig(Section):
+    """What the teacher sees before the student's completion (context.py).
+
+    The student never sees any of it; the teacher renders it with its own chat
+    template and scores exactly the student's completion tokens after it.
+    """
+
+    system: str | None = Field(default=None, description="Privileged instructions: the start of the teacher's system message.")
+    examples: tuple[ChatTurn, ...] = Field(default=(), description="Few-shot turns before each row's conversation.")
+    row_context: str = Field(default="teacher_context", description="A row's field whose text extends the system message.")
+    row_messages: str = Field(default="teacher_messages", description="A row's field holding the teacher's whole conversation.")
+    render: Literal["auto", "teacher"] = Field(
+        default="auto",
+        description="auto: the teacher scores the student's own prompt tokens unless a context applies; teacher: it "
+        "always renders the prompt with its own chat template (a teacher whose template differs).",
+    )
+
+
 class ServicesConfig(Section):
     request_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     retries: Annotated[int, Field(ge=0)] = 4
@@ -122,6 +145,14 @@ class RunConfig(Section):
     student: StudentConfig
     teacher_urls: Annotated[tuple[str, ...], Field(min_length=1, description="Teacher replicas, used round robin.")]
     student_url: Annotated[str, Field(min_length=1)]
+    objective: Literal["opd", "rl", "sft"] = Field(
+        default="opd",
+        description="opd: per-token reverse KL to the teacher; rl: the task reward only, centred per prompt, no "
+        "teacher; sft: log-likelihood of completions the teacher samples (teacher_sampler_url).",
+    )
+    teacher_sampler_url: str | None = Field(
+        default=None, description="objective sft: a student service serving the teacher's model, sampling its completions."
+    )
     api_key: str | None = Field(default=None, repr=False)
     dataset: DatasetConfig
     sampling: SamplingConfig = SamplingConfig()
@@ -130,6 +161,7 @@ class RunConfig(Section):
     kl_coef: Annotated[float, Field(ge=0)] = 1.0
     kl_discount: Annotated[float, Field(ge=0, le=1)] = 0.0
     reward_fn: str | None = Field(default=None, description="'module:function' (row, completion_text) -> float, group-centered.")
+    teacher_prompt: TeacherPromptConfig = TeacherPromptConfig()
     substeps: PositiveInt = 1
     steps: PositiveInt = 100
     eval: EvalConfig = EvalConfig()
@@ -173,6 +205,12 @@ class RunConfig(Section):
     def _consistent(self) -> RunConfig:
         if self.eval.verifier is not None and self.eval.verifier.count(":") != 1:
             raise ValueError("eval.verifier: write it as 'package.module:function'")
+        if self.objective == "sft" and not self.teacher_sampler_url:
+            raise ValueError("objective sft: give teacher_sampler_url, a student service serving the teacher's model")
+        if self.objective == "rl" and not (self.reward_fn or self.eval.verifier):
+            raise ValueError("objective rl: give reward_fn or eval.verifier, the reward to learn from")
+        if self.teacher_prompt.examples and self.dataset.prompt_format == "text":
+            raise ValueError("teacher_prompt.examples: few-shot turns need dataset.prompt_format 'chat'")
         sequences = self.sampling.prompts_per_step * self.sampling.samples_per_prompt
         if self.substeps > sequences:
             raise ValueError(

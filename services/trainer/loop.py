@@ -55,18 +55,21 @@ from typing import Any
 from services.common import protocol as p
 from services.trainer.checkpoint import CheckpointError, PolicyStore, TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from services.trainer.config import RunConfig
+from services.trainer.context import with_teacher_prompts
 from services.trainer.data import PromptRow, PromptSampler, load_prompts
 from services.trainer.metrics import MetricsWriter, plot_teacher_kl
 from services.trainer.remote import Remote, RunStopped
 from services.trainer.rollouts import Sample, StaleRollouts, kl_summary, load_callable, sample, score
-from services.trainer.update import task_rewards, train_on
+from services.trainer.objectives import step_counts, step_rewards, teacher_samples
+from services.trainer.update import train_on
 
 log = logging.getLogger("opd.trainer")
 EVAL_SHOWN = 4  # evaluation completions kept as text per evaluation
 EVAL_STEP = -1  # the evaluation seed's "step": the same prompts and seed at every evaluation
 # Fields (and sections) a resumed run may change: they do not alter what it computes.
 RESUMABLE = ("steps", "eval", "save_every", "keep_versions", "resume", "services", "api_key", "teacher_urls",
-             "student_url", "output_dir", "checkpoint_root", "name", "student.torch_threads", "student.device")
+             "student_url", "teacher_sampler_url", "output_dir", "checkpoint_root", "name", "student.torch_threads",
+             "student.device")
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -105,7 +108,9 @@ class Trainer:
 
         config = self.config
         teachers, student = self.remote.check_tokenizers(tokenizer_fingerprint(load_tokenizer(config.student.model)))
-        self.train_rows, self.eval_rows = load_prompts(config.dataset, config.seed)
+        train_rows, eval_rows = load_prompts(config.dataset, config.seed)
+        self.train_rows = with_teacher_prompts(train_rows, config.teacher_prompt, "train")
+        self.eval_rows = with_teacher_prompts(eval_rows, config.teacher_prompt, "eval")
         self.remote.check_limits(teachers, student, len(self.eval_rows))
         self.sampler = PromptSampler(len(self.train_rows), config.seed)
         self.reward_fn = load_callable(config.reward_fn, "reward_fn") if config.reward_fn else None
@@ -199,9 +204,11 @@ class Trainer:
                     samples, version = future.result(), ahead_version
             except StaleRollouts as exc:
                 log.warning("prefetched rollouts are stale (%s): sampling step %d again", exc, step)
-        if samples is None:
+        if samples is None and self.config.objective == "sft":  # objectives.py: the teacher's completions
+            samples = teacher_samples(self.remote, rows, self.policy.tokenizer, **self.sampling_args(step))
+        elif samples is None:
             samples = self.sample_on_policy(rows, **self.sampling_args(step))
-        if s.max_staleness and step < self.config.steps:
+        if s.max_staleness and self.config.objective != "sft" and step < self.config.steps:
             nxt = self.sampler.peek(s.prompts_per_step)
             ahead_rows = [self.train_rows[i] for i in nxt]
             future = self.pool.submit(sample, self.remote, ahead_rows, version=self.version, **self.sampling_args(step + 1))
@@ -219,9 +226,10 @@ class Trainer:
         self.in_step, self.drawn_from = True, self.sampler.state_dict()
         rows, samples, sampled_by = self.rollouts_for(step)
         sampled = time.perf_counter()
-        score(self.remote, samples)  # waits out a teacher outage; the samples stay
+        if c.objective == "opd":
+            score(self.remote, samples)  # waits out a teacher outage; the samples stay
         scored = time.perf_counter()
-        raw, rewards = task_rewards(samples, self.reward_fn) if self.reward_fn else (None, None)
+        raw, rewards = step_rewards(c.objective, samples, self.reward_fn, self.verifier)
         self.drawn_from = None  # the weights move: an interruption from here on loses the step
         update = train_on(self.policy, samples, c, rewards)
         trained = time.perf_counter()
@@ -231,7 +239,7 @@ class Trainer:
             log.warning("step %d: no update (loss or gradient not finite); the student keeps version %d", step, self.version)
         synced = time.perf_counter()
         record = {
-            **kl_summary(samples), **update,
+            **kl_summary(samples), **update, **step_counts(c.objective, samples, self.verifier),
             "policy_version": self.version,
             # optimizer steps between the weights that sampled this step and those it trained
             "staleness": (step - 1) - self.made_at.get(sampled_by, step - 1),
@@ -244,8 +252,8 @@ class Trainer:
         self.step = step
         self.in_step = False
         assert self.metrics is not None
-        log.info("step %d/%d teacher_kl %.4f loss %.4f tokens %d (%.1fs)",
-                 step, c.steps, record["teacher_kl"], record["loss"], record["tokens"], record["time_step"])
+        log.info("step %d/%d teacher_kl %.4f loss %.4f tokens %d (%.1fs)", step, c.steps,
+                 record.get("teacher_kl", float("nan")), record["loss"], record["tokens"], record["time_step"])
         return self.metrics.write("train", step, record)
 
     def evaluate(self) -> dict[str, Any]:
@@ -342,7 +350,7 @@ class Trainer:
             task = bar.add_task(self.config.name, total=self.config.steps, completed=self.step, info="")
 
             def advance(record: dict[str, Any]) -> None:
-                info = f"teacher KL {record['teacher_kl']:.3f}  {record['time_step']:.1f}s/step"
+                info = f"teacher KL {record.get('teacher_kl', float('nan')):.3f}  {record['time_step']:.1f}s/step"
                 bar.update(task, completed=self.step, info=info)
 
             yield advance

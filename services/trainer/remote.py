@@ -76,6 +76,8 @@ class Remote:
         # A scaled compose service resolves to one address per replica: spread over all.
         self.teacher = TeacherClient(list(config.teacher_urls), expand_dns=True, **kwargs)
         self.student = StudentClient(config.student_url, **kwargs)
+        # objective sft: the teacher's model served by a student service, sampling the teacher's completions.
+        self.teacher_sampler = StudentClient(config.teacher_sampler_url, **kwargs) if config.teacher_sampler_url else None
         self.replicas = [TeacherClient(url, **kwargs) for url in config.teacher_urls]
         self.waited_s = 0.0
         self.score_limits = ScoreLimits()
@@ -108,6 +110,11 @@ class Remote:
     def rollouts(self, request: p.RolloutRequest) -> p.RolloutResponse:
         return self.call("student /rollouts", lambda: self.student.rollouts(request))
 
+    def teacher_rollouts(self, request: p.RolloutRequest) -> p.RolloutResponse:
+        assert self.teacher_sampler is not None, "objective sft needs teacher_sampler_url"
+        sampler = self.teacher_sampler
+        return self.call("teacher sampler /rollouts", lambda: sampler.rollouts(request))
+
     def score(self, sequences: list[p.ScoreSequence]) -> p.LogprobsResponse:
         return self.call("teacher /logprobs", lambda: self.teacher.logprobs(sequences))
 
@@ -139,6 +146,13 @@ class Remote:
                     f"{student.model} (at {self.config.student_url}, tokenizer {student.tokenizer_fingerprint}) use "
                     "different tokenizers, so the teacher cannot score the student's token ids: distill between "
                     "models that share a tokenizer (compare GET /info tokenizer_fingerprint)"
+                )
+        if self.teacher_sampler is not None:
+            sampler = self.call("teacher sampler /info", self.teacher_sampler.info)
+            if sampler.tokenizer_fingerprint != student.tokenizer_fingerprint:
+                raise TokenizerMismatch(
+                    f"the teacher sampler {sampler.model} (at {self.config.teacher_sampler_url}) and the student "
+                    f"{student.model} use different tokenizers: the student cannot train on the sampler's token ids"
                 )
         if trainer_fingerprint != student.tokenizer_fingerprint:
             raise TokenizerMismatch(

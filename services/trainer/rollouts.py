@@ -4,8 +4,9 @@
     score(remote, samples)            # fills teacher_logprobs_T in place
 
 Choices:
-1) The teacher scores exactly the student's token ids (`token_ids` + `start`),
-   never re-rendered text, so both see the same tokens.
+1) The teacher scores exactly the student's completion token ids, never
+   re-rendered text: after the student's own prompt ids, or after the
+   teacher's own prompt when the run gives it a privileged context (context.py).
 2) Rollouts must come from the policy version the trainer last loaded; a
    student that answers with another version (it restarted, or someone else
    loaded weights) raises `StaleRollouts`, and the caller reloads and samples
@@ -28,6 +29,7 @@ from typing import Any
 
 from services.common import protocol as p
 from services.common.errors import InvalidInput, OPDError
+from services.trainer.context import score_sequence
 from services.trainer.data import PromptRow
 from services.trainer.remote import Remote, ScoreLimits
 
@@ -57,6 +59,7 @@ class Sample:
     row: dict[str, Any] = field(repr=False)
     teacher_logprobs: list[float] | None = None
     trimmed: int = 0  # tokens cut off the end to fit the teacher's maximum length
+    teacher_prompt: p.Prompt | None = field(default=None, repr=False)  # None: the student's prompt ids
 
     @property
     def rkl(self) -> list[float]:
@@ -80,8 +83,9 @@ def sample(
         if len(r.logprobs) != len(r.token_ids):
             raise ScoreMismatch(f"the student returned {len(r.token_ids)} tokens but {len(r.logprobs)} logprobs")
         if r.token_ids:
+            row = prompts[r.prompt_index]
             out.append(Sample(r.prompt_index, r.prompt_token_ids, r.token_ids, r.logprobs, r.text, r.finish_reason,
-                              prompts[r.prompt_index].row))
+                              row.row, teacher_prompt=row.teacher))
     return out
 
 
@@ -123,7 +127,7 @@ def chunks(lengths: list[int], limits: ScoreLimits) -> list[list[int]]:
 
 
 def score_chunk(remote: Remote, chunk: list[Sample]) -> None:
-    sequences = [p.ScoreSequence(token_ids=s.prompt_ids + s.token_ids, start=len(s.prompt_ids)) for s in chunk]
+    sequences = [score_sequence(s.prompt_ids, s.token_ids, s.teacher_prompt) for s in chunk]
     response = remote.score(sequences)
     for s, result in zip(chunk, response.results, strict=True):
         if len(result.logprobs) != len(s.token_ids):
@@ -132,13 +136,12 @@ def score_chunk(remote: Remote, chunk: list[Sample]) -> None:
 
 
 def kl_summary(samples: list[Sample]) -> dict[str, float]:
-    """Mean per-token teacher reverse KL, the sample estimate of the student's entropy, lengths."""
+    """Mean per-token teacher reverse KL (when scored), the sample estimate of the sampler's entropy, lengths."""
     tokens = sum(len(s.token_ids) for s in samples)
     if tokens == 0:
         return {"teacher_kl": 0.0, "entropy": 0.0, "tokens": 0, "sequences": 0}
-    return {
-        "teacher_kl": sum(sum(s.rkl) for s in samples) / tokens,
-        # -E[log p(x)] over the student's own samples estimates its entropy per token.
+    out = {
+        # -E[log p(x)] over the sampler's own samples estimates its entropy per token.
         "entropy": -sum(sum(s.sampling_logprobs) for s in samples) / tokens,
         "tokens": tokens,
         "sequences": len(samples),
@@ -146,6 +149,9 @@ def kl_summary(samples: list[Sample]) -> dict[str, float]:
         "stop_fraction": sum(s.finish_reason == "stop" for s in samples) / len(samples),
         "trimmed_tokens": sum(s.trimmed for s in samples),
     }
+    if all(s.teacher_logprobs is not None for s in samples):  # the rl and sft arms ask no teacher while training
+        out = {"teacher_kl": sum(sum(s.rkl) for s in samples) / tokens, **out}
+    return out
 
 
 def load_callable(spec: str, what: str) -> Callable[..., Any]:

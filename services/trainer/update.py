@@ -4,7 +4,9 @@ Choices:
 1) Advantages are computed once per step from the sampler's and the teacher's
    logprobs (they do not depend on the trainable weights): the KL advantage
    per token, plus the optional task reward, group-centered over the samples
-   of one prompt and added to every token of its sample.
+   of one prompt and added to every token of its sample. The `rl` objective
+   uses the centred reward alone; `sft` uses no advantage but the
+   log-likelihood of the (teacher's) tokens (objectives.py).
 2) The step's samples are split into `substeps` contiguous chunks, one
    optimizer step each; each chunk is run in micro-batches of at most
    `micro_batch_tokens` padded tokens with gradients accumulated, and its loss
@@ -46,6 +48,12 @@ def task_rewards(samples: list[Sample], reward_fn: Callable[[dict, str], float])
 def advantages(samples: list[Sample], config: RunConfig, rewards: list[float] | None) -> list[torch.Tensor]:
     """Per sample, A_t over its completion tokens."""
     sampling_BT, mask_BT = L.pad_right([torch.tensor(s.sampling_logprobs) for s in samples])
+    if config.objective == "sft":
+        return [torch.zeros(len(s.token_ids)) for s in samples]
+    if config.objective == "rl":
+        assert rewards is not None, "the rl objective trains on task rewards"
+        adv_BT = L.reward_advantages(torch.tensor(rewards), mask_BT)
+        return [adv_BT[b, : len(s.token_ids)] for b, s in enumerate(samples)]
     teacher_BT, _ = L.pad_right([torch.tensor(s.teacher_logprobs) for s in samples])
     rkl_BT = L.reverse_kl(sampling_BT, teacher_BT, mask_BT)
     adv_BT = L.kl_advantages(rkl_BT, mask_BT, config.kl_coef, config.kl_discount)
@@ -65,7 +73,9 @@ def chunk_loss(
     sampling_BT, _ = L.pad_right([torch.tensor(s.sampling_logprobs) for s in samples])
     adv_BT, _ = L.pad_right(adv_B)
     logprobs_BT = logprobs_BT.to(sampling_BT.device)
-    if config.loss.kind == "ppo":
+    if config.objective == "sft":
+        loss = L.sft_loss(logprobs_BT, mask_BT, num_tokens)
+    elif config.loss.kind == "ppo":
         loss = L.ppo_loss(logprobs_BT, sampling_BT, adv_BT, mask_BT, num_tokens, config.loss.clip_range)
     else:
         loss = L.importance_sampling_loss(logprobs_BT, sampling_BT, adv_BT, mask_BT, num_tokens)

@@ -19,13 +19,21 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")  # the trainer's checkpoint folders (t
 
 
 def step_line(record: dict[str, Any]) -> str:
-    parts = [f"step {record['step']:>3}", f"teacher KL {record.get('teacher_kl', float('nan')):.4f}"]
-    for key, label in (("entropy", "entropy"), ("tokens", "tokens")):
+    parts = [f"step {record['step']:>3}"]
+    if "teacher_kl" in record:  # the rl and sft arms ask no teacher while training
+        parts.append(f"teacher KL {record['teacher_kl']:.4f}")
+    for key, label in (("train_accuracy", "accuracy"), ("entropy", "entropy"), ("tokens", "tokens")):
         if key in record:
             parts.append(f"{label} {record[key]:.3f}" if isinstance(record[key], float) else f"{label} {record[key]}")
     times = [f"{k.removeprefix('time_')} {record[k]:.1f}s" for k in ("time_sample", "time_score", "time_train", "time_sync")
              if k in record]
     return "  ".join(parts) + ("  (" + ", ".join(times) + ")" if times else "")
+
+
+def eval_line(record: dict[str, Any]) -> str:
+    accuracy = f", accuracy {record['accuracy']:.3f}" if "accuracy" in record else ""
+    return (f"[cyan]eval    teacher KL on held-out prompts {record.get('teacher_kl', float('nan')):.4f}{accuracy}"
+            f" (step {record['step']})[/cyan]")
 
 
 class RunWatcher:
@@ -49,8 +57,7 @@ class RunWatcher:
                 continue
             self.shown.add(key)
             if key[0] == "eval":
-                self.console.print(f"[cyan]eval    teacher KL on held-out prompts {record.get('teacher_kl', float('nan')):.4f}"
-                                   f" (step {record['step']})[/cyan]")
+                self.console.print(eval_line(record))
                 self.longest_eval = max(self.longest_eval, float(record.get("time_eval", 0.0)))
             else:
                 self.console.print(step_line(record))

@@ -1,0 +1,144 @@
+"""The efficiency study: opd, rl and sft on the shipped skill task, one trainer, one budget.
+
+    python benchmarks/efficiency.py                                   # services/configs/skill.yaml, all three arms
+    python benchmarks/efficiency.py --arms opd,rl --steps 16 --eval-every 4 --set run.sampling.max_tokens=12
+
+1) Models are prepared as `opd up` prepares them; the teacher service, the
+   student service and a teacher sampler (a student service serving the
+   teacher's model) start once and serve every arm.
+2) The teacher's held-out accuracy: the teacher sampler answers the held-out
+   prompts given the privileged context, with the evaluation's settings
+   (samples per prompt, max tokens, temperature, seed).
+3) Each arm is one trainer run in this process, from the same student
+   weights, with the same prompts, seeds, batch shape and optimizer; only
+   `objective` differs (services/trainer/objectives.py).
+4) Held-out accuracy and teacher KL every `--eval-every` steps; then the table
+   and the plot of accuracy against step and against training seconds
+   (services/tasks/study.py), written to the workdir and printed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from rich.console import Console  # noqa: E402
+
+from services.common import protocol as p  # noqa: E402
+from services.common.client import StudentClient  # noqa: E402
+from services.common.process import ServiceProcess, free_port  # noqa: E402
+from services.tasks.study import curve, plot, table  # noqa: E402
+from services.trainer.config import RunConfig, build_config, deep_merge  # noqa: E402
+from services.trainer.context import with_teacher_prompts  # noqa: E402
+from services.trainer.data import load_prompts  # noqa: E402
+from services.trainer.metrics import read_records  # noqa: E402
+from services.trainer.rollouts import load_callable  # noqa: E402
+from services.up.config import EngineService, load_stack  # noqa: E402
+from services.up.runner import resolve_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def start(name: str, args: list[str], spec: EngineService, logs: Path) -> ServiceProcess:
+    port = free_port()
+    full = [*args, "--engine", spec.engine, "--dtype", spec.dtype, "--kv-cache-gib", str(spec.kv_cache_gib), "--port", str(port)]
+    return ServiceProcess(name, full, port, log_file=logs / f"{name}.log").start()
+
+
+def teacher_accuracy(run: RunConfig, sampler_url: str) -> float:
+    """The teacher's model, given the privileged context, on the held-out prompts with the evaluation's settings."""
+    _, eval_rows = load_prompts(run.dataset, run.seed)
+    rows = with_teacher_prompts(eval_rows, run.teacher_prompt, "eval")
+    verifier = load_callable(run.eval.verifier or "", "eval.verifier")
+    request = p.RolloutRequest(prompts=[r.teacher or r.prompt for r in rows], n=run.eval.samples_per_prompt,
+                               max_tokens=run.eval_max_tokens, temperature=run.sampling.temperature,
+                               top_p=run.sampling.top_p, seed=run.seed)
+    rollouts = StudentClient(sampler_url, timeout=3600).rollouts(request).rollouts
+    return sum(bool(verifier(rows[r.prompt_index].row, r.text)) for r in rollouts) / len(rollouts)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "services" / "configs" / "skill.yaml", help="an `opd up` stack file")
+    parser.add_argument("--arms", default="opd,rl,sft")
+    parser.add_argument("--steps", type=int, default=None, help="steps per arm (default: the config's run.steps)")
+    parser.add_argument("--eval-every", type=int, default=None, help="default: the config's run.eval.every")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/efficiency"))
+    parser.add_argument("--set", dest="sets", action="append", default=[], help="override a stack field: run.sampling.max_tokens=12")
+    parser.add_argument("--plot-to", type=Path, default=None, help="also copy the plot here")
+    args = parser.parse_args()
+
+    from services.trainer.loop import Trainer
+
+    console = Console()
+    stack = load_stack(args.config, args.sets)
+    workdir = args.workdir.resolve()
+    logs = workdir / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    teacher_model = resolve_model(stack.teacher, workdir / "models", console)
+    student_model = resolve_model(stack.student, workdir / "models", console)
+    finetune = (stack.run.get("student") or {}).get("finetune", "lora")
+    no_lora = ["--no-lora"] if stack.student.engine == "vllm" and finetune == "full" else []
+    procs = [
+        start("teacher", ["teacher", "serve", "--model", teacher_model], stack.teacher, logs),
+        start("student", ["student", "serve", "--model", student_model, "--checkpoint-root", str(workdir / "checkpoints"),
+                          *no_lora], stack.student, logs),
+        start("teacher-sampler", ["student", "serve", "--model", teacher_model, "--checkpoint-root",
+                                  str(workdir / "sampler-checkpoints"), *(["--no-lora"] if stack.teacher.engine == "vllm" else [])],
+              stack.teacher, logs),
+    ]
+    try:
+        with console.status(f"starting teacher, student and teacher sampler (logs: {logs})"):
+            for proc in procs:
+                proc.wait_ready(stack.startup_timeout_s)
+        urls = {proc.name: proc.url for proc in procs}
+        results: dict[str, list] = {}
+        walls: dict[str, float] = {}
+        base = None
+        for arm in args.arms.split(","):
+            overrides = {"student": {"model": student_model}, "teacher_urls": [urls["teacher"]], "student_url": urls["student"],
+                         "teacher_sampler_url": urls["teacher-sampler"], "checkpoint_root": str(workdir / "checkpoints"),
+                         "output_dir": str(workdir / arm), "name": f"efficiency-{arm}", "objective": arm, "resume": False}
+            if args.steps:
+                overrides["steps"] = args.steps
+            if args.eval_every:
+                overrides["eval"] = {"every": args.eval_every}
+            run = build_config(deep_merge(stack.run, overrides))
+            if base is None:
+                base = run
+                with console.status("the teacher's held-out accuracy"):
+                    teacher = teacher_accuracy(run, urls["teacher-sampler"])
+                console.print(f"teacher (with the context) held-out accuracy {teacher:.3f}")
+            began = time.monotonic()
+            console.print(f"[bold]{arm}[/bold]: {run.steps} steps, evaluation every {run.eval.every}")
+            Trainer(run, progress=True).run()
+            walls[arm] = time.monotonic() - began
+            results[arm] = curve(read_records(workdir / arm / "metrics.jsonl"))
+            for pt in results[arm]:
+                console.print(f"  step {pt.step:>3}  accuracy {pt.accuracy:.3f}  teacher KL {pt.teacher_kl:.3f}  "
+                              f"({pt.seconds:.0f} s, {pt.tokens:,} tokens of training)")
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+    text = table(results, teacher)
+    figure = plot(results, teacher, workdir / "accuracy.png")
+    (workdir / "results.md").write_text(text + "\n")
+    (workdir / "results.json").write_text(json.dumps(
+        {"teacher_accuracy": teacher, "wall_seconds": walls, "arms": {a: [pt.__dict__ for pt in c] for a, c in results.items()},
+         "command": " ".join(sys.argv)}, indent=1))
+    if args.plot_to:
+        args.plot_to.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(figure, args.plot_to)
+    console.print(text)
+    console.print(f"plot: {figure}   results: {workdir / 'results.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
