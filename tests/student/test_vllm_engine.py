@@ -200,3 +200,17 @@ async def test_bad_checkpoints_never_reach_the_engine(service: StudentService) -
             await service.load_weights(p.WeightsRequest(version=2, kind=kind, path=path))
         assert 400 <= caught.value.status_code < 500, (kind, path)
         assert service.engine.healthy() and await service.rollouts(request) == serving, (kind, path)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 5e-324])
+async def test_greedy_matches_the_hf_engine_with_temperature_1_logprobs(
+    base, hf_engine, prompts, reference: Reference, temperature: float
+) -> None:
+    """Below the temperature floor both engines decode greedily and report the model's logprobs at temperature 1."""
+    request = p.RolloutRequest(prompts=[{"token_ids": q} for q in prompts], n=2, max_tokens=12, temperature=temperature, seed=4)
+    sampling = Sampling.from_request(request)
+    from_vllm = await base.sample(prompts, sampling)
+    from_hf = await hf_engine.sample(prompts, sampling)
+    assert [[s.token_ids for s in g] for g in from_vllm] == [[s.token_ids for s in g] for g in from_hf]
+    assert all(g[0].token_ids == g[1].token_ids for g in from_vllm)
+    assert reference.max_error("base", as_rollouts(prompts, from_vllm), 1.0) < ATOL

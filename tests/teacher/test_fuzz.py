@@ -15,7 +15,7 @@ from tests.utils.fuzz import fuzz
 from tests.utils.services import running
 
 pytestmark = pytest.mark.slow
-FUZZ_SECONDS = 25
+FUZZ_SECONDS = 30
 LIMITS = {"OPD_TEACHER_MAX_SEQUENCES": "8", "OPD_TEACHER_MAX_REQUEST_TOKENS": "2048"}
 
 
@@ -24,6 +24,6 @@ def test_fuzzing_finds_no_server_error(teacher_model: Path, tmp_path: Path) -> N
     with running("teacher-hf", args, log_dir=tmp_path, env=LIMITS) as proc:
         run = fuzz(proc.url, tmp_path / "fuzz", seconds=FUZZ_SECONDS)
         assert run.returncode == 0, run.output[-8000:]
-        assert run.cases >= 20, run.output[-3000:]  # hundreds on an idle machine
+        assert run.cases >= 10, run.output[-3000:]  # hundreds on an idle machine; a few dozen under heavy load
         assert proc.alive() and httpx.get(proc.url + "/health").status_code == 200
         assert len(TeacherClient(proc.url).logprobs([{"token_ids": [5, 6, 7]}]).results[0].logprobs) == 2

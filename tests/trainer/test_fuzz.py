@@ -22,7 +22,7 @@ from tests.utils.fuzz import fuzz
 from tests.utils.services import running
 
 pytestmark = pytest.mark.slow
-FUZZ_SECONDS = 25
+FUZZ_SECONDS = 30
 KEY = "fuzz-key"
 
 
@@ -47,7 +47,7 @@ def test_fuzzing_finds_no_server_error(student_model: Path, tmp_path: Path) -> N
         run_id = created.json()["id"]
         run = fuzz(proc.url, tmp_path / "fuzz", seconds=FUZZ_SECONDS, api_key=KEY)
         assert run.returncode == 0, run.output[-8000:]
-        assert run.cases >= 20, run.output[-3000:]  # hundreds on an idle machine
+        assert run.cases >= 10, run.output[-3000:]  # hundreds on an idle machine; a few dozen under heavy load
         assert [r["id"] for r in http.get("/runs").json()["runs"]] == [run_id]  # the fuzzer started no run
         assert http.post(f"/runs/{run_id}/stop").status_code == 202
         deadline = time.monotonic() + 60

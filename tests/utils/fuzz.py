@@ -8,6 +8,8 @@ out of bounds, missing fields). The checks say what must hold for every answer:
 - the status code, content type, headers and body are ones the document lists;
 - invalid data (by the document) is refused with a 4xx;
 - with an API key, a request without it is refused.
+The phases: coverage (boundary and invalid values of every field, each
+operation in turn), then fuzzing and stateful runs until the time is spent.
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def fuzz(url: str, workdir: Path, *, seconds: int, api_key: str | None = None, s
     cmd = [
         schemathesis(), "--config-file", str(config), "run", f"{url}/openapi.json", "--max-time", str(seconds),
         "--checks", ",".join(checks), "--seed", str(seed), "--request-timeout", "60", "--wait-for-schema", "30",
-        "--suppress-health-check", "too_slow", *extra,
+        "--suppress-health-check", "too_slow", "--phases", "coverage,fuzzing,stateful", *extra,
     ]
     if api_key:
         cmd += ["--header", f"Authorization: Bearer {api_key}"]
