@@ -23,6 +23,7 @@ local_cas=/usr/local/share/ca-certificates
 
 if ! command -v debootstrap > /dev/null; then
     command -v apt-get > /dev/null || { echo "base_image.sh: install debootstrap first" >&2; exit 1; }
+    apt-get update -q > /dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -q debootstrap > /dev/null
 fi
 

@@ -125,11 +125,11 @@ def prepare_models(stack: Stack) -> None:
 
 
 def run_config(name: str) -> dict:
-    """A short run; service URLs, the student's model and the folders come from the trainer's environment."""
+    """A short run; service URLs, the student's model, the dataset and the folders come from the trainer's environment."""
     return {
         "name": name,
         "student": {"finetune": "lora", "lora": {"rank": 8, "alpha": 16}, "torch_threads": 1},
-        "dataset": {"path": "/opt/opd/services/data/prompts.jsonl", "eval_size": 4},
+        "dataset": {"eval_size": 4},
         "sampling": {"prompts_per_step": 2, "samples_per_prompt": 2, "max_tokens": 16},
         "steps": 2,
         "eval": {"every": 0},

