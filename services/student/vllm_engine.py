@@ -25,7 +25,7 @@ Choices:
 6) vLLM's engine dies on a bad adapter or checkpoint, so checkpoints are
    checked before they get here (checkpoints.py); if it dies anyway,
    `healthy()` turns false and /ready answers 503.
-6) A request vLLM refuses (its own validation) is the request's fault: a 422
+7) A request vLLM refuses (its own validation) is the request's fault: a 422
    with vLLM's message, never a 500.
 """
 
