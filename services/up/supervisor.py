@@ -117,7 +117,7 @@ class Supervisor:
                 w.state, w.generation = "up", w.generation + 1
                 self.report(f"[green]{w.proc.name} is ready again[/green] (restart {w.restarts} of "
                             f"{self.policy.max_restarts})")
-            elif now > w.due or self._held.is_set():
+            elif now > w.due and not self._held.is_set():  # held: stop_all ends it
                 w.proc.stop(grace=5)
                 self._crashed(w, f"was not ready {self.startup_timeout_s:.0f}s after its restart")
 
