@@ -27,6 +27,7 @@ import contextlib
 import os
 import secrets
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -210,6 +211,7 @@ def base_image(env: dict[str, str]) -> tuple[str, bool]:
 
 
 def main() -> int:
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # tear down on a kill as on Ctrl-C
     timings: dict[str, float] = {}
     start = time.monotonic()
     size = "?"
