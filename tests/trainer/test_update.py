@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from services.common.settings import StudentSettings
-from services.student.engine import HFRolloutEngine, Sampling
+from services.student.engine import Sampling
+from services.student.hf_engine import HFRolloutEngine
 from services.trainer.config import RunConfig, build_config
 from services.trainer.policy import Policy
 from services.trainer.rollouts import Sample
