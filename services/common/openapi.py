@@ -45,6 +45,7 @@ def publish(app: FastAPI, *, api_key: str | None, limits: Callable[[], Limits | 
         else:
             _drop_auth(doc)
         _document_retry_after(doc)
+        _document_400(doc)
         known = limits() if limits else {}
         if known is None:  # the model is not loaded yet: serve this one, build again next time
             return doc
@@ -65,6 +66,13 @@ def _drop_auth(doc: dict[str, Any]) -> None:
     for op in _operations(doc):
         op.pop("security", None)
         op.get("responses", {}).pop("401", None)
+
+
+def _document_400(doc: dict[str, Any]) -> None:
+    """A body that is not JSON at all (bytes that do not decode) is refused with 400 before validation."""
+    for op in _operations(doc):
+        if "requestBody" in op:
+            op.setdefault("responses", {}).setdefault("400", {"description": "the body is not readable JSON"})
 
 
 def _document_401(doc: dict[str, Any]) -> None:

@@ -88,7 +88,7 @@ def test_the_task_reward_drives_the_update(make_config) -> None:
     gradient; without a reward the same step has neither. reward_mean is the raw reward's mean, -chars/100."""
     common = dict(steps=1, eval__every=0, save_every=1, kl_coef=0)
     rewarded = run(make_config(name="reward", reward_fn="tests.trainer.tasks:prefers_short", **common))[0]
-    plain = run(make_config(name="no-reward", **common))[0]
+    plain = run(make_config(name="no-reward", resume=False, **common))[0]  # the same output_dir as the first
     assert rewarded["grad_norm"] > 0 and rewarded["loss"] != 0 and rewarded["reward_mean"] < 0
     assert plain["grad_norm"] == 0 and plain["loss"] == 0 and "reward_mean" not in plain
 

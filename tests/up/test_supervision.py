@@ -112,7 +112,7 @@ def final_weights(run_dir: Path, steps: int) -> dict:
 
 def test_killed_services_come_back_and_the_run_ends_as_if_uninterrupted(tmp_path, teacher_model, student_model) -> None:
     """The student, then the teacher, then the trainer are SIGKILLed at seeded random points of a run."""
-    steps = 7
+    steps = 14  # tiny hf steps take well under a second: the run must outlast the last kill
     reference = Up(hf_stack(tmp_path / "reference", teacher_model, student_model, steps), tmp_path / "reference.out")
     chaos = Up(hf_stack(tmp_path / "chaos", teacher_model, student_model, steps), tmp_path / "chaos.out")
     rng = random.Random(14)
