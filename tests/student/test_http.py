@@ -151,11 +151,11 @@ def test_hf_process_equals_in_process(student_model: Path, checkpoint_root: Path
 
 
 def test_a_client_that_goes_away_stops_its_rollouts(student_model: Path, checkpoint_root: Path, tmp_path) -> None:
-    """A long rollout request (32 micro-batches of 250 tokens) whose client hangs up is cancelled within a turn."""
+    """A long rollout request (64 micro-batches of 250 tokens) whose client hangs up is cancelled within a turn."""
     args = ["student", "serve", "--model", str(student_model), "--engine", "hf", "--dtype", "float32",
             "--device", "cpu", "--checkpoint-root", str(checkpoint_root)]
     with running("student-hf", args, log_dir=tmp_path, env={"OPD_STUDENT_MICRO_BATCH_TOKENS": "256"}) as proc:
-        hang_up(proc.url + "/rollouts", {"prompts": [{"token_ids": [5, 6, 7]}], "n": 32, "max_tokens": 250}, after=2.0)
+        hang_up(proc.url + "/rollouts", {"prompts": [{"token_ids": [5, 6, 7]}], "n": 64, "max_tokens": 250}, after=2.0)
         metrics = wait_for_metric(proc.url, 'opd_student_requests_total{outcome="cancelled"} 1.0')
         assert "opd_queue_depth 0.0" in metrics
         time.sleep(0.5)  # the turn that was running ends

@@ -160,10 +160,10 @@ def test_vllm_shared_prompts_score_like_hf(vllm_teacher, hf_engine: HFScoringEng
 
 
 def test_a_client_that_goes_away_stops_its_scoring(teacher_model: Path, tmp_path) -> None:
-    """A request of 480 sequences (one micro-batch each) whose client hangs up is cancelled within a micro-batch."""
+    """A request of 512 sequences (one micro-batch each) whose client hangs up is cancelled within a micro-batch."""
     args = ["teacher", "serve", "--model", str(teacher_model), "--engine", "hf", "--dtype", "float32", "--device", "cpu"]
     rng = random.Random(5)
-    body = {"sequences": [{"token_ids": [rng.randrange(512) for _ in range(500)]} for _ in range(480)]}
+    body = {"sequences": [{"token_ids": [rng.randrange(512) for _ in range(500)]} for _ in range(512)]}
     with running("teacher-hf", args, log_dir=tmp_path, env={"OPD_TEACHER_MICRO_BATCH_TOKENS": "512"}) as proc:
         hang_up(proc.url + "/logprobs", body, after=2.0)
         metrics = wait_for_metric(proc.url, 'opd_teacher_requests_total{outcome="cancelled"} 1.0')
