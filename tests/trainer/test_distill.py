@@ -82,12 +82,13 @@ def test_ppo_substeps_and_verifier(make_config) -> None:
         assert len(verdicts) == 4 and r["accuracy"] == sum(verdicts) / 4
 
 
-def test_the_task_reward_drives_the_update(make_config) -> None:
+def test_the_task_reward_drives_the_update(make_config, tmp_path: Path) -> None:
     """With kl_coef 0 only the task reward can move the policy: with `prefers_short` a step has a loss and a
     gradient; without a reward the same step has neither. reward_mean is the raw reward's mean, -chars/100."""
     common = dict(steps=1, eval__every=0, save_every=1, kl_coef=0)
-    rewarded = run(make_config(name="reward", reward_fn="tests.trainer.tasks:prefers_short", **common))[0]
-    plain = run(make_config(name="no-reward", **common))[0]
+    rewarded = run(make_config(name="reward", reward_fn="tests.trainer.tasks:prefers_short",
+                               output_dir=str(tmp_path / "reward"), **common))[0]
+    plain = run(make_config(name="no-reward", output_dir=str(tmp_path / "plain"), **common))[0]
     assert rewarded["grad_norm"] > 0 and rewarded["loss"] != 0 and rewarded["reward_mean"] < 0
     assert plain["grad_norm"] == 0 and plain["loss"] == 0 and "reward_mean" not in plain
 
