@@ -32,7 +32,6 @@ def run(config) -> list[dict]:
 @pytest.mark.parametrize(
     ("finetune", "lr"),
     # LoRA before full: a LoRA run must also cope with a student left on another run's full weights.
-    # On a machine without a GPU the student merges each adapter into its weights (services/student/vllm_merge.py).
     [("lora", 0.01), ("full", 0.001)],
 )
 def test_distillation_lowers_the_teacher_kl(make_config, checkpoint_root: Path, finetune: str, lr: float) -> None:
@@ -83,12 +82,13 @@ def test_ppo_substeps_and_verifier(make_config) -> None:
         assert len(verdicts) == 4 and r["accuracy"] == sum(verdicts) / 4
 
 
-def test_the_task_reward_drives_the_update(make_config) -> None:
+def test_the_task_reward_drives_the_update(make_config, tmp_path: Path) -> None:
     """With kl_coef 0 only the task reward can move the policy: with `prefers_short` a step has a loss and a
     gradient; without a reward the same step has neither. reward_mean is the raw reward's mean, -chars/100."""
     common = dict(steps=1, eval__every=0, save_every=1, kl_coef=0)
-    rewarded = run(make_config(name="reward", reward_fn="tests.trainer.tasks:prefers_short", **common))[0]
-    plain = run(make_config(name="no-reward", resume=False, **common))[0]  # the same output_dir as the first
+    rewarded = run(make_config(name="reward", reward_fn="tests.trainer.tasks:prefers_short",
+                               output_dir=str(tmp_path / "reward"), **common))[0]
+    plain = run(make_config(name="no-reward", output_dir=str(tmp_path / "plain"), **common))[0]
     assert rewarded["grad_norm"] > 0 and rewarded["loss"] != 0 and rewarded["reward_mean"] < 0
     assert plain["grad_norm"] == 0 and plain["loss"] == 0 and "reward_mean" not in plain
 
@@ -99,17 +99,3 @@ def test_top_p_run_stays_on_policy(make_config) -> None:
     config = make_config(name="top-p", steps=2, eval__every=0, save_every=2, sampling__top_p=0.8)
     for r in run(config):
         assert 0.98 < r["ratio_min"] <= r["ratio_max"] < 1.02, f"step {r['step']} is off-policy: {r}"
-
-
-def test_one_step_off_policy_overlap_trains(make_config) -> None:
-    """max_staleness=1: each step after the first trains on rollouts its previous version sampled, while it trained."""
-    config = make_config(name="stale", sampling__max_staleness=1, steps=STEPS, eval__every=6, save_every=6)
-    records = run(config)
-    train = [r for r in records if r["kind"] == "train"]
-    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
-    assert [r["staleness"] for r in train] == [0] + [1] * (STEPS - 1)
-    assert 0.98 < train[0]["ratio_min"] <= train[0]["ratio_max"] < 1.02, "the first step samples on-policy"
-    # One version behind, the importance ratio moves off 1: it is what corrects the lag.
-    assert all(r["ratio_max"] > 1.001 or r["ratio_min"] < 0.999 for r in train[1:])
-    evals = [r for r in records if r["kind"] == "eval"]
-    assert evals[-1]["teacher_kl"] < 0.8 * evals[0]["teacher_kl"], evals
