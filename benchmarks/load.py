@@ -137,7 +137,7 @@ def request_for(kind: str, model: Path, args: argparse.Namespace) -> tuple[str, 
         if kind == "teacher":
             prompt = render_prompt(tokenizer, Prompt(messages=[{"role": "user", "content": q}]))
             sequences = [{"prompt": {"token_ids": prompt},
-                          "completion": [rng.randrange(1000, 20000) for _ in range(args.tokens)]}
+                          "completion": [rng.randrange(len(tokenizer)) for _ in range(args.tokens)]}
                          for _ in range(args.sequences)]
             bodies.append({"sequences": sequences})
         else:
