@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import signal
 import sys
 from pathlib import Path
 
@@ -144,6 +145,7 @@ def main() -> int:
     args = parser.parse_args()
 
     console = Console()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the services on SIGTERM too
     stack = load_stack(args.config, args.sets)
     workdir = args.workdir.resolve()
     procs, student_model = start_stack(stack, workdir, console)
