@@ -47,8 +47,16 @@ class Response(BaseModel):
 
 
 def one_of(*forms: list[str]) -> dict:
-    """JSON schema for "exactly one of these sets of fields" (the validators below say it in words)."""
-    return {"oneOf": [{"required": form} for form in forms]}
+    """JSON schema for "exactly one of these sets of fields" (the validators below say it in words).
+
+    A field sent as null counts as not given, as the validators read it: each
+    form requires its fields non-null and the other forms' fields absent or null,
+    so `{"text": null, "messages": [...]}` is one form, as served.
+    """
+    fields = {f for form in forms for f in form}
+    return {"oneOf": [{"required": form,
+                       "properties": {f: ({"not": {"type": "null"}} if f in form else {"type": "null"}) for f in sorted(fields)}}
+                      for form in forms]}
 
 
 # --------------------------------------------------------------------- prompts

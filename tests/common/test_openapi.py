@@ -73,3 +73,33 @@ def test_limits_and_retry_after() -> None:
     for path in ("/rollouts", "/ready"):
         op = next(iter(doc["paths"][path].values()))
         assert op["responses"]["503"]["headers"]["Retry-After"]["required"] is True, path
+
+
+PROMPTS = [
+    {"text": "hi"}, {"token_ids": [1, 2]}, {"messages": [{"role": "user", "content": "hi"}]},
+    {"text": None, "messages": [{"role": "user", "content": "hi"}]},  # null is not given (schemathesis ST201)
+    {"token_ids": [3], "text": None, "messages": None},
+    {}, {"text": None}, {"text": "a", "token_ids": [1]}, {"text": "a", "messages": None, "token_ids": [2]},
+]
+SEQUENCES = [
+    {"token_ids": [1, 2], "start": 1}, {"prompt": {"text": "a"}, "completion": [1]},
+    {"token_ids": None, "prompt": {"text": "a"}, "completion": [1]}, {"token_ids": [1, 2], "prompt": None, "completion": None},
+    {"prompt": {"text": "a"}}, {"token_ids": [1, 2], "prompt": {"text": "a"}, "completion": [1]},
+]
+
+
+def test_the_documents_one_of_accepts_what_the_models_accept() -> None:
+    """The JSON schema each model publishes and the model's own validation agree on which fields make a form."""
+    import jsonschema
+    from pydantic import ValidationError
+
+    for model, bodies in ((p.Prompt, PROMPTS), (p.ScoreSequence, SEQUENCES)):
+        schema = model.model_json_schema()
+        for body in bodies:
+            try:
+                model.model_validate(body)
+                served = True
+            except ValidationError:
+                served = False
+            documented = jsonschema.Draft202012Validator(schema).is_valid(body)
+            assert served == documented, (model.__name__, body, served)

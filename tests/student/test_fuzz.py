@@ -20,8 +20,6 @@ KEY = "fuzz-key"
 LIMITS = {"OPD_STUDENT_MAX_TOKENS": "8", "OPD_STUDENT_MAX_PROMPTS": "2", "OPD_STUDENT_MAX_ROLLOUTS": "4"}
 
 
-@pytest.mark.skip(reason="open defect (issue 13): a prompt given as {'text': null, 'messages': [...]} is served "
-                  "while the OpenAPI document's oneOf refuses it (schemathesis ST201); fix the document, then unskip")
 def test_fuzzing_finds_no_server_error(student_model: Path, checkpoint_root: Path, tmp_path: Path) -> None:
     args = ["student", "serve", "--model", str(student_model), "--engine", "hf", "--dtype", "float32",
             "--device", "cpu", "--checkpoint-root", str(checkpoint_root)]
