@@ -11,11 +11,10 @@ import httpx
 import pytest
 
 from services.common.client import StudentClient
-from tests.utils.fuzz import fuzz
+from tests.utils.fuzz import FUZZ_SECONDS, fuzz
 from tests.utils.services import running
 
 pytestmark = pytest.mark.slow
-FUZZ_SECONDS = 30
 KEY = "fuzz-key"
 LIMITS = {"OPD_STUDENT_MAX_TOKENS": "8", "OPD_STUDENT_MAX_PROMPTS": "2", "OPD_STUDENT_MAX_ROLLOUTS": "4"}
 

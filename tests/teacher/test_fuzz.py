@@ -11,11 +11,10 @@ import httpx
 import pytest
 
 from services.common.client import TeacherClient
-from tests.utils.fuzz import fuzz
+from tests.utils.fuzz import FUZZ_SECONDS, fuzz
 from tests.utils.services import running
 
 pytestmark = pytest.mark.slow
-FUZZ_SECONDS = 30
 LIMITS = {"OPD_TEACHER_MAX_SEQUENCES": "8", "OPD_TEACHER_MAX_REQUEST_TOKENS": "2048"}
 
 

@@ -18,11 +18,10 @@ import httpx
 import pytest
 
 from services.common.process import free_port
-from tests.utils.fuzz import fuzz
+from tests.utils.fuzz import FUZZ_SECONDS, fuzz
 from tests.utils.services import running
 
 pytestmark = pytest.mark.slow
-FUZZ_SECONDS = 30
 KEY = "fuzz-key"
 
 
