@@ -27,6 +27,11 @@ Choices:
    `healthy()` turns false and /ready answers 503.
 7) A request vLLM refuses (its own validation) is the request's fault: a 422
    with vLLM's message, never a 500.
+8) Without a GPU, prompts are prefilled whole (`enable_chunked_prefill=False`;
+   vLLM then raises the step's token budget to max_model_len). vLLM 0.32's CPU
+   build kills its engine when a seeded request's prefill is split across
+   steps (a CPU generator has no offset to rewind), which any batch of
+   prompts over 2048 tokens in all did (64 held-out prompts of 130 tokens).
 """
 
 from __future__ import annotations
@@ -39,7 +44,7 @@ from pathlib import Path
 from services.common.errors import InvalidInput
 from services.common.settings import StudentSettings
 from services.student.checkpoints import local_model_folder
-from services.common.vllm_args import build_async_llm
+from services.common.vllm_args import build_async_llm, on_gpu
 from services.student.engine import RolloutEngine, Sample, Sampling, cut_text
 from services.student.sampling import is_greedy
 
@@ -56,7 +61,8 @@ class VLLMRolloutEngine(RolloutEngine):
             lora = {"enable_lora": True, "max_lora_rank": settings.max_lora_rank, "max_loras": 1}
         else:
             lora = {}
-        self.llm = build_async_llm(settings, logprobs_mode="processed_logprobs", **lora)
+        whole_prompts = {} if on_gpu() else {"enable_chunked_prefill": False}  # choice 8
+        self.llm = build_async_llm(settings, logprobs_mode="processed_logprobs", **lora, **whole_prompts)
         self.serving_dir = str(local_model_folder(settings.model))  # the full weights a LoRA version applies to
         config = self.llm.model_config
         self.vocab_size = min(config.get_vocab_size(), len(self.tokenizer))

@@ -79,6 +79,17 @@ async def test_seeds_make_each_rollout_reproducible(base, prompts) -> None:
     assert unseeded != tokens
 
 
+async def test_seeded_prompts_beyond_one_step_of_tokens(base) -> None:
+    """Seeded prompts of 4,000 tokens in all, more than vLLM's CPU step budget of 2,048: vLLM 0.32's CPU build
+    killed its engine when it split a seeded prompt's prefill across steps; the engine prefills whole prompts."""
+    long = [[3 + (i * 7 + j) % 200 for j in range(400)] for i in range(10)]
+    first = await base.sample(long, Sampling(n=2, max_tokens=4, seed=3))
+    assert len(first) == 10 and all(len(s.token_ids) > 0 for g in first for s in g)
+    again = await base.sample(long, Sampling(n=2, max_tokens=4, seed=3))  # now with cached prefixes
+    assert [[s.token_ids for s in g] for g in again] == [[s.token_ids for s in g] for g in first]
+    assert base.healthy()
+
+
 async def test_a_prompt_vllm_refuses_is_a_bad_request(base, prompts) -> None:
     """vLLM needs room for one generated token: a prompt of max_model_len tokens is the request's fault."""
     with pytest.raises(InvalidInput) as err:
