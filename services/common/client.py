@@ -15,6 +15,9 @@ Choices:
    as one replica per address.
 3) Requests and responses are the protocol models; a dict is accepted where a
    request model is expected and validated before it is sent.
+4) This module needs httpx and pydantic only (`pip install opd` without
+   extras): no torch, transformers or vLLM. Clients for stock vLLM and SGLang
+   servers as teachers are in compat_client.py.
 """
 
 from __future__ import annotations
@@ -72,10 +75,15 @@ class _Base:
 
     @staticmethod
     def _message(response: httpx.Response) -> str:
+        """opd's `detail`, or the `error.message` of vLLM and SGLang servers, or the body."""
         try:
-            detail = response.json().get("detail", response.text)
+            body = response.json()
         except ValueError:
-            detail = response.text
+            return response.text
+        if not isinstance(body, dict):
+            return response.text
+        error = body.get("error")
+        detail = body.get("detail", error.get("message", error) if isinstance(error, dict) else error or response.text)
         return detail if isinstance(detail, str) else str(detail)
 
     def _check(self, response: httpx.Response, model: type[R] | None) -> Any:

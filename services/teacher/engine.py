@@ -2,7 +2,8 @@
 
 `ScoringEngine.score` takes whole token sequences with the position scoring
 starts at and returns the log-probability of every token from there on (and
-optionally the top-k alternatives). Two implementations:
+optionally the top-k alternatives and each token's rank in the vocabulary,
+which vLLM's OpenAI-compatible answers carry). Two implementations:
 - `HFScoringEngine` here: transformers + torch, micro-batched by a token
   budget; the reference the vLLM engine is tested against.
 - `VLLMScoringEngine` (vllm_engine.py): vLLM's AsyncLLM, prompt logprobs.
@@ -28,6 +29,7 @@ class ScoreJob:
 class ScoreOutput:
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    ranks: list[int] | None = None
 
 
 class ScoringEngine(ABC):
@@ -42,7 +44,9 @@ class ScoringEngine(ABC):
         self.max_model_len = 0
 
     @abstractmethod
-    async def score(self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0) -> list[ScoreOutput]: ...
+    async def score(
+        self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0, ranks: bool = False
+    ) -> list[ScoreOutput]: ...
 
     def supports_temperature(self, temperature: float) -> bool:
         return True
@@ -66,11 +70,15 @@ class HFScoringEngine(ScoringEngine):
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._lock = asyncio.Lock()  # one forward at a time; requests queue in order
 
-    async def score(self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0) -> list[ScoreOutput]:
+    async def score(
+        self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0, ranks: bool = False
+    ) -> list[ScoreOutput]:
         async with self._lock:
-            return await asyncio.to_thread(self.score_sync, jobs, top_k, temperature)
+            return await asyncio.to_thread(self.score_sync, jobs, top_k, temperature, ranks)
 
-    def score_sync(self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0) -> list[ScoreOutput]:
+    def score_sync(
+        self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0, ranks: bool = False
+    ) -> list[ScoreOutput]:
         import torch
 
         from services.common.hf import token_budget_batches, token_logprobs
@@ -86,12 +94,13 @@ class HFScoringEngine(ScoringEngine):
                     temperature=temperature,
                     top_k=top_k,
                     pad_id=self.pad_id,
+                    ranks=ranks,
                 )
-                for i, (chosen, values, indices) in zip(batch, scored, strict=True):
+                for i, (chosen, values, indices, rank) in zip(batch, scored, strict=True):
                     top = None
                     if values is not None and indices is not None:
                         top = [list(zip(ix, vs, strict=True)) for ix, vs in zip(indices.tolist(), values.tolist(), strict=True)]
-                    outputs[i] = ScoreOutput(chosen.tolist(), top)
+                    outputs[i] = ScoreOutput(chosen.tolist(), top, rank.tolist() if rank is not None else None)
         return outputs  # type: ignore[return-value]
 
 

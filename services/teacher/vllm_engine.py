@@ -44,7 +44,9 @@ class VLLMScoringEngine(ScoringEngine):
     def supports_temperature(self, temperature: float) -> bool:
         return temperature == 1.0
 
-    async def score(self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0) -> list[ScoreOutput]:
+    async def score(
+        self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0, ranks: bool = False
+    ) -> list[ScoreOutput]:
         if not self.supports_temperature(temperature):
             raise InvalidRequest("the vllm engine scores at temperature 1.0 only; use the hf engine for other temperatures")
         groups: dict[tuple[int, ...], list[int]] = {}
@@ -52,12 +54,12 @@ class VLLMScoringEngine(ScoringEngine):
             groups.setdefault(tuple(job.token_ids[: job.start]), []).append(i)
         outputs: list[ScoreOutput | None] = [None] * len(jobs)
         for wave in ([g[0] for g in groups.values()], [i for g in groups.values() for i in g[1:]]):
-            scored = await asyncio.gather(*(self._score_one(jobs[i], top_k) for i in wave))
+            scored = await asyncio.gather(*(self._score_one(jobs[i], top_k, ranks) for i in wave))
             for i, out in zip(wave, scored, strict=True):
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
 
-    async def _score_one(self, job: ScoreJob, top_k: int, use_cache: bool = True) -> ScoreOutput:
+    async def _score_one(self, job: ScoreJob, top_k: int, ranks: bool = False, use_cache: bool = True) -> ScoreOutput:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -73,18 +75,21 @@ class VLLMScoringEngine(ScoringEngine):
         assert final is not None and final.prompt_logprobs is not None
         # Logprob row r (the logprob of token r) exists only for r > cached tokens.
         if use_cache and (final.num_cached_tokens or 0) >= job.start:
-            return await self._score_one(job, top_k, use_cache=False)
+            return await self._score_one(job, top_k, ranks, use_cache=False)
         flat = final.prompt_logprobs
         logprobs: list[float] = []
         top: list[list[tuple[int, float]]] | None = [] if top_k else None
+        rank: list[int] | None = [] if ranks else None
         # Position j holds log p(token_j | tokens_<j): its first entry is the
         # actual token, the next top_k entries are the best alternatives by rank.
         for j in range(job.start, len(job.token_ids)):
             lo, hi = flat.start_indices[j], flat.end_indices[j]
             logprobs.append(float(flat.logprobs[lo]))
+            if rank is not None:
+                rank.append(int(flat.ranks[lo]))
             if top is not None:
                 top.append([(int(flat.token_ids[i]), float(flat.logprobs[i])) for i in range(lo + 1, hi)][:top_k])
-        return ScoreOutput(logprobs, top)
+        return ScoreOutput(logprobs, top, rank)
 
     async def close(self) -> None:
         self.llm.shutdown()

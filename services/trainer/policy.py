@@ -72,7 +72,7 @@ class Policy:
         from services.common.hf import token_logprobs
 
         out = token_logprobs(self.model, seqs, starts, temperature=temperature, pad_id=self.pad_id)
-        return [chosen for chosen, _, _ in out]
+        return [scores.logprobs for scores in out]
 
     def optimizer_step(self) -> float:
         """Clips, steps, schedules, zeroes; returns the gradient norm before clipping."""
