@@ -67,7 +67,7 @@ def build_app(settings: TeacherSettings, engine: ScoringEngine | None = None) ->
     app.state.service = app.state.openai = app.state.sglang = None
     registry = install_common(
         app, api_key=settings.api_key, max_pending=settings.max_pending, max_body_bytes=settings.max_body_bytes,
-        ready=lambda: app.state.service is not None,
+        ready=lambda: app.state.service is not None, error_envelope=compat_routes.PATHS,
     )
 
     @app.post("/logprobs", dependencies=[Authorized], responses=ERRORS, tags=["teacher"])

@@ -5,7 +5,8 @@
 
 Thin routes: auth, admission and error mapping are the app's (server.py),
 the translation lives in openai_compat.py and sglang_compat.py, the scoring
-in TeacherService. Errors keep opd's `{"detail": ...}` body on every route.
+in TeacherService. Error bodies carry opd's `detail` and, for the clients of
+those servers, vLLM's `error` object (server.py).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from services.common.server import Authorized
 from services.teacher.openai_compat import OpenAICompletions
 from services.teacher.sglang_compat import SGLangGenerate
 
+PATHS = ("/v1/", "/generate")  # where error bodies also carry vLLM's `error` object
 ERRORS = {
     400: {"model": p.ErrorBody, "description": "not a scoring request (generation, streaming), or not servable as asked"},
     401: {"model": p.ErrorBody, "description": "missing or wrong API key"},

@@ -11,6 +11,7 @@ Choices:
    then `--set a.b=value` overrides. Values are parsed as YAML, so `3` is an
    int, `[a, b]` a list and `true` a bool.
 3) The API key falls back to `OPD_API_KEY`, the key the services share.
+   `teacher_protocol` lets a stock vLLM or SGLang server be the teacher.
 4) The config is pure pydantic (no torch): the trainer service validates a
    POST /runs body with it, and a 422 names the bad field.
 """
@@ -25,6 +26,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from services.common.compat_client import TeacherProtocol
 from services.common.errors import InvalidInput
 
 ENV_PREFIX = "OPD_TRAIN_"
@@ -114,6 +116,11 @@ class RunConfig(Section):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "opd"
     student: StudentConfig
     teacher_urls: Annotated[tuple[str, ...], Field(min_length=1, description="Teacher replicas, used round robin.")]
+    teacher_protocol: TeacherProtocol = Field(
+        default="opd",
+        description="How the trainer asks the teachers for scores: opd (POST /logprobs), openai (a vLLM "
+        "OpenAI-compatible server's /v1/completions with prompt_logprobs) or sglang (an SGLang server's /generate).",
+    )
     student_url: Annotated[str, Field(min_length=1)]
     api_key: str | None = Field(default=None, repr=False)
     dataset: DatasetConfig

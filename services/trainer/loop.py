@@ -51,7 +51,7 @@ log = logging.getLogger("opd.trainer")
 EVAL_SHOWN = 4  # evaluation completions kept as text per evaluation
 EVAL_STEP = -1  # the evaluation seed's "step": the same prompts and seed at every evaluation
 # Fields (and sections) a resumed run may change: they do not alter what it computes.
-RESUMABLE = ("steps", "eval", "save_every", "keep_versions", "resume", "services", "api_key", "teacher_urls",
+RESUMABLE = ("steps", "eval", "save_every", "keep_versions", "resume", "services", "api_key", "teacher_urls", "teacher_protocol",
              "student_url", "output_dir", "checkpoint_root", "name", "student.torch_threads", "student.device")
 
 
@@ -81,11 +81,11 @@ class Trainer:
 
     # ------------------------------------------------------------ set-up
     def setup(self) -> None:
-        from services.common.tokenizer import load_tokenizer, tokenizer_fingerprint
+        from services.common.tokenizer import load_tokenizer
         from services.trainer.policy import Policy
 
         config = self.config
-        self.remote.check_tokenizers(tokenizer_fingerprint(load_tokenizer(config.student.model)))
+        self.remote.check_tokenizers(load_tokenizer(config.student.model))
         self.train_rows, self.eval_rows = load_prompts(config.dataset, config.seed)
         self.sampler = PromptSampler(len(self.train_rows), config.seed)
         self.reward_fn = load_callable(config.reward_fn, "reward_fn") if config.reward_fn else None

@@ -10,6 +10,8 @@ Choices:
    only the call that failed, so nothing is resampled, skipped or counted twice.
 3) At start every teacher replica and the student are asked for `/info`;
    their tokenizer fingerprints, and the trainable student's own, must agree.
+   A stock vLLM or SGLang teacher (`teacher_protocol` openai or sglang) has
+   no fingerprint: it must tokenize a probe text exactly as the student does.
 """
 
 from __future__ import annotations
@@ -18,15 +20,21 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from services.common import protocol as p
-from services.common.client import StudentClient, TeacherClient
+from services.common.client import StudentClient
+from services.common.compat_client import teacher_client
 from services.common.errors import OPDError, ServiceError, TokenizerMismatch
 from services.trainer.config import RunConfig
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
 log = logging.getLogger("opd.trainer")
 T = TypeVar("T")
+# Words, digits, punctuation, whitespace runs and non-Latin scripts: tokenizers that differ split it differently.
+PROBE = "opd probe: The quick brown fox, 1234567890 times!\n\tÜber café naïve 東京 Москва 🙂 <think> end."
 
 
 class ServiceDown(OPDError):
@@ -47,9 +55,10 @@ class Remote:
         kwargs = dict(api_key=config.api_key, timeout=s.request_timeout_s, retries=s.retries, max_backoff=s.max_backoff_s)
         self.config = config
         # A scaled compose service resolves to one address per replica: spread over all.
-        self.teacher = TeacherClient(list(config.teacher_urls), expand_dns=True, **kwargs)
+        protocol = config.teacher_protocol
+        self.teacher = teacher_client(protocol, list(config.teacher_urls), expand_dns=True, **kwargs)
         self.student = StudentClient(config.student_url, **kwargs)
-        self.replicas = [TeacherClient(url, **kwargs) for url in config.teacher_urls]
+        self.replicas = [teacher_client(protocol, url, **kwargs) for url in config.teacher_urls]
         self.stop = stop or threading.Event()
         self.waited_s = 0.0
 
@@ -82,7 +91,7 @@ class Remote:
         return self.call("student /rollouts", lambda: self.student.rollouts(request))
 
     def score(self, sequences: list[p.ScoreSequence]) -> p.LogprobsResponse:
-        return self.call("teacher /logprobs", lambda: self.teacher.logprobs(sequences))
+        return self.call(f"teacher ({self.config.teacher_protocol})", lambda: self.teacher.logprobs(sequences))
 
     def load_weights(self, request: p.WeightsRequest) -> p.WeightsResponse:
         try:
@@ -99,20 +108,25 @@ class Remote:
     def student_info(self) -> p.ServiceInfo:
         return self.call("student /info", self.student.info)
 
-    def check_tokenizers(self, trainer_fingerprint: str) -> tuple[list[p.ServiceInfo], p.ServiceInfo]:
-        """Every teacher replica, the student service and the trainable student share one tokenizer."""
+    def check_tokenizers(self, tokenizer: PreTrainedTokenizerBase) -> tuple[list[p.ServiceInfo], p.ServiceInfo]:
+        """Every teacher replica, the student service and the trainable student (`tokenizer`) share one tokenizer."""
+        from services.common.tokenizer import tokenizer_fingerprint
+
         student = self.student_info()
         teachers = []
         for url, client in zip(self.config.teacher_urls, self.replicas, strict=True):
-            info = self.call(f"teacher {url} /info", client.info)
+            info = self.call(f"teacher {url} info", client.info)
             teachers.append(info)
-            if info.tokenizer_fingerprint != student.tokenizer_fingerprint:
+            if self.config.teacher_protocol != "opd":
+                self.check_probe(url, client, tokenizer)
+            elif info.tokenizer_fingerprint != student.tokenizer_fingerprint:
                 raise TokenizerMismatch(
                     f"the teacher {info.model} (at {url}, tokenizer {info.tokenizer_fingerprint}) and the student "
                     f"{student.model} (at {self.config.student_url}, tokenizer {student.tokenizer_fingerprint}) use "
                     "different tokenizers, so the teacher cannot score the student's token ids: distill between "
                     "models that share a tokenizer (compare GET /info tokenizer_fingerprint)"
                 )
+        trainer_fingerprint = tokenizer_fingerprint(tokenizer)
         if trainer_fingerprint != student.tokenizer_fingerprint:
             raise TokenizerMismatch(
                 f"the trainer's student {self.config.student.model} (tokenizer {trainer_fingerprint}) and the student "
@@ -120,3 +134,15 @@ class Remote:
                 "the model the student service serves"
             )
         return teachers, student
+
+    def check_probe(self, url: str, client, tokenizer: PreTrainedTokenizerBase) -> None:
+        """A stock server has no tokenizer fingerprint: it must tokenize PROBE as the student does."""
+        theirs = self.call(f"teacher {url} tokenize", lambda: client.tokenize(PROBE))
+        ours = list(tokenizer.encode(PROBE, add_special_tokens=True))
+        if theirs != ours:
+            raise TokenizerMismatch(
+                f"the teacher at {url} ({self.config.teacher_protocol} protocol) tokenizes a probe text into "
+                f"{len(theirs)} tokens {theirs[:8]}..., the student {self.config.student.model} into {len(ours)} "
+                f"{ours[:8]}...: the teacher cannot score the student's token ids; distill between models that "
+                "share a tokenizer"
+            )
