@@ -47,7 +47,9 @@ def as_jobs(sequences: list[p.ScoreSequence | dict], temperature: float) -> list
         elif seq.prompt is not None and seq.prompt.token_ids is not None and seq.completion:
             jobs.append((list(seq.prompt.token_ids) + list(seq.completion), len(seq.prompt.token_ids)))
         else:
-            raise InvalidRequest("a stock server is sent token ids: give 'token_ids' + 'start', or a token-id prompt + completion")
+            raise InvalidRequest(
+                "a stock server is sent token ids: give 'token_ids' + 'start', or a token-id prompt + completion"
+            )
     return jobs
 
 
@@ -170,9 +172,12 @@ class AsyncOpenAITeacherClient(AsyncClient):
             self._model = _models(await self.request("GET", "/v1/models", model=o.ModelList), self.urls[0]).id
         return self._model
 
-    async def logprobs(self, sequences: list[p.ScoreSequence | dict], top_k: int = 0, temperature: float = 1.0) -> p.LogprobsResponse:
+    async def logprobs(
+        self, sequences: list[p.ScoreSequence | dict], top_k: int = 0, temperature: float = 1.0
+    ) -> p.LogprobsResponse:
         jobs = as_jobs(sequences, temperature)
-        answer = await self.request("POST", "/v1/completions", openai_body(await self.model(), jobs, top_k), o.CompletionResponse)
+        body = openai_body(await self.model(), jobs, top_k)
+        answer = await self.request("POST", "/v1/completions", body, o.CompletionResponse)
         return _response(answer.model, jobs, openai_results(answer, jobs, top_k, self.urls[0]))
 
 
@@ -195,7 +200,9 @@ class SGLangTeacherClient(SyncClient):
 
 
 class AsyncSGLangTeacherClient(AsyncClient):
-    async def logprobs(self, sequences: list[p.ScoreSequence | dict], top_k: int = 0, temperature: float = 1.0) -> p.LogprobsResponse:
+    async def logprobs(
+        self, sequences: list[p.ScoreSequence | dict], top_k: int = 0, temperature: float = 1.0
+    ) -> p.LogprobsResponse:
         jobs = as_jobs(sequences, temperature)
         raw = await self.request("POST", "/generate", sglang_body(jobs, top_k))
         answer = [s.GenerateOutput.model_validate(x) for x in raw]

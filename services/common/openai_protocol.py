@@ -45,7 +45,9 @@ class CompletionRequest(Request):
     echo: bool = False
     logprobs: TopN | None = Field(default=None, description="Top alternatives per returned token (and prompt token with echo).")
     prompt_logprobs: TopN | None = Field(default=None, description="Top alternatives per prompt position, by token id.")
-    max_tokens: Annotated[Int, Field(ge=0)] | None = Field(default=16, description="0 or 1: the teacher scores, it does not generate.")
+    max_tokens: Annotated[Int, Field(ge=0)] | None = Field(
+        default=16, description="0 or 1: the teacher scores, it does not generate."
+    )
     n: Annotated[Int, Field(ge=1)] = 1
     stream: bool = False
     suffix: str | None = None

@@ -37,7 +37,9 @@ Int = Annotated[int, Strict()]
 
 
 class SamplingParams(Request):
-    max_new_tokens: Annotated[Int, Field(ge=0)] | None = Field(default=128, description="0: the teacher scores, it does not generate.")
+    max_new_tokens: Annotated[Int, Field(ge=0)] | None = Field(
+        default=128, description="0: the teacher scores, it does not generate."
+    )
     n: Annotated[Int, Field(ge=1)] | None = 1
     temperature: float | None = None
     top_p: float | None = None

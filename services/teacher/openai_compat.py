@@ -66,7 +66,9 @@ class OpenAICompletions:
 
     async def complete(self, request: o.CompletionRequest) -> o.CompletionResponse:
         self.check(request)
-        k_prompt = request.prompt_logprobs if request.prompt_logprobs is not None else (request.logprobs if request.echo else None)
+        k_prompt = request.prompt_logprobs
+        if k_prompt is None and request.echo:
+            k_prompt = request.logprobs  # vLLM scores the echoed prompt at the `logprobs` width
         next_token = request.max_tokens == 1
         top_k = max(k_prompt or 0, request.logprobs or 0, 1 if next_token else 0)
         prompts = request.prompts()
@@ -74,7 +76,10 @@ class OpenAICompletions:
         def make_jobs() -> list[ScoreJob]:
             jobs = []
             for i, prompt in enumerate(prompts):
-                ids = self.tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens) if isinstance(prompt, str) else list(prompt)
+                if isinstance(prompt, str):
+                    ids = self.tokenizer.encode(prompt, add_special_tokens=request.add_special_tokens)
+                else:
+                    ids = list(prompt)
                 if not ids:
                     raise InvalidInput(f"prompt[{i}] encodes to no tokens: give a non-empty prompt")
                 start = 1 if k_prompt is not None else len(ids)
@@ -90,7 +95,9 @@ class OpenAICompletions:
             choices.append(self.choice(i, prompt, ids, out, request, k_prompt, next_token, decode))
         prompt_tokens = sum(len(job.token_ids) - next_token for job in jobs)
         generated = next_token * len(jobs)
-        usage = o.CompletionUsage(prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated)
+        usage = o.CompletionUsage(
+            prompt_tokens=prompt_tokens, completion_tokens=generated, total_tokens=prompt_tokens + generated
+        )
         return o.CompletionResponse(model=self.model_id, choices=choices, usage=usage)
 
     def choice(

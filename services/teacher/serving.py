@@ -25,8 +25,12 @@ from services.teacher.engine import ScoreJob, ScoreOutput, ScoringEngine
 
 class TeacherMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
-        self.requests = Counter("opd_teacher_requests", "Scoring requests (every endpoint) by outcome", ["outcome"], registry=registry)
-        self.endpoints = Counter("opd_teacher_endpoint_requests", "Scoring requests by endpoint", ["endpoint"], registry=registry)
+        self.requests = Counter(
+            "opd_teacher_requests", "Scoring requests (every endpoint) by outcome", ["outcome"], registry=registry
+        )
+        self.endpoints = Counter(
+            "opd_teacher_endpoint_requests", "Scoring requests by endpoint", ["endpoint"], registry=registry
+        )
         self.sequences = Counter("opd_teacher_sequences", "Sequences scored", registry=registry)
         self.tokens = Counter("opd_teacher_scored_tokens", "Tokens scored", registry=registry)
         self.latency = Histogram(

@@ -12,7 +12,10 @@ Choices:
    first sequence of each prompt group runs first, then the rest read the
    cached prompt blocks and compute logits only past them. A sequence whose
    cache hit reaches into the scored span (possible when completions share
-   their first tokens) is scored again without the cache.
+   their first tokens) is scored again without the cache. A sequence scored
+   from before the first cache unit (prompt scoring from position 1, as the
+   vLLM- and SGLang-compatible endpoints ask) skips the cache at once: any
+   hit would reach into its scored span.
 5) vLLM computes prompt logprobs from the unscaled logits, so this engine
    scores at temperature 1 only; the hf engine scores at any temperature.
 """
@@ -39,6 +42,9 @@ class VLLMScoringEngine(ScoringEngine):
         config = self.llm.model_config
         self.vocab_size = min(config.get_vocab_size(), len(self.tokenizer))
         self.max_model_len = config.max_model_len
+        cache = self.llm.vllm_config.cache_config
+        # The finest token boundary a prefix-cache hit lands on.
+        self.cache_unit = getattr(cache, "hash_block_size", None) or cache.block_size or 16
         self._ids = itertools.count()
 
     def supports_temperature(self, temperature: float) -> bool:
@@ -50,12 +56,17 @@ class VLLMScoringEngine(ScoringEngine):
         if not self.supports_temperature(temperature):
             raise InvalidRequest("the vllm engine scores at temperature 1.0 only; use the hf engine for other temperatures")
         groups: dict[tuple[int, ...], list[int]] = {}
+        uncached = []
         for i, job in enumerate(jobs):
-            groups.setdefault(tuple(job.token_ids[: job.start]), []).append(i)
+            if job.start < self.cache_unit:
+                uncached.append(i)
+            else:
+                groups.setdefault(tuple(job.token_ids[: job.start]), []).append(i)
         outputs: list[ScoreOutput | None] = [None] * len(jobs)
-        for wave in ([g[0] for g in groups.values()], [i for g in groups.values() for i in g[1:]]):
-            scored = await asyncio.gather(*(self._score_one(jobs[i], top_k, ranks) for i in wave))
-            for i, out in zip(wave, scored, strict=True):
+        first = [(g[0], True) for g in groups.values()] + [(i, False) for i in uncached]
+        for wave in (first, [(i, True) for g in groups.values() for i in g[1:]]):
+            scored = await asyncio.gather(*(self._score_one(jobs[i], top_k, ranks, use_cache) for i, use_cache in wave))
+            for (i, _), out in zip(wave, scored, strict=True):
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
 

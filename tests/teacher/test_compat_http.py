@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from services.common.client import TeacherClient
-from services.common.compat_client import teacher_client
+from services.common.compat_client import async_teacher_client, teacher_client
 from tests.utils.services import running
 
 pytestmark = pytest.mark.slow
@@ -123,3 +123,12 @@ def test_stock_server_adapters_score_like_logprobs(hf_teacher, samples, teacher_
         ]
     text = "the boy went home, 42 times!"
     assert client.tokenize(text) == AutoTokenizer.from_pretrained(teacher_model).encode(text)
+
+    async def scored_async() -> list[list[float]]:
+        aclient = async_teacher_client(protocol, hf_teacher.url)
+        try:
+            return [r.logprobs for r in (await aclient.logprobs(sequences, top_k=3)).results]
+        finally:
+            await aclient.aclose()
+
+    assert asyncio.run(scored_async()) == [r.logprobs for r in got.results]

@@ -38,13 +38,14 @@ ATOL = 2e-3  # two vLLM engines, differently batched
 @pytest.fixture(scope="module")
 def stock_vllm(teacher_model: Path, service_logs: Path):
     port = free_port()
+    # --enforce-eager as our own engines on a CPU: no compilation at start.
     args = ["--model", str(teacher_model), "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
-            "--max-logprobs", "20", "--api-key", KEY]
+            "--max-logprobs", "20", "--api-key", KEY, "--enforce-eager"]
     proc = ServiceProcess("stock-vllm", args, port, log_file=service_logs / f"stock-vllm-{port}.log", env=ENV,
                           module="vllm.entrypoints.openai.api_server", ready_path="/health")
     proc.start()
     try:
-        wait_all(proc)
+        wait_all(proc, timeout=900)
         yield proc
     finally:
         proc.stop()
