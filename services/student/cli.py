@@ -12,9 +12,9 @@ app = typer.Typer(help="The student rollout service.", no_args_is_help=True)
 
 CheckpointRoot = Annotated[str | None, typer.Option(help="Folder that POST /weights paths are relative to.")]
 MaxLoraRank = Annotated[int | None, typer.Option(help="Largest LoRA rank a weight swap may bring.")]
-EnableLora = Annotated[
-    bool | None, typer.Option("--enable-lora/--no-lora", help="Accept LoRA versions (a LoRA-enabled vLLM engine samples slower).")
-]
+EnableLora = Annotated[bool | None, typer.Option("--enable-lora/--no-lora", help="Accept LoRA versions.")]
+LoraMode = Annotated[str | None, typer.Option(
+    help="auto | adapter | merge: serve LoRA versions as adapters, or merged into the weights (auto: merge without a GPU).")]
 
 
 @app.command()
@@ -30,6 +30,7 @@ def serve(
     device: o.Device = None,
     max_lora_rank: MaxLoraRank = None,
     enable_lora: EnableLora = None,
+    lora_mode: LoraMode = None,
 ) -> None:
     """Serve POST /rollouts and POST /weights (and /info, /health, /ready, /metrics)."""
     from services.common.server import serve as run
@@ -39,6 +40,6 @@ def serve(
     settings = o.build_settings(
         StudentSettings, model=model, engine=engine, checkpoint_root=checkpoint_root, host=host, port=port,
         dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, device=device,
-        max_lora_rank=max_lora_rank, enable_lora=enable_lora,
+        max_lora_rank=max_lora_rank, enable_lora=enable_lora, lora_mode=lora_mode,
     )
     run(build_app(settings), settings.host, settings.port, settings.log_level)

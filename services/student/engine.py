@@ -229,6 +229,8 @@ class HFRolloutEngine(RolloutEngine):
 
         # peft injects adapter layers into the model it is given: give it a copy, so the base stays clean.
         model = PeftModel.from_pretrained(copy.deepcopy(self.base), str(folder)).eval()
+        if self.settings.merge_lora:  # W + scale * B @ A: sampling at the plain model's speed
+            model = model.merge_and_unload()
         with self._lock:
             self.model = model
 

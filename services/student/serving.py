@@ -102,6 +102,7 @@ class StudentService:
                 "max_prompts": self.settings.max_prompts,
                 "max_rollouts": self.settings.max_rollouts,
                 "max_lora_rank": self.settings.max_lora_rank if self.settings.enable_lora else 0,
+                "lora_merged": int(self.settings.enable_lora and self.settings.merge_lora),
                 "max_pending": self.settings.max_pending,
             },
         )

@@ -15,6 +15,9 @@ Choices:
    request; the previous adapter is removed. A full version is reloaded in
    place (`reload_weights`), which also drops any adapter, and the prefix
    cache is emptied: cached keys and values belong to the old weights.
+   With `merge_lora` (the default without a GPU) the engine runs without
+   LoRA support and a LoRA version is merged into the weights in place
+   instead (vllm_merge.py): sampling keeps plain-weight speed.
 5) vLLM's engine dies on a bad adapter or checkpoint, so checkpoints are
    checked before they get here (checkpoints.py); if it dies anyway,
    `healthy()` turns false and /ready answers 503.
@@ -27,6 +30,7 @@ import itertools
 from pathlib import Path
 
 from services.common.settings import StudentSettings
+from services.student.checkpoints import local_model_folder
 from services.common.vllm_args import build_async_llm
 from services.student.engine import RolloutEngine, Sample, Sampling, cut_text
 
@@ -36,8 +40,15 @@ class VLLMRolloutEngine(RolloutEngine):
 
     def __init__(self, settings: StudentSettings) -> None:
         super().__init__(settings)
-        lora = {"enable_lora": True, "max_lora_rank": settings.max_lora_rank, "max_loras": 1} if settings.enable_lora else {}
+        self.merge = settings.enable_lora and settings.merge_lora
+        if self.merge:
+            lora = {"worker_extension_cls": "services.student.vllm_merge.MergeLoRA"}
+        elif settings.enable_lora:
+            lora = {"enable_lora": True, "max_lora_rank": settings.max_lora_rank, "max_loras": 1}
+        else:
+            lora = {}
         self.llm = build_async_llm(settings, logprobs_mode="processed_logprobs", **lora)
+        self.serving_dir = str(local_model_folder(settings.model))  # the full weights a LoRA version applies to
         config = self.llm.model_config
         self.vocab_size = min(config.get_vocab_size(), len(self.tokenizer))
         self.max_model_len = config.max_model_len
@@ -82,10 +93,17 @@ class VLLMRolloutEngine(RolloutEngine):
         await self.llm.collective_rpc("reload_weights", kwargs={"weights_path": str(folder)})
         await self.llm.reset_prefix_cache()
         self.lora = None  # reload_weights removed every adapter
+        self.serving_dir = str(folder)
+        if self.merge:
+            await self.llm.collective_rpc("opd_forget_merged")
 
     async def load_lora(self, folder: Path, version: int) -> None:
         from vllm.lora.request import LoRARequest
 
+        if self.merge:
+            await self.llm.collective_rpc("opd_merge_lora", args=(str(folder), self.serving_dir))
+            await self.llm.reset_prefix_cache()
+            return
         request = LoRARequest(f"policy-v{version}", version, str(folder))
         await self.llm.add_lora(request)
         previous, self.lora = self.lora, request

@@ -57,8 +57,8 @@ class StudentConfig(Section):
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     micro_batch_tokens: PositiveInt = Field(default=4096, description="Padded tokens per training forward.")
-    # vLLM's CPU workers keep their cores busy; a trainer on the same machine
-    # runs far faster with fewer torch threads than cores (None: torch's default).
+    # None: torch's default (every core). Idle vLLM engines spin for only a second
+    # after their last step, so a trainer beside them can use every core.
     torch_threads: PositiveInt | None = None
 
 
@@ -82,6 +82,11 @@ class SamplingConfig(Section):
     # distribution, which biases the importance ratio: keep it at 1.
     temperature: Annotated[float, Field(gt=0, le=10)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    max_staleness: Annotated[int, Field(ge=0, le=1)] = Field(
+        default=0,
+        description="1: sample the next step's rollouts while this step scores and trains (one policy version "
+        "behind; the importance ratio corrects it, PPO clips it); 0: every step samples the policy it trains.",
+    )
 
 
 class OptimizerConfig(Section):

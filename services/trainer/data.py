@@ -148,6 +148,14 @@ class PromptSampler:
             self.position += 1
         return out
 
+    def peek(self, n: int) -> list[int]:
+        """The indices the next `next_indices(n)` will draw, without drawing them."""
+        position = self.position
+        try:
+            return self.next_indices(n)
+        finally:
+            self.position = position
+
     def state_dict(self) -> dict[str, int]:
         return {"position": self.position, "size": self.size, "seed": self.seed}
 

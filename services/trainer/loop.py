@@ -24,6 +24,11 @@ Choices:
    uninterrupted run drew.
 3) A stop request ends the run at the next step boundary (or interrupts a
    wait for a service) and checkpoints the last whole step.
+4) With `sampling.max_staleness: 1`, step n+1's rollouts are sampled in a
+   background thread while step n scores and trains, from the version step n
+   started with; the student's swap to step n's version waits for them. The
+   importance ratio corrects the one-version lag (`staleness` in the metrics).
+   A resumed run samples its first step afresh, on-policy.
 """
 
 from __future__ import annotations
@@ -34,6 +39,7 @@ import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -78,6 +84,10 @@ class Trainer:
         self.in_step = False
         self.state = "starting"
         self.metrics: MetricsWriter | None = None
+        self.made_at: dict[int, int] = {}  # policy version -> the step whose update it holds
+        # (step, prompt indices, sampling version, rollouts) of the next step, sampled while this one trains
+        self.prefetch: tuple[int, list[int], int, Future[list[Sample]]] | None = None
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="opd-prefetch")
 
     # ------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -130,14 +140,16 @@ class Trainer:
             )
 
     # ------------------------------------------------------------ service calls
-    def publish(self, base: bool = False) -> None:
-        """Writes the current weights (or the untouched base model) as a new policy version; the student loads it."""
+    def publish(self, base: bool = False, made_at: int | None = None) -> None:
+        """Writes the current weights (or the untouched base model) as a new policy version; the student loads it.
+        `made_at`: the step whose update the weights hold (default: the last whole step)."""
         current = self.remote.student_info().policy_version or 0
         version = max(current, self.version) + 1
         path = self.store.write(version, self.policy.save_base if base else self.policy.save_version)
         kind = "full" if base else self.policy.finetune
         loaded = self.remote.load_weights(p.WeightsRequest(version=version, kind=kind, path=path))
         self.version = loaded.policy_version
+        self.made_at[self.version] = self.step if made_at is None else made_at
 
     def sample_on_policy(self, rows: list[PromptRow], **kwargs: Any) -> list[Sample]:
         for _ in range(3):
@@ -149,24 +161,53 @@ class Trainer:
         return sample(self.remote, rows, version=self.version, **kwargs)
 
     # ------------------------------------------------------------ the step
+    def rollouts_for(self, step: int) -> tuple[list[PromptRow], list[Sample], int]:
+        """The step's prompts and rollouts (prefetched while the last step trained, or sampled now), and the
+        version that sampled them; then, with max_staleness, starts sampling the next step's."""
+        s = self.config.sampling
+        indices = self.sampler.next_indices(s.prompts_per_step)
+        rows = [self.train_rows[i] for i in indices]
+        samples, version = None, self.version
+        if self.prefetch is not None:
+            ahead, ahead_indices, ahead_version, future = self.prefetch
+            self.prefetch = None
+            try:
+                if (ahead, ahead_indices) == (step, indices):
+                    samples, version = future.result(), ahead_version
+            except StaleRollouts as exc:
+                log.warning("prefetched rollouts are stale (%s): sampling step %d again", exc, step)
+        if samples is None:
+            samples = self.sample_on_policy(rows, **self.sampling_args(step))
+        if s.max_staleness and step < self.config.steps:
+            nxt = self.sampler.peek(s.prompts_per_step)
+            ahead_rows = [self.train_rows[i] for i in nxt]
+            future = self.pool.submit(sample, self.remote, ahead_rows, version=self.version, **self.sampling_args(step + 1))
+            self.prefetch = (step + 1, nxt, self.version, future)
+        return rows, samples, version
+
+    def sampling_args(self, step: int) -> dict[str, Any]:
+        s = self.config.sampling
+        return dict(n=s.samples_per_prompt, max_tokens=s.max_tokens, temperature=s.temperature, top_p=s.top_p,
+                    seed=self.seed_of(step))
+
     def train_step(self, step: int) -> dict[str, Any]:
-        c, s = self.config, self.config.sampling
+        c = self.config
         began, waited = time.perf_counter(), self.remote.waited_s
         self.in_step = True
-        rows = [self.train_rows[i] for i in self.sampler.next_indices(s.prompts_per_step)]
-        samples = self.sample_on_policy(rows, n=s.samples_per_prompt, max_tokens=s.max_tokens,
-                                        temperature=s.temperature, top_p=s.top_p, seed=self.seed_of(step))
+        rows, samples, sampled_by = self.rollouts_for(step)
         sampled = time.perf_counter()
         score(self.remote, samples)  # waits out a teacher outage; the samples stay
         scored = time.perf_counter()
         raw, rewards = task_rewards(samples, self.reward_fn) if self.reward_fn else (None, None)
         update = train_on(self.policy, samples, c, rewards)
         trained = time.perf_counter()
-        self.publish()
+        self.publish(made_at=step)
         synced = time.perf_counter()
         record = {
             **kl_summary(samples), **update,
             "policy_version": self.version,
+            # optimizer steps between the weights that sampled this step and those it trained
+            "staleness": (step - 1) - self.made_at.get(sampled_by, step - 1),
             "time_sample": sampled - began, "time_score": scored - sampled,
             "time_train": trained - scored, "time_sync": synced - trained, "time_step": synced - began,
             "time_waiting": self.remote.waited_s - waited,
@@ -237,6 +278,10 @@ class Trainer:
         return self.state
 
     def finish(self) -> None:
+        if self.prefetch is not None:  # rollouts for a step this run will not train
+            self.prefetch[3].cancel()
+            self.prefetch = None
+        self.pool.shutdown(wait=True)
         if self.metrics is None:
             return
         self.metrics.close()

@@ -57,6 +57,12 @@ class EngineService(_Section):
     kv_cache_gib: Annotated[float, Field(gt=0)] = 1.0
 
 
+class StudentService(EngineService):
+    lora_mode: Literal["auto", "adapter", "merge"] = Field(
+        default="auto", description="LoRA versions as adapters or merged into the weights (auto: merged without a GPU)."
+    )
+
+
 class TrainerService(_Section):
     port: Annotated[int, Field(ge=1, le=65535)] = 8003
 
@@ -65,7 +71,7 @@ class StackConfig(_Section):
     workdir: str = "runs/demo"
     host: str = "127.0.0.1"
     teacher: EngineService
-    student: EngineService
+    student: StudentService
     trainer: TrainerService = TrainerService()
     run: dict[str, Any] = {}
     startup_timeout_s: Annotated[float, Field(gt=0)] = 900.0

@@ -102,7 +102,8 @@ class Stack:
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         for spec, name, model, extra in (
             (c.teacher, "teacher", teacher_model, []),
-            (c.student, "student", student_model, ["--checkpoint-root", str(self.checkpoints), *self._lora_flag()]),
+            (c.student, "student", student_model,
+             ["--checkpoint-root", str(self.checkpoints), "--lora-mode", c.student.lora_mode, *self._lora_flag()]),
         ):
             args = [name, "serve", "--model", model, "--engine", spec.engine, "--dtype", spec.dtype,
                     "--kv-cache-gib", str(spec.kv_cache_gib), *extra]

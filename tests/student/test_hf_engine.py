@@ -94,10 +94,15 @@ def test_completions_end_with_eos_kept(fresh: HFRolloutEngine, checkpoint_root: 
     assert reference.max_error("eos", rollouts) < ATOL
 
 
+@pytest.mark.parametrize("lora_mode", ["merge", "adapter"])
 def test_swaps_change_outputs_and_match_the_new_weights(
-    fresh: HFRolloutEngine, checkpoint_root: Path, prompts, reference: Reference
+    student_settings: StudentSettings, checkpoint_root: Path, prompts, reference: Reference, lora_mode: str
 ) -> None:
     import asyncio
+
+    from peft import PeftModel
+
+    fresh = HFRolloutEngine(student_settings.model_copy(update={"lora_mode": lora_mode}))
 
     sampling = Sampling(n=2, max_tokens=16, seed=11, temperature=0.8)
 
@@ -115,6 +120,8 @@ def test_swaps_change_outputs_and_match_the_new_weights(
     ]:
         if kind == "lora":
             asyncio.run(fresh.load_lora(checkpoint_root / folder, version=len(seen)))
+            # merged: a plain model at plain speed; otherwise peft's adapter layers
+            assert isinstance(fresh.model, PeftModel) == (lora_mode == "adapter")
         else:
             asyncio.run(fresh.load_full(checkpoint_root / folder))
         seen[version] = sample_and_check(version)

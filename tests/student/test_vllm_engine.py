@@ -30,7 +30,8 @@ ATOL = 1e-4
 
 @pytest.fixture(scope="module")
 def vllm_settings(student_settings: StudentSettings) -> StudentSettings:
-    return student_settings.model_copy(update={"engine": "vllm", "max_pending": 16})
+    # LoRA versions merged into the weights: the default on a machine without a GPU.
+    return student_settings.model_copy(update={"engine": "vllm", "max_pending": 16, "lora_mode": "merge"})
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -97,16 +98,16 @@ async def test_stop_strings_and_eos(base, checkpoint_root: Path, prompts, refere
     assert reference.max_error("eos", rollouts) < ATOL
 
 
-async def test_swaps_change_outputs_and_match_the_new_weights(
-    base, checkpoint_root: Path, student_model: Path, prompts, reference: Reference
-) -> None:
+async def check_swaps(engine, checkpoint_root: Path, student_model: Path, prompts, reference: Reference) -> None:
+    """Swaps through adapters and full versions; every rollout matches a plain forward of what should serve."""
     sampling = Sampling(n=2, max_tokens=16, seed=11, temperature=0.8)
 
     async def sample_and_check(version: str) -> list[list[int]]:
-        rollouts = as_rollouts(prompts, await base.sample(prompts, sampling))
+        rollouts = as_rollouts(prompts, await engine.sample(prompts, sampling))
         assert reference.max_error(version, rollouts, 0.8) < ATOL, version
         return [r["token_ids"] for r in rollouts]
 
+    await engine.load_full(student_model)
     seen = {"base": await sample_and_check("base")}
     for kind, folder, version in [
         ("lora", "lora-a", "lora-a"),
@@ -115,14 +116,35 @@ async def test_swaps_change_outputs_and_match_the_new_weights(
         ("lora", "lora-a", "full-a+lora-a"),  # an adapter applies on the weights serving
     ]:
         if kind == "lora":
-            await base.load_lora(checkpoint_root / folder, version=len(seen))
+            await engine.load_lora(checkpoint_root / folder, version=len(seen))
         else:
-            await base.load_full(checkpoint_root / folder)
+            await engine.load_full(checkpoint_root / folder)
         seen[version] = await sample_and_check(version)
     assert len({str(t) for t in seen.values()}) == len(seen)
-    assert set(await base.llm.list_loras()) == {4}  # the earlier adapters were removed
-    await base.load_full(student_model)
+    if not engine.merge:  # merged, the engine has no LoRA support at all
+        assert set(await engine.llm.list_loras()) == {4}, "the earlier adapters were removed"
+    await engine.load_full(student_model)
     assert [r for r in await sample_and_check("base")] == seen["base"]
+
+
+async def test_swaps_change_outputs_and_match_the_new_weights(
+    base, checkpoint_root: Path, student_model: Path, prompts, reference: Reference
+) -> None:
+    assert base.merge
+    await check_swaps(base, checkpoint_root, student_model, prompts, reference)
+
+
+async def test_adapter_swaps_through_vllms_lora_kernels(
+    vllm_settings: StudentSettings, checkpoint_root: Path, student_model: Path, prompts, reference: Reference
+) -> None:
+    from services.student.vllm_engine import VLLMRolloutEngine
+
+    engine = VLLMRolloutEngine(vllm_settings.model_copy(update={"lora_mode": "adapter"}))
+    try:
+        assert not engine.merge
+        await check_swaps(engine, checkpoint_root, student_model, prompts, reference)
+    finally:
+        await engine.close()
 
 
 @pytest.fixture

@@ -32,6 +32,7 @@ def run(config) -> list[dict]:
 @pytest.mark.parametrize(
     ("finetune", "lr"),
     # LoRA before full: a LoRA run must also cope with a student left on another run's full weights.
+    # On a machine without a GPU the student merges each adapter into its weights (services/student/vllm_merge.py).
     [("lora", 0.01), ("full", 0.001)],
 )
 def test_distillation_lowers_the_teacher_kl(make_config, checkpoint_root: Path, finetune: str, lr: float) -> None:
@@ -73,3 +74,17 @@ def test_ppo_substeps_reward_and_verifier(make_config) -> None:
     assert any(r["clip_fraction"] > 0 for r in train)
     evals = [r for r in records if r["kind"] == "eval"]
     assert [r["step"] for r in evals] == [0, 2] and all(0.0 <= r["accuracy"] <= 1.0 for r in evals)
+
+
+def test_one_step_off_policy_overlap_trains(make_config) -> None:
+    """max_staleness=1: each step after the first trains on rollouts its previous version sampled, while it trained."""
+    config = make_config(name="stale", sampling__max_staleness=1, steps=STEPS, eval__every=6, save_every=6)
+    records = run(config)
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == list(range(1, STEPS + 1))
+    assert [r["staleness"] for r in train] == [0] + [1] * (STEPS - 1)
+    assert 0.98 < train[0]["ratio_min"] <= train[0]["ratio_max"] < 1.02, "the first step samples on-policy"
+    # One version behind, the importance ratio moves off 1: it is what corrects the lag.
+    assert all(r["ratio_max"] > 1.001 or r["ratio_min"] < 0.999 for r in train[1:])
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals[-1]["teacher_kl"] < 0.8 * evals[0]["teacher_kl"], evals

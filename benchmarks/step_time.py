@@ -1,0 +1,259 @@
+"""Seconds per training step: opd's stack (as `opd up` runs it) beside TRL's
+on-policy distillation trainer, on the same models and workload, in one run.
+
+    make bench-step                                       # every row (about 20 minutes on 2 cores)
+    python benchmarks/step_time.py --rows default,trl     # some rows
+    python benchmarks/step_time.py --prompts 4 --samples 2 --max-tokens 16 --steps 3 --rows default   # quick
+
+The workload is `make demo`'s: SmolLM2-135M-Instruct as the teacher, the same
+model without its layers 12-21 as the student, 8 prompts x 2 samples x 32
+tokens per step, LoRA rank 16 (alpha 32) on every linear layer, AdamW at 5e-4
+with 2 warm-up steps, a float32 student, the teacher in its saved dtype.
+
+Rows, one after the other (never two at once: they would share the CPU):
+- opd rows: `opd up` with the demo stack and `--set` overrides (each row says
+  which), evaluation off. The per-phase split is the trainer's own metrics.
+- `trl`: `benchmarks/trl_distill.py` in TRL's environment (`make bench-step`
+  builds `.venv-trl`; TRL is never a dependency of the services). See that
+  file for how TRL's objective differs from opd's.
+
+For each row: seconds per step (median and min-max over the steps after the
+first, a warm-up), opd's sample/score/train/sync medians, the peak memory of
+all the row's processes together (proportional set size, so pages shared by
+vLLM's processes count once), how busy the row's processes kept the machine's
+cores over the measured steps (their CPU seconds over wall seconds x cores, so
+other work on the machine does not count), and the ratio to the TRL row. Model preparation and
+service start-up are not timed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = ROOT / "services" / "data" / "prompts.jsonl"
+OPD_ROWS = {
+    # name: (what it is, --set overrides on top of the demo stack)
+    "default": ("opd up as the demo runs it (vLLM student, LoRA merged into its weights)", []),
+    "adapter": ("vLLM student serving LoRA adapters through its LoRA kernels", ["student.lora_mode=adapter"]),
+    "overlap": ("the default, sampling the next step while this one trains (max_staleness 1)",
+                ["run.sampling.max_staleness=1"]),
+    "hf": ("hf student engine", ["student.engine=hf"]),
+    "full": ("full fine-tuning, vLLM student without LoRA", ["run.student.finetune=full", "run.optimizer.lr=2.0e-5"]),
+}
+
+
+@dataclass
+class Monitor:
+    """Samples the machine's CPU counters and the PSS of a process tree; notes when metrics lines appear."""
+
+    root_pid: int
+    metrics: Path | None = None
+    interval: float = 0.5
+    peak_bytes: int = 0
+    cpu: list[tuple[float, float]] = field(default_factory=list)  # (time, CPU seconds of the process tree)
+    lines_at: list[float] = field(default_factory=list)  # when the k-th train record appeared
+    _stop: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _tree(self) -> list[psutil.Process]:
+        try:
+            root = psutil.Process(self.root_pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.Error:
+            return []
+
+    def _sample(self) -> tuple[float, int]:
+        """CPU seconds and PSS bytes of the process tree, now."""
+        cpu, pss = 0.0, 0
+        for proc in self._tree():
+            try:
+                times = proc.cpu_times()
+                cpu += times.user + times.system
+                pss += proc.memory_full_info().pss
+            except psutil.Error:
+                pass
+        return cpu, pss
+
+    def _train_records(self) -> int:
+        if self.metrics is None or not self.metrics.is_file():
+            return 0
+        return sum('"kind": "train"' in line for line in self.metrics.read_text().splitlines())
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = time.monotonic()
+            cpu, pss = self._sample()
+            self.cpu.append((now, cpu))
+            self.peak_bytes = max(self.peak_bytes, pss)
+            for _ in range(self._train_records() - len(self.lines_at)):
+                self.lines_at.append(now)
+            self._stop.wait(self.interval)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def busy(self, start: float, end: float) -> float:
+        """The share of every core that the row's processes used between `start` and `end`."""
+        inside = [c for c in self.cpu if start <= c[0] <= end]
+        if len(inside) < 2:
+            return float("nan")
+        (t0, c0), (t1, c1) = inside[0], inside[-1]
+        return (c1 - c0) / ((t1 - t0) * (psutil.cpu_count() or 1)) if t1 > t0 else float("nan")
+
+
+@dataclass
+class Result:
+    name: str
+    what: str
+    steps: list[float]
+    split: dict[str, float] = field(default_factory=dict)
+    peak_gib: float = 0.0
+    busy: float = float("nan")
+    note: str = ""
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.steps) if self.steps else float("nan")
+
+
+def free_ports(count: int) -> list[int]:
+    from services.common.process import free_port
+
+    ports: set[int] = set()
+    while len(ports) < count:
+        ports.add(free_port())
+    return sorted(ports)
+
+
+def workload_sets(args: argparse.Namespace) -> list[str]:
+    return [
+        f"run.sampling.prompts_per_step={args.prompts}", f"run.sampling.samples_per_prompt={args.samples}",
+        f"run.sampling.max_tokens={args.max_tokens}", f"run.steps={args.steps}", "run.eval.every=0",
+        f"run.save_every={args.steps}", "samples_to_show=0", "run.resume=false",
+    ]
+
+
+def run_opd(name: str, args: argparse.Namespace, work: Path) -> Result:
+    what, sets = OPD_ROWS[name]
+    workdir = work / name
+    (workdir).mkdir(parents=True, exist_ok=True)
+    models = work / "models"
+    models.mkdir(exist_ok=True)
+    if not (workdir / "models").exists():
+        (workdir / "models").symlink_to(models)
+    ports = free_ports(3)
+    cmd = [sys.executable, "-m", "services", "up", *sum((["--set", s] for s in [
+        f"workdir={workdir}", f"teacher.port={ports[0]}", f"student.port={ports[1]}", f"trainer.port={ports[2]}",
+        *workload_sets(args), *sets, *args.set]), [])]
+    print(f"\n== {name}: {what}\n   {' '.join(cmd[2:])}", flush=True)
+    log = (workdir / "up.log").open("w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    monitor = Monitor(proc.pid, workdir / "run" / "metrics.jsonl")
+    code = proc.wait()
+    monitor.stop()
+    records = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [r for r in records if r.get("kind") == "train"]
+    if code != 0 or len(train) < 2:
+        tail = (workdir / "up.log").read_text()[-1500:]
+        return Result(name, what, [], note=f"failed (exit {code}): {tail}")
+    measured = train[1:]
+    split = {k: statistics.median(r[f"time_{k}"] for r in measured) for k in ("sample", "score", "train", "sync")}
+    busy = monitor.busy(monitor.lines_at[0], monitor.lines_at[-1]) if len(monitor.lines_at) >= 2 else float("nan")
+    return Result(name, what, [r["time_step"] for r in measured], split, monitor.peak_bytes / 2**30, busy)
+
+
+def run_trl(args: argparse.Namespace, work: Path) -> Result:
+    what = "TRL DistillationTrainer (in-process generate, full-vocabulary reverse KL)"
+    python = Path(args.trl_python)
+    if not python.exists():
+        return Result("trl", what, [], note=f"{python} not found: `make bench-step` builds TRL's environment")
+    from services.common.models import prepare
+
+    models = work / "models"
+    teacher = prepare("smollm2-135m-instruct", models / "smollm2-135m-instruct")
+    student = prepare("smollm2-135m-instruct", models / "smollm2-135m-instruct-drop12-21", drop_layers="12-21")
+    cmd = [str(python), str(ROOT / "benchmarks" / "trl_distill.py"), "--teacher", str(teacher), "--student", str(student),
+           "--prompts", str(PROMPTS), "--sequences", str(args.prompts * args.samples), "--max-tokens", str(args.max_tokens),
+           "--steps", str(args.steps), "--out", str(work / "trl")]
+    print(f"\n== trl: {what}\n   {' '.join(cmd[1:])}", flush=True)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work, env=env)
+    monitor = Monitor(proc.pid)
+    steps, ends, tail = [], [], []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        tail = (tail + [line])[-30:]
+        if '{"step"' in line:  # progress bars share the line
+            steps.append(json.loads(line[line.index('{"step"'):])["seconds"])
+            ends.append(time.monotonic())
+    code = proc.wait()
+    monitor.stop()
+    if code != 0 or len(steps) < 2:
+        return Result("trl", what, [], note=f"failed (exit {code}): {''.join(tail)[-1500:]}")
+    return Result("trl", what, steps[1:], peak_gib=monitor.peak_bytes / 2**30, busy=monitor.busy(ends[0], ends[-1]))
+
+
+def table(results: list[Result]) -> str:
+    trl = next((r for r in results if r.name == "trl" and r.steps), None)
+    head = "| row | s/step median (min-max) | sample | score | train | sync | peak memory | CPU busy | / TRL |"
+    lines = [head, "|---|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if not r.steps:
+            lines.append(f"| {r.name} | {r.note.splitlines()[0] if r.note else 'no steps'} |  |  |  |  |  |  |  |")
+            continue
+        split = [f"{r.split[k]:.1f}" if k in r.split else "" for k in ("sample", "score", "train", "sync")]
+        ratio = f"{r.median / trl.median:.2f}" if trl else ""
+        lines.append(f"| {r.name} | {r.median:.1f} ({min(r.steps):.1f}-{max(r.steps):.1f}) | {' | '.join(split)} | "
+                     f"{r.peak_gib:.1f} GiB | {r.busy:.0%} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rows", default="default,overlap,adapter,hf,full,trl", help=f"from {', '.join([*OPD_ROWS, 'trl'])}")
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--samples", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=32)
+    ap.add_argument("--steps", type=int, default=6, help="steps per row; the first is a warm-up")
+    ap.add_argument("--set", action="append", default=[], help="extra `opd up --set` for every opd row")
+    ap.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
+    ap.add_argument("--workdir", default=None, help="default: a temporary folder (models prepared there once)")
+    args = ap.parse_args()
+    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in OPD_ROWS and r != "trl"]
+    if unknown:
+        ap.error(f"unknown rows {unknown}: choose from {', '.join([*OPD_ROWS, 'trl'])}")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="opd-step-time-")).resolve()
+    print(f"workdir {work}; {args.prompts} prompts x {args.samples} samples x {args.max_tokens} tokens, "
+          f"{args.steps} steps per row (the first a warm-up); {psutil.cpu_count()} CPUs", flush=True)
+    results = []
+    for row in rows:
+        result = run_trl(args, work) if row == "trl" else run_opd(row, args, work)
+        results.append(result)
+        print(table([result]).splitlines()[-1], flush=True)
+    print("\n" + table(results))
+    for r in results:
+        print(f"- {r.name}: {r.what}")
+
+
+if __name__ == "__main__":
+    main()
