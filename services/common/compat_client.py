@@ -114,9 +114,10 @@ def _response(model: str, jobs: list[Job], results: list[p.SequenceLogprobs]) ->
 
 
 def _info(model: str, engine: str, max_model_len: int | None) -> p.ServiceInfo:
+    # vLLM generates one token after an echoed prompt even at max_tokens 0: a sequence holds max_model_len - 1.
+    limits = {"max_sequence_len": max_model_len - 1} if max_model_len else {}
     return p.ServiceInfo(service="teacher", model=model, engine=engine, vocab_size=0, tokenizer_fingerprint="",
-                         max_model_len=max_model_len or 0)
-
+                         max_model_len=max_model_len or 0, limits=limits)
 
 
 def _models(listed: o.ModelList, url: str) -> o.ModelCard:

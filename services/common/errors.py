@@ -48,6 +48,12 @@ class NotReady(OPDError):
     status_code = 503
 
 
+class ClientGone(OPDError):
+    """The client closed the connection before the answer; its work was cancelled (499, seen only in logs)."""
+
+    status_code = 499
+
+
 class ServiceError(OPDError):
     """A service answered with an error; raised by the clients."""
 

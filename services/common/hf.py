@@ -9,6 +9,13 @@ through it. Choices:
    (`logits_to_keep`), so long prompts do not pay for a vocabulary-sized
    projection they never use.
 3) log_softmax in float32, whatever the model's dtype.
+4) With `top_p` < 1 the logprobs are those of the nucleus distribution the
+   student samples from (vLLM's and transformers' top-p: the smallest set of
+   top tokens whose probability reaches `top_p`, renormalised), so the
+   trainer's importance ratio compares like with like. The nucleus is chosen
+   without gradient (it is piecewise constant); the scored token always
+   counts as inside it, so a token sampled at the nucleus' edge never gets
+   log 0 from a last-bit difference between engines.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ def token_logprobs(
     starts: Sequence[int],
     *,
     temperature: float = 1.0,
+    top_p: float = 1.0,
     top_k: int = 0,
     pad_id: int = 0,
     ranks: bool = False,
@@ -85,13 +93,30 @@ def token_logprobs(
     out = []
     for b, (seq, start) in enumerate(zip(seqs, starts, strict=True)):
         rows = logits[b, start - 1 - first : len(seq) - 1 - first].float()
-        logp = torch.log_softmax(rows / temperature if temperature != 1.0 else rows, dim=-1)
         target = ids[b, start : len(seq)]
+        if temperature != 1.0:
+            rows = rows / temperature
+        if top_p < 1.0:
+            rows = rows.masked_fill(outside_nucleus(rows.detach(), top_p, target), float("-inf"))
+        logp = torch.log_softmax(rows, dim=-1)
         chosen = logp.gather(-1, target[:, None]).squeeze(-1)
         values, indices = logp.topk(top_k, dim=-1) if top_k else (None, None)
         rank = (logp >= chosen[:, None]).sum(-1) if ranks else None
         out.append(TokenScores(chosen, values, indices, rank))
     return out
+
+
+def outside_nucleus(rows_TV: torch.Tensor, top_p: float, keep_T: torch.Tensor) -> torch.Tensor:
+    """True for the tokens top-p sampling drops: sorted ascending, those whose cumulative
+    probability stays <= 1 - top_p (the most likely token always stays), as vLLM and
+    transformers compute it; `keep_T`, the token scored at each position, is never dropped."""
+    sorted_TV, order_TV = rows_TV.sort(dim=-1)
+    cumulative_TV = sorted_TV.softmax(dim=-1).cumsum(dim=-1)
+    drop_sorted_TV = cumulative_TV <= 1 - top_p
+    drop_sorted_TV[:, -1] = False
+    drop_TV = torch.zeros_like(drop_sorted_TV).scatter(-1, order_TV, drop_sorted_TV)
+    drop_TV[torch.arange(len(keep_T), device=drop_TV.device), keep_T] = False
+    return drop_TV
 
 
 def token_budget_batches(lengths: Sequence[int], budget: int) -> Iterator[list[int]]:

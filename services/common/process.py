@@ -4,6 +4,8 @@ Used by `opd up`, the demos and the tests. Each child runs in its own process
 group (vLLM starts workers of its own), its output is prefixed with the
 service name and kept in a log file, and `stop()` ends the whole group:
 SIGTERM, then SIGKILL after a grace period. Ports are checked before start.
+A stopped (or crashed) child can be started again with the same arguments;
+`exit_description()` and `log_tail()` say how it ended.
 """
 
 from __future__ import annotations
@@ -103,37 +105,65 @@ class ServiceProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def wait_ready(self, timeout: float = 600.0, api_key: str | None = None) -> None:
+    def ready(self, api_key: str | None = None, timeout: float = 5.0) -> bool:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        try:
+            return httpx.get(self.url + self.ready_path, headers=headers, timeout=timeout).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def wait_ready(self, timeout: float = 600.0, api_key: str | None = None) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
                 where = f"; see {self.log_file}" if self.log_file else ""
-                raise StartupFailed(f"{self.name} exited with code {self.proc.returncode if self.proc else '?'} before it was ready{where}")
-            try:
-                if httpx.get(self.url + self.ready_path, headers=headers, timeout=5).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
+                raise StartupFailed(f"{self.name} {self.exit_description()} before it was ready{where}")
+            if self.ready(api_key):
+                return
             time.sleep(0.5)
         raise StartupFailed(f"{self.name} was not ready after {timeout:.0f}s")
+
+    def exit_description(self) -> str:
+        """'exited with code 1' or 'was killed by SIGKILL' (or 'is running')."""
+        code = self.proc.poll() if self.proc else None
+        if code is None:
+            return "is running" if self.proc else "was never started"
+        if code < 0:
+            try:
+                return f"was killed by {signal.Signals(-code).name}"
+            except ValueError:
+                return f"was killed by signal {-code}"
+        return f"exited with code {code}"
+
+    def log_tail(self, lines: int = 8) -> list[str]:
+        """The last non-empty lines of its log file (once it has stopped, everything it wrote)."""
+        if not self.log_file or not self.log_file.is_file():
+            return []
+        with self.log_file.open("rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            fh.seek(max(0, fh.tell() - 65536))
+            text = fh.read().decode(errors="replace")
+        return [line for line in text.splitlines() if line.strip()][-lines:]
+
+    def send_signal(self, sig: int) -> None:
+        """Sends `sig` to the child's whole process group, if any of it is left."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
     def stop(self, grace: float = 20.0) -> None:
         if self.proc is None:
             return
         if self.proc.poll() is None:
+            self.send_signal(signal.SIGTERM)
             try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
                 self.proc.wait(grace)
             except subprocess.TimeoutExpired:
                 pass
-            except ProcessLookupError:
-                pass
-        # Whatever the group still holds (vLLM workers) goes too.
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+        self.send_signal(signal.SIGKILL)  # whatever the group still holds (vLLM workers) goes too
         self.proc.wait()
         if self._pump:
             self._pump.join(timeout=5)

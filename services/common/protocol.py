@@ -11,16 +11,31 @@ Choices:
    deployment (sequences per request) are checked by the service and answered
    with a 4xx that names the limit.
 3) A prompt is token ids, plain text, or chat messages, exactly one of them.
+4) Numbers are strict: a token id, a count or a seed is a JSON integer (not
+   `true`, not `1.0`, not `"1"`); a temperature or top_p is a JSON number.
+5) Sampling temperatures below `MIN_TEMPERATURE` (0 included) mean greedy
+   decoding; the student then reports, for each chosen token, the model's own
+   logprob at temperature 1 (what vLLM reports for greedy requests too). That
+   is the student's log p of its answer, fit for the reverse KL against the
+   teacher, but not a sampling probability (greedy picks with probability 1):
+   train at a temperature >= MIN_TEMPERATURE. Between 0 and MIN_TEMPERATURE
+   sampling would divide logits into overflow (vLLM itself raises such
+   temperatures to 0.01), so the floor keeps every admitted value finite.
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-TokenIds = list[NonNegativeInt]
+TokenId = Annotated[int, Field(strict=True, ge=0)]
+TokenIds = list[TokenId]
+Count = Annotated[int, Field(strict=True)]
+Number = Annotated[float, Field(strict=True)]
 MAX_TOP_K = 20
+MIN_TEMPERATURE = 0.01
+MAX_SEED = 2**62  # rollout seeds are seed + i*n + j, and the engines take 64-bit seeds
 
 
 class Request(BaseModel):
@@ -29,6 +44,11 @@ class Request(BaseModel):
 
 class Response(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def one_of(*forms: list[str]) -> dict:
+    """JSON schema for "exactly one of these sets of fields" (the validators below say it in words)."""
+    return {"oneOf": [{"required": form} for form in forms]}
 
 
 # --------------------------------------------------------------------- prompts
@@ -44,9 +64,12 @@ class Prompt(Request):
     the generation prompt added.
     """
 
-    token_ids: TokenIds | None = None
-    text: str | None = None
-    messages: list[ChatMessage] | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra=one_of(["token_ids"], ["text"], ["messages"]))
+
+    # Empty ones are refused by the validator, in its words; the schema says it too.
+    token_ids: TokenIds | None = Field(default=None, json_schema_extra={"minItems": 1})
+    text: str | None = Field(default=None, json_schema_extra={"minLength": 1})
+    messages: list[ChatMessage] | None = Field(default=None, json_schema_extra={"minItems": 1})
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Prompt:
@@ -72,10 +95,12 @@ class ScoreSequence(Request):
     exactly the completion tokens are scored.
     """
 
-    token_ids: TokenIds | None = None
-    start: NonNegativeInt | None = None
+    model_config = ConfigDict(extra="forbid", json_schema_extra=one_of(["token_ids"], ["prompt", "completion"]))
+
+    token_ids: TokenIds | None = Field(default=None, json_schema_extra={"minItems": 2})
+    start: Annotated[Count, Field(ge=1)] | None = None
     prompt: Prompt | None = None
-    completion: TokenIds | None = None
+    completion: TokenIds | None = Field(default=None, json_schema_extra={"minItems": 1})
 
     @model_validator(mode="after")
     def _one_form(self) -> ScoreSequence:
@@ -102,8 +127,10 @@ class ScoreSequence(Request):
 
 class LogprobsRequest(Request):
     sequences: Annotated[list[ScoreSequence], Field(min_length=1)]
-    top_k: Annotated[int, Field(ge=0, le=MAX_TOP_K)] = 0
-    temperature: Annotated[float, Field(gt=0.0, le=100.0)] = 1.0
+    top_k: Annotated[Count, Field(ge=0, le=MAX_TOP_K)] = 0
+    temperature: Annotated[
+        Number, Field(ge=MIN_TEMPERATURE, le=100.0, description="Scores log softmax(logits / temperature).")
+    ] = 1.0
 
 
 class TopLogprob(Response):
@@ -134,11 +161,19 @@ class LogprobsResponse(Response):
 # --------------------------------------------------------------------- student
 class RolloutRequest(Request):
     prompts: Annotated[list[Prompt], Field(min_length=1)]
-    n: Annotated[int, Field(ge=1, le=64)] = 1
-    max_tokens: Annotated[int, Field(ge=1)] = 128
-    temperature: Annotated[float, Field(gt=0.0, le=10.0)] = 1.0
-    top_p: Annotated[float, Field(gt=0.0, le=1.0)] = 1.0
-    seed: int | None = None
+    n: Annotated[Count, Field(ge=1, le=64)] = 1
+    max_tokens: Annotated[
+        Count, Field(ge=1, description="At most the service's max_tokens limit, and prompt + max_tokens <= max_model_len (GET /info).")
+    ] = 128
+    temperature: Annotated[
+        Number,
+        Field(
+            ge=0.0, le=10.0,
+            description=f"Below {MIN_TEMPERATURE} (0 included): greedy decoding, whose logprobs are the model's at temperature 1.",
+        ),
+    ] = 1.0
+    top_p: Annotated[Number, Field(gt=0.0, le=1.0)] = 1.0
+    seed: Annotated[Count, Field(ge=0, le=MAX_SEED)] | None = None
     stop: Annotated[list[Annotated[str, Field(min_length=1)]] | None, Field(max_length=16)] = None
 
 
@@ -159,7 +194,7 @@ class RolloutResponse(Response):
 
 
 class WeightsRequest(Request):
-    version: Annotated[int, Field(ge=1)]
+    version: Annotated[Count, Field(ge=1)]
     kind: Literal["lora", "full"]
     path: Annotated[str, Field(min_length=1, description="relative to the student's checkpoint root")]
 
@@ -224,6 +259,7 @@ class RunList(Response):
 
 class RunMetrics(Response):
     id: str
-    records: list[dict[str, float | int | str]] = Field(
-        description='One record per training step ("kind": "train") and per evaluation ("kind": "eval").'
+    records: list[dict[str, float | int | str | None]] = Field(
+        description='One record per training step ("kind": "train") and per evaluation ("kind": "eval"); '
+        "null stands for a number that was not finite (a skipped update's loss)."
     )

@@ -12,16 +12,21 @@
 - Probes: /health (process alive), /ready (model loaded), /metrics
   (Prometheus text from the app's own registry, so apps in one process do
   not share counters).
+- Disconnects: `until_disconnect` runs a handler's work and cancels it when
+  the client goes away, so the engine stops working for nobody (uvicorn
+  does not cancel a handler by itself).
+- The OpenAPI document says what the service accepts (services/common/openapi.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
-from collections.abc import Callable
-from contextlib import contextmanager
+from collections.abc import Awaitable, Callable
+from contextlib import contextmanager, suppress
 from http import HTTPStatus
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
@@ -30,10 +35,12 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from services.common.errors import OPDError, Overloaded
+from services.common.errors import ClientGone, OPDError, Overloaded
+from services.common.openapi import Limits, publish
 from services.common.protocol import Health
 
 log = logging.getLogger("opd")
+T = TypeVar("T")
 _bearer = HTTPBearer(auto_error=False)
 
 
@@ -77,7 +84,11 @@ def describe_validation_errors(errors: list[dict]) -> str:
 def error_response(request: Request, status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
     body: dict = {"detail": detail}
     if request.url.path.startswith(getattr(request.app.state, "error_envelope", ())):
-        kind = HTTPStatus(status).phrase.title().replace(" ", "").replace("-", "") + "Error"
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:  # 499, nginx's code for a client that went away
+            phrase = "Client Closed Request"
+        kind = phrase.title().replace(" ", "").replace("-", "") + "Error"
         body["error"] = {"message": detail, "type": kind, "param": None, "code": status}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -103,12 +114,39 @@ class Admission:
             self._gauge.set(self.pending)
 
 
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has closed the connection (the body has been read by then)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """The result of `work`, or ClientGone after cancelling it if the client goes away first."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not task.done():
+            task.cancel()
+            with suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        raise ClientGone(f"the client of {request.method} {request.url.path} went away; its work was cancelled")
+    return task.result()
+
+
 def install_common(
     app: FastAPI, *, api_key: str | None, max_pending: int, ready: Callable[[], bool], max_body_bytes: int = 64 * 2**20,
-    error_envelope: tuple[str, ...] = (),
+    limits: Callable[[], Limits | None] | None = None, error_envelope: tuple[str, ...] = (),
 ) -> CollectorRegistry:
-    """Adds error handlers, admission control, a body size limit and the probe routes; returns the metrics registry."""
+    """Adds error handlers, admission control, a body size limit and the probe routes; returns the metrics registry.
+
+    `limits` gives the OpenAPI document the bounds only the running service knows (None while loading).
+    """
     registry = CollectorRegistry()
+    publish(app, api_key=api_key, limits=limits)
 
     @app.middleware("http")
     async def _body_limit(request: Request, call_next):
@@ -127,7 +165,7 @@ def install_common(
     @app.exception_handler(OPDError)
     async def _opd_error(request: Request, exc: OPDError) -> JSONResponse:
         headers = {"Retry-After": "1"} if exc.status_code == 503 else None
-        if exc.status_code >= 500:
+        if exc.status_code >= 499:
             log.warning("%s: %s", type(exc).__name__, exc)
         return error_response(request, exc.status_code, str(exc), headers)
 
@@ -148,7 +186,7 @@ def install_common(
     async def is_ready() -> Health:
         """The model is loaded and requests are served."""
         if not ready():
-            return JSONResponse({"status": "loading"}, status_code=503)  # type: ignore[return-value]
+            return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "1"})  # type: ignore[return-value]
         return Health(status="ok")
 
     @app.get("/metrics", tags=["probes"], dependencies=[Authorized], response_class=Response)

@@ -66,6 +66,13 @@ class StudentSettings(EngineSettings):
     checkpoint_root: str = Field(default="checkpoints", description="Folder that /weights paths are relative to.")
     max_prompts: int = Field(default=256, ge=1)
     max_rollouts: int = Field(default=1024, ge=1, description="prompts * n in one request (413 above).")
+    max_tokens: int = Field(
+        default=4096, ge=1, description="Largest max_tokens of one /rollouts request (422 above); prompt + max_tokens "
+        "must also fit the model's maximum length.",
+    )
+    turn_tokens: int = Field(
+        default=16, ge=1, description="hf engine: tokens one micro-batch decodes before the next request takes a turn.",
+    )
     max_lora_rank: int = Field(default=64, ge=1)
     enable_lora: bool = True
     lora_mode: Literal["auto", "adapter", "merge"] = Field(

@@ -2,7 +2,12 @@
 
 On machines without a GPU (vLLM's CPU build), the KV cache is sized by
 `VLLM_CPU_KVCACHE_SPACE` (GiB; taken from `kv_cache_gib` unless already set)
-and CUDA graphs are off (`enforce_eager`).
+and CUDA graphs are off (`enforce_eager`). vLLM's automatic CPU binding keeps
+one core for its scheduler and runs the model on the others: on a 2-core
+machine that is one core, the same one for the teacher and the student, while
+the other idles. Unless `VLLM_CPU_OMP_THREADS_BIND` is set, an engine binds
+its model threads to every core this process may use instead: the teacher
+and the student take turns within a step, and each turn gets the machine.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ def build_async_llm(settings: EngineSettings, **extra: Any):
     gpu = on_gpu()
     if not gpu:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(settings.kv_cache_gib))))
+        if settings.tensor_parallel_size == 1:
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
     args = AsyncEngineArgs(
         model=settings.model,
         dtype=settings.dtype,

@@ -15,7 +15,7 @@ from fastapi import Depends, FastAPI, Request
 
 from services.common import protocol as p
 from services.common.errors import NotReady
-from services.common.server import Authorized, install_common
+from services.common.server import Authorized, install_common, until_disconnect
 from services.common.settings import StudentSettings
 from services.student.engine import RolloutEngine, build_engine
 from services.student.serving import StudentMetrics, StudentService
@@ -67,16 +67,32 @@ def build_app(settings: StudentSettings, engine: RolloutEngine | None = None) ->
         lifespan=lifespan,
     )
     app.state.service = None
+
+    def limits():
+        service = app.state.service
+        if service is None:
+            return None
+        return {
+            "RolloutRequest": {
+                "max_tokens": {"maximum": service.max_tokens, "default": service.default_max_tokens},
+                "prompts": {"maxItems": settings.max_prompts},
+            },
+            "Prompt": {"token_ids": {"items": {"maximum": service.engine.vocab_size - 1}}},
+        }
+
     registry = install_common(
         app, api_key=settings.api_key, max_pending=settings.max_pending, max_body_bytes=settings.max_body_bytes,
-        ready=lambda: app.state.service is not None and app.state.service.engine.healthy(),
+        ready=lambda: app.state.service is not None and app.state.service.engine.healthy(), limits=limits,
     )
 
     @app.post("/rollouts", dependencies=[Authorized], responses=ERRORS, tags=["student"])
     async def rollouts(body: p.RolloutRequest, service: Service, request: Request) -> p.RolloutResponse:
-        """`n` completions per prompt from the serving policy version, with the logprob of every sampled token."""
+        """`n` completions per prompt from the serving policy version, with the logprob of every sampled token.
+
+        `temperature` 0 decodes greedily. A request whose client disconnects is cancelled.
+        """
         with request.app.state.admission.slot():
-            return await service.rollouts(body)
+            return await until_disconnect(request, service.rollouts(body))
 
     @app.post("/weights", dependencies=[Authorized], responses=WEIGHT_ERRORS, tags=["student"])
     async def weights(body: p.WeightsRequest, service: Service) -> p.WeightsResponse:

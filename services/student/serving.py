@@ -6,14 +6,22 @@ Choices:
    bad request never disturbs the rollouts of good ones or the serving version.
 2) Versions only move forward: a swap to a version at or below the current
    one is a 409, checked before and again after waiting for the lock (two
-   swaps may race).
+   swaps may race). A swap to exactly what is serving (same version, kind
+   and path) succeeds without loading anything: a client that lost the
+   answer to a swap that went through (a timeout) may send it again.
 3) A rollout request runs under the read side of `VersionLock` and reports
-   the version it ran under; a swap runs under the write side.
+   the version it ran under; a swap runs under the write side. A request
+   whose client goes away is cancelled (the route watches the connection),
+   which stops its engine work and counts it as "cancelled".
 4) Usage counts each prompt's tokens once (not once per sample).
+5) max_tokens is bounded by OPD_STUDENT_MAX_TOKENS and, with each prompt, by
+   the model's length (422 naming the bound); a request that leaves it out
+   gets the protocol's default of 128, or the bound where that is lower.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import logging
 import time
@@ -30,7 +38,6 @@ from services.student.engine import RolloutEngine, Sample, Sampling
 from services.student.versions import VersionLock
 
 log = logging.getLogger("opd.student")
-MAX_SEED = 2**62  # rollout seeds are seed + i*n + j, and the engines take 64-bit seeds
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 
 
@@ -101,13 +108,29 @@ class StudentService:
             limits={
                 "max_prompts": self.settings.max_prompts,
                 "max_rollouts": self.settings.max_rollouts,
+                "max_tokens": self.max_tokens,
                 "max_lora_rank": self.settings.max_lora_rank if self.settings.enable_lora else 0,
                 "lora_merged": int(self.settings.enable_lora and self.settings.merge_lora),
                 "max_pending": self.settings.max_pending,
             },
         )
 
+    @property
+    def max_tokens(self) -> int:
+        """The largest max_tokens any request may ask for: the limit, and one prompt token short of the model's length."""
+        return max(1, min(self.settings.max_tokens, self.engine.max_model_len - 1))
+
+    @property
+    def default_max_tokens(self) -> int:
+        """What a request that leaves max_tokens out gets: the protocol's default, within `max_tokens`."""
+        return min(p.RolloutRequest.model_fields["max_tokens"].default, self.max_tokens)
+
     # ------------------------------------------------------------ rollouts
+    def with_defaults(self, request: p.RolloutRequest) -> p.RolloutRequest:
+        if "max_tokens" in request.model_fields_set:
+            return request
+        return request.model_copy(update={"max_tokens": self.default_max_tokens})
+
     def to_prompts(self, request: p.RolloutRequest) -> list[list[int]]:
         count, limit = len(request.prompts), self.settings.max_prompts
         if count > limit:
@@ -117,8 +140,11 @@ class StudentService:
                 f"{count} prompts x n={request.n} = {count * request.n} rollouts; the limit is "
                 f"{self.settings.max_rollouts}: split the request or lower n"
             )
-        if request.seed is not None and not 0 <= request.seed <= MAX_SEED:
-            raise InvalidInput(f"seed must be between 0 and {MAX_SEED}; got {request.seed}")
+        if request.max_tokens > self.settings.max_tokens:
+            raise InvalidInput(
+                f"max_tokens {request.max_tokens} is over this student's limit of {self.settings.max_tokens} "
+                "(OPD_STUDENT_MAX_TOKENS): lower it"
+            )
         prompts = [render_prompt(self.engine.tokenizer, prompt) for prompt in request.prompts]
         for i, ids in enumerate(prompts):
             self._check_prompt(i, ids, request.max_tokens)
@@ -140,6 +166,7 @@ class StudentService:
             )
 
     async def rollouts(self, request: p.RolloutRequest) -> p.RolloutResponse:
+        request = self.with_defaults(request)
         try:
             prompts = self.to_prompts(request)
             if not self.engine.healthy():
@@ -148,9 +175,13 @@ class StudentService:
             self.metrics.requests.labels("rejected").inc()
             raise
         began = time.perf_counter()
-        async with self.lock.read():
-            version = self.version
-            samples = await self.engine.sample(prompts, Sampling.from_request(request))
+        try:
+            async with self.lock.read():
+                version = self.version
+                samples = await self.engine.sample(prompts, Sampling.from_request(request))
+        except asyncio.CancelledError:  # the client went away: the engine has stopped its work
+            self.metrics.requests.labels("cancelled").inc()
+            raise
         rollouts = [
             self._rollout(i, prompt, s) for i, (prompt, group) in enumerate(zip(prompts, samples, strict=True)) for s in group
         ]
@@ -186,7 +217,16 @@ class StudentService:
             checkpoints.check_lora(folder, self.root, self.base, self.settings.max_lora_rank)
         return folder
 
+    def _serving(self, request: p.WeightsRequest) -> bool:
+        return (request.version, request.kind, request.path) == (self.version, self.kind, self.path)
+
+    def _already(self, request: p.WeightsRequest) -> p.WeightsResponse:
+        log.info("policy version %d (%s %s) is already serving", self.version, self.kind, self.path)
+        return p.WeightsResponse(policy_version=self.version, kind=request.kind, path=request.path, seconds=0.0)
+
     async def load_weights(self, request: p.WeightsRequest) -> p.WeightsResponse:
+        if self._serving(request):
+            return self._already(request)
         try:
             self._check_version(request.version)
             folder = self._checked_folder(request)
@@ -195,6 +235,8 @@ class StudentService:
             raise
         waited = time.perf_counter()
         async with self.lock.write():
+            if self._serving(request):  # the same swap, sent again while the first one loaded
+                return self._already(request)
             self._check_version(request.version)
             began = time.perf_counter()
             await self._load(request, folder)

@@ -18,21 +18,30 @@ Choices:
    With `merge_lora` (the default without a GPU) the engine runs without
    LoRA support and a LoRA version is merged into the weights in place
    instead (vllm_merge.py): sampling keeps plain-weight speed.
-5) vLLM's engine dies on a bad adapter or checkpoint, so checkpoints are
+5) Greedy requests (temperatures below the floor, 0 included) run once and are
+   copied n times: vLLM allows n = 1 only, and greedy samples are all the
+   same. Their logprobs are vLLM's for greedy requests: the model's at
+   temperature 1, without top-p.
+6) vLLM's engine dies on a bad adapter or checkpoint, so checkpoints are
    checked before they get here (checkpoints.py); if it dies anyway,
    `healthy()` turns false and /ready answers 503.
+7) A request vLLM refuses (its own validation) is the request's fault: a 422
+   with vLLM's message, never a 500.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import itertools
 from pathlib import Path
 
+from services.common.errors import InvalidInput
 from services.common.settings import StudentSettings
 from services.student.checkpoints import local_model_folder
 from services.common.vllm_args import build_async_llm
 from services.student.engine import RolloutEngine, Sample, Sampling, cut_text
+from services.student.sampling import is_greedy
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -63,22 +72,29 @@ class VLLMRolloutEngine(RolloutEngine):
 
     async def _sample_one(self, index: int, prompt: list[int], sampling: Sampling) -> list[Sample]:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.inputs import TokensPrompt
         from vllm.sampling_params import RequestOutputKind
 
+        greedy = is_greedy(sampling.temperature)  # vLLM refuses n > 1 for greedy requests: the n samples are one
         params = SamplingParams(
-            n=sampling.n, max_tokens=sampling.max_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            n=1 if greedy else sampling.n, max_tokens=sampling.max_tokens, temperature=0.0 if greedy else sampling.temperature,
+            top_p=sampling.top_p,
             seed=None if sampling.seed is None else sampling.seed + index * sampling.n,
             stop=list(sampling.stop) or None, logprobs=0, output_kind=RequestOutputKind.FINAL_ONLY,
             detokenize=bool(sampling.stop),  # vLLM needs text only to find stop strings
         )
         final = None
-        async for out in self.llm.generate(
-            TokensPrompt(prompt_token_ids=prompt), params, request_id=f"rollout-{next(self._ids)}", lora_request=self.lora
-        ):
-            final = out
+        try:
+            async for out in self.llm.generate(
+                TokensPrompt(prompt_token_ids=prompt), params, request_id=f"rollout-{next(self._ids)}", lora_request=self.lora
+            ):
+                final = out
+        except VLLMClientError as exc:
+            raise InvalidInput(f"prompts[{index}]: the student's vLLM engine refused it: {exc}") from exc
         assert final is not None
-        return [self._to_sample(c, sampling.stop) for c in sorted(final.outputs, key=lambda c: c.index)]
+        samples = [self._to_sample(c, sampling.stop) for c in sorted(final.outputs, key=lambda c: c.index)]
+        return [copy.deepcopy(samples[0]) for _ in range(sampling.n)] if greedy else samples
 
     def _to_sample(self, completion, stop: tuple[str, ...]) -> Sample:
         tokens = list(completion.token_ids)

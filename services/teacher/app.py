@@ -17,7 +17,7 @@ from fastapi import Depends, FastAPI, Request
 
 from services.common import protocol as p
 from services.common.errors import NotReady
-from services.common.server import Authorized, install_common
+from services.common.server import Authorized, install_common, until_disconnect
 from services.common.settings import TeacherSettings
 from services.teacher import compat_routes
 from services.teacher.engine import ScoringEngine, build_engine
@@ -65,16 +65,29 @@ def build_app(settings: TeacherSettings, engine: ScoringEngine | None = None) ->
         lifespan=lifespan,
     )
     app.state.service = app.state.openai = app.state.sglang = None
+
+    def limits():
+        service = app.state.service
+        if service is None:
+            return None
+        largest_id = {"items": {"maximum": service.engine.vocab_size - 1}}
+        return {
+            "LogprobsRequest": {"sequences": {"maxItems": settings.max_sequences}},
+            "ScoreSequence": {"token_ids": {"maxItems": service.engine.max_model_len, **largest_id}, "completion": largest_id},
+            "Prompt": {"token_ids": largest_id},
+        }
+
     registry = install_common(
         app, api_key=settings.api_key, max_pending=settings.max_pending, max_body_bytes=settings.max_body_bytes,
-        ready=lambda: app.state.service is not None, error_envelope=compat_routes.PATHS,
+        ready=lambda: app.state.service is not None, limits=limits,
+        error_envelope=compat_routes.PATHS,
     )
 
     @app.post("/logprobs", dependencies=[Authorized], responses=ERRORS, tags=["teacher"])
     async def logprobs(body: p.LogprobsRequest, service: Service, request: Request) -> p.LogprobsResponse:
-        """Log-probability of every token from `start` on, under the teacher."""
+        """Log-probability of every token from `start` on, under the teacher. A request whose client disconnects is cancelled."""
         with request.app.state.admission.slot():
-            return await service.logprobs(body)
+            return await until_disconnect(request, service.logprobs(body))
 
     @app.get("/info", dependencies=[Authorized], tags=["teacher"])
     async def info(service: Service) -> p.ServiceInfo:

@@ -5,7 +5,8 @@
 
 Thin routes: auth, admission and error mapping are the app's (server.py),
 the translation lives in openai_compat.py and sglang_compat.py, the scoring
-in TeacherService. Error bodies carry opd's `detail` and, for the clients of
+in TeacherService; as on /logprobs, a request whose client disconnects
+is cancelled. Error bodies carry opd's `detail` and, for the clients of
 those servers, vLLM's `error` object (server.py).
 """
 
@@ -19,7 +20,7 @@ from services.common import openai_protocol as o
 from services.common import protocol as p
 from services.common import sglang_protocol as s
 from services.common.errors import NotReady
-from services.common.server import Authorized
+from services.common.server import Authorized, until_disconnect
 from services.teacher.openai_compat import OpenAICompletions
 from services.teacher.sglang_compat import SGLangGenerate
 
@@ -64,11 +65,11 @@ async def models(compat: OpenAI) -> o.ModelList:
 async def completions(body: o.CompletionRequest, compat: OpenAI, request: Request) -> o.CompletionResponse:
     """vLLM's completions for scoring: `prompt_logprobs`, or `echo` with `logprobs`; `max_tokens` 0 or 1."""
     with request.app.state.admission.slot():
-        return await compat.complete(body)
+        return await until_disconnect(request, compat.complete(body))
 
 
 @router.post("/generate", tags=["sglang-compatible"], response_model_exclude_none=True)
 async def generate(body: s.GenerateRequest, compat: SGLang, request: Request) -> s.GenerateOutput | list[s.GenerateOutput]:
     """SGLang's /generate for scoring: `return_logprob` with `max_new_tokens` 0; one item or a batch."""
     with request.app.state.admission.slot():
-        return await compat.generate(body)
+        return await until_disconnect(request, compat.generate(body))

@@ -5,18 +5,22 @@ starts at and returns the log-probability of every token from there on (and
 optionally the top-k alternatives and each token's rank in the vocabulary,
 which vLLM's OpenAI-compatible answers carry). Two implementations:
 - `HFScoringEngine` here: transformers + torch, micro-batched by a token
-  budget; the reference the vLLM engine is tested against.
+  budget; the reference the vLLM engine is tested against. Each micro-batch
+  is one turn on the engine's worker thread (services/common/worker.py), so
+  requests in flight take turns round robin: a request of many sequences
+  cannot hold back a small one until it is done, and a cancelled request
+  stops after the micro-batch running.
 - `VLLMScoringEngine` (vllm_engine.py): vLLM's AsyncLLM, prompt logprobs.
 """
 
 from __future__ import annotations
 
-import asyncio
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from services.common.settings import TeacherSettings
 from services.common.tokenizer import load_tokenizer, tokenizer_fingerprint
+from services.common.worker import Worker
 
 
 @dataclass(frozen=True)
@@ -42,6 +46,7 @@ class ScoringEngine(ABC):
         self.fingerprint = tokenizer_fingerprint(self.tokenizer)
         self.vocab_size = 0
         self.max_model_len = 0
+        self.max_sequence_len = 0  # the longest sequence it scores (prompt and completion)
 
     @abstractmethod
     async def score(
@@ -66,42 +71,56 @@ class HFScoringEngine(ScoringEngine):
         config = self.model.config
         self.vocab_size = min(config.vocab_size, len(self.tokenizer))
         limit = getattr(config, "max_position_embeddings", None) or 2048
-        self.max_model_len = min(settings.max_model_len or limit, limit)
+        self.max_model_len = self.max_sequence_len = min(settings.max_model_len or limit, limit)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self._lock = asyncio.Lock()  # one forward at a time; requests queue in order
+        self.worker = Worker("opd-teacher-hf")
+
+    def _batches(self, jobs: list[ScoreJob]) -> list[list[int]]:
+        from services.common.hf import token_budget_batches
+
+        return list(token_budget_batches([len(j.token_ids) for j in jobs], self.settings.micro_batch_tokens))
 
     async def score(
         self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0, ranks: bool = False
     ) -> list[ScoreOutput]:
-        async with self._lock:
-            return await asyncio.to_thread(self.score_sync, jobs, top_k, temperature, ranks)
+        outputs: list[ScoreOutput] = [None] * len(jobs)  # type: ignore[list-item]
+        for batch in self._batches(jobs):
+            scored = await self.worker.run(self._score_batch, [jobs[i] for i in batch], top_k, temperature, ranks)
+            for i, out in zip(batch, scored, strict=True):
+                outputs[i] = out
+        return outputs
 
     def score_sync(
         self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0, ranks: bool = False
     ) -> list[ScoreOutput]:
+        """`score` in the calling thread (tests, benchmarks)."""
+        outputs: list[ScoreOutput] = [None] * len(jobs)  # type: ignore[list-item]
+        for batch in self._batches(jobs):
+            scored = self._score_batch([jobs[i] for i in batch], top_k, temperature, ranks)
+            for i, out in zip(batch, scored, strict=True):
+                outputs[i] = out
+        return outputs
+
+    def _score_batch(self, jobs: list[ScoreJob], top_k: int, temperature: float, ranks: bool = False) -> list[ScoreOutput]:
         import torch
 
-        from services.common.hf import token_budget_batches, token_logprobs
+        from services.common.hf import token_logprobs
 
-        outputs: list[ScoreOutput | None] = [None] * len(jobs)
-        budget = self.settings.micro_batch_tokens
         with torch.inference_mode():
-            for batch in token_budget_batches([len(j.token_ids) for j in jobs], budget):
-                scored = token_logprobs(
-                    self.model,
-                    [jobs[i].token_ids for i in batch],
-                    [jobs[i].start for i in batch],
-                    temperature=temperature,
-                    top_k=top_k,
-                    pad_id=self.pad_id,
-                    ranks=ranks,
-                )
-                for i, (chosen, values, indices, rank) in zip(batch, scored, strict=True):
-                    top = None
-                    if values is not None and indices is not None:
-                        top = [list(zip(ix, vs, strict=True)) for ix, vs in zip(indices.tolist(), values.tolist(), strict=True)]
-                    outputs[i] = ScoreOutput(chosen.tolist(), top, rank.tolist() if rank is not None else None)
-        return outputs  # type: ignore[return-value]
+            scored = token_logprobs(
+                self.model, [j.token_ids for j in jobs], [j.start for j in jobs],
+                temperature=temperature, top_k=top_k, pad_id=self.pad_id, ranks=ranks,
+            )
+        outputs = []
+        for chosen, values, indices, rank in scored:
+            top = None
+            if values is not None and indices is not None:
+                top = [list(zip(ix, vs, strict=True)) for ix, vs in zip(indices.tolist(), values.tolist(), strict=True)]
+            outputs.append(ScoreOutput(chosen.tolist(), top, rank.tolist() if rank is not None else None))
+        return outputs
+
+    async def close(self) -> None:
+        self.worker.close()
 
 
 def build_engine(settings: TeacherSettings) -> ScoringEngine:

@@ -11,10 +11,11 @@ sees it, so a bad request never disturbs the batches of good ones.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from services.common import protocol as p
 from services.common.errors import InvalidInput, PayloadTooLarge
@@ -37,6 +38,9 @@ class TeacherMetrics:
             "opd_teacher_latency_seconds", "Latency of scoring requests", registry=registry,
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
         )
+        self.rescored = Gauge(
+            "opd_teacher_rescored_sequences", "Sequences scored again without the prefix cache (vllm engine)", registry=registry
+        )
 
 
 class TeacherService:
@@ -44,6 +48,7 @@ class TeacherService:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics
+        metrics.rescored.set_function(lambda: getattr(engine, "rescored", 0))
 
     def info(self) -> p.ServiceInfo:
         return p.ServiceInfo(
@@ -58,16 +63,17 @@ class TeacherService:
                 "max_request_tokens": self.settings.max_request_tokens,
                 "max_top_k": p.MAX_TOP_K,
                 "max_pending": self.settings.max_pending,
+                "max_sequence_len": self.engine.max_sequence_len,
             },
         )
 
     def to_jobs(self, request: p.LogprobsRequest) -> list[ScoreJob]:
+        self._check_count(len(request.sequences))
         if not self.engine.supports_temperature(request.temperature):
             raise InvalidInput(
                 f"the {self.engine.name} engine cannot score at temperature {request.temperature}: "
                 "send temperature 1.0, or run the teacher with --engine hf"
             )
-        self._check_count(len(request.sequences))
         jobs = []
         for i, seq in enumerate(request.sequences):
             if seq.token_ids is not None:
@@ -98,9 +104,13 @@ class TeacherService:
                 )
 
     def _check_ids(self, where: str, ids: list[int]) -> None:
-        if len(ids) > self.engine.max_model_len:
+        limit = self.engine.max_sequence_len
+        if len(ids) > limit:
+            why = "" if limit == self.engine.max_model_len else (
+                f" (max_model_len {self.engine.max_model_len}, less the token the {self.engine.name} engine generates)"
+            )
             raise InvalidInput(
-                f"{where} has {len(ids)} tokens; the teacher's maximum length is {self.engine.max_model_len}: shorten it"
+                f"{where} has {len(ids)} tokens; the teacher's maximum length is {limit}{why}: shorten it"
             )
         bad = max(ids)
         if bad >= self.engine.vocab_size:
@@ -125,7 +135,11 @@ class TeacherService:
             self.metrics.requests.labels("rejected").inc()
             raise
         todo = [i for i, job in enumerate(jobs) if job.start < len(job.token_ids)]
-        scored = await self.engine.score([jobs[i] for i in todo], top_k=top_k, temperature=temperature, ranks=ranks)
+        try:
+            scored = await self.engine.score([jobs[i] for i in todo], top_k=top_k, temperature=temperature, ranks=ranks)
+        except asyncio.CancelledError:  # the client went away: the engine has stopped its work
+            self.metrics.requests.labels("cancelled").inc()
+            raise
         outputs = [ScoreOutput([], [] if top_k else None, [] if ranks else None) for _ in jobs]
         for i, out in zip(todo, scored, strict=True):
             outputs[i] = out

@@ -10,14 +10,22 @@ Choices:
    comes back with G completions; vLLM by default skips its prefix cache for
    prompt-logprob requests, so each would prefill the prompt again. Here the
    first sequence of each prompt group runs first, then the rest read the
-   cached prompt blocks and compute logits only past them. A sequence whose
-   cache hit reaches into the scored span (possible when completions share
-   their first tokens) is scored again without the cache. A sequence scored
-   from before the first cache unit (prompt scoring from position 1, as the
-   vLLM- and SGLang-compatible endpoints ask) skips the cache at once: any
-   hit would reach into its scored span.
+   cached prompt blocks and compute logits only past them. vLLM writes no
+   logprob row for a cached token (its buffer rows stay uninitialised), so a
+   sequence is scored again without the cache when its reported cache hit
+   reaches into the scored span (completions that share their first tokens
+   across a whole cache block: 128 tokens on the CPU build, typically 16 on
+   GPUs), when the hit is not reported, or when any returned row names
+   another token than the one scored: after a preemption vLLM may serve a
+   longer cache hit than the one it reported at first scheduling. A sequence
+   scored from before the first cache unit (prompt scoring from position 1,
+   as the vLLM- and SGLang-compatible endpoints ask) skips the cache at once:
+   any hit would reach into its scored span.
 5) vLLM computes prompt logprobs from the unscaled logits, so this engine
    scores at temperature 1 only; the hf engine scores at any temperature.
+6) vLLM generates one token after the prompt, so a sequence holds at most
+   max_model_len - 1 tokens (`max_sequence_len`); whatever vLLM still refuses
+   as a bad request is a 422 with its message, never a 500.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from services.common.errors import InvalidRequest
+from services.common.errors import InvalidInput, InvalidRequest
 from services.common.settings import TeacherSettings
 from services.common.vllm_args import build_async_llm
 from services.teacher.engine import ScoreJob, ScoreOutput, ScoringEngine
@@ -42,6 +50,8 @@ class VLLMScoringEngine(ScoringEngine):
         config = self.llm.model_config
         self.vocab_size = min(config.get_vocab_size(), len(self.tokenizer))
         self.max_model_len = config.max_model_len
+        self.max_sequence_len = self.max_model_len - 1  # room for the token vLLM generates
+        self.rescored = 0  # sequences scored again without the prefix cache
         cache = self.llm.vllm_config.cache_config
         # The finest token boundary a prefix-cache hit lands on.
         self.cache_unit = getattr(cache, "hash_block_size", None) or cache.block_size or 16
@@ -72,20 +82,14 @@ class VLLMScoringEngine(ScoringEngine):
 
     async def _score_one(self, job: ScoreJob, top_k: int, ranks: bool = False, use_cache: bool = True) -> ScoreOutput:
         from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
 
         params = SamplingParams(
             max_tokens=1, prompt_logprobs=top_k, detokenize=False, flat_logprobs=True,
             skip_reading_prefix_cache=not use_cache,
         )
-        final = None
-        async for out in self.llm.generate(
-            TokensPrompt(prompt_token_ids=job.token_ids), params, request_id=f"score-{next(self._ids)}"
-        ):
-            final = out
-        assert final is not None and final.prompt_logprobs is not None
-        # Logprob row r (the logprob of token r) exists only for r > cached tokens.
-        if use_cache and (final.num_cached_tokens or 0) >= job.start:
+        final = await self._generate(job.token_ids, params)
+        if use_cache and not self.rows_written(final, job):
+            self.rescored += 1
             return await self._score_one(job, top_k, ranks, use_cache=False)
         flat = final.prompt_logprobs
         logprobs: list[float] = []
@@ -102,5 +106,33 @@ class VLLMScoringEngine(ScoringEngine):
                 top.append([(int(flat.token_ids[i]), float(flat.logprobs[i])) for i in range(lo + 1, hi)][:top_k])
         return ScoreOutput(logprobs, top, rank)
 
+    async def _generate(self, token_ids: list[int], params):
+        from vllm.exceptions import VLLMClientError
+        from vllm.inputs import TokensPrompt
+
+        final = None
+        try:
+            async for out in self.llm.generate(
+                TokensPrompt(prompt_token_ids=token_ids), params, request_id=f"score-{next(self._ids)}"
+            ):
+                final = out
+        except VLLMClientError as exc:  # vLLM's own request validation: the request's fault
+            raise InvalidInput(f"the teacher's vLLM engine refused the sequence: {exc}") from exc
+        assert final is not None and final.prompt_logprobs is not None
+        return final
+
+    @staticmethod
+    def rows_written(final, job: ScoreJob) -> bool:
+        """Whether every scored row was computed: row j (the logprob of token j) exists only past the
+        cache hit, and its first entry is the token it scores."""
+        cached = final.num_cached_tokens
+        if cached is None or cached >= job.start:
+            return False
+        flat = final.prompt_logprobs
+        return all(flat.token_ids[flat.start_indices[j]] == job.token_ids[j] for j in range(job.start, len(job.token_ids)))
+
     async def close(self) -> None:
-        self.llm.shutdown()
+        # Drop the last reference while the interpreter is whole: AsyncLLM's finaliser fails at exit otherwise.
+        llm, self.llm = self.llm, None
+        if llm is not None:
+            llm.shutdown()

@@ -3,17 +3,27 @@
 Choices:
 1) Everything is written into a temporary sibling folder, every file and the
    folder are fsynced, and the folder is renamed into place: a reader (the
-   student service, a resumed trainer) sees a complete folder or none.
+   student service, a resumed trainer) sees a complete folder or none. A
+   folder that already exists (a version number reused after the student
+   restarted) is swapped with the new one in one step (Linux renameat2
+   RENAME_EXCHANGE), so a crash leaves the old or the new one, never neither;
+   where the system cannot, the old one is moved aside first.
 2) Policy versions live under `checkpoint_root/<run name>/v<version>` (the
    student's --checkpoint-root), only the newest `keep` are kept.
 3) Trainer checkpoints live under `output_dir/checkpoints/step-<N>` and hold
    the trainable weights, the optimizer and scheduler, the step, the sampler
    position, the policy version and every RNG state: enough to continue
    exactly as if the run had never stopped. The newest complete one wins.
+   Each also holds the run's config.json, so a resume can check that it
+   belongs to the same run. Tensors are loaded onto the CPU and the
+   optimizer moves its state to the parameters' device, so a run may resume
+   on another device (student.device) than the one that saved it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import random
 import re
@@ -49,6 +59,22 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def exchange(a: Path, b: Path) -> bool:
+    """Swaps two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where the system cannot."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), str(a), None, str(b))
+
+
 @contextmanager
 def atomic_dir(final: Path) -> Iterator[Path]:
     """Yields a temporary folder; on success it is fsynced and renamed to `final` (replacing it)."""
@@ -58,11 +84,12 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     try:
         yield tmp
         fsync_tree(tmp)
-        if final.exists():  # a version number reused after the student restarted
-            old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
-            final.rename(old)
-            shutil.rmtree(old, ignore_errors=True)
-        tmp.rename(final)
+        if not (final.exists() and exchange(tmp, final)):  # swapped: tmp now holds the old folder
+            if final.exists():  # no atomic swap here: move the old one aside first
+                old = final.with_name(f".{final.name}.old-{uuid.uuid4().hex[:8]}")
+                final.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            tmp.rename(final)
         fsync_dir(final.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,12 +162,15 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     keep: int = 2,
+    config_json: str | None = None,
 ) -> Path:
     from safetensors.torch import save_file
 
     folder = Path(output_dir) / "checkpoints"
     final = folder / f"step-{state.step:06d}"
     with atomic_dir(final) as tmp:
+        if config_json is not None:
+            (tmp / "config.json").write_text(config_json)
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(
             {
@@ -183,7 +213,7 @@ def load_checkpoint(
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    saved = torch.load(path / "state.pt", weights_only=False)
+    saved = torch.load(path / "state.pt", map_location="cpu", weights_only=False)  # RNG states must be CPU tensors
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     set_rng_state(saved["rng"])

@@ -9,7 +9,8 @@ Choices:
 2) Three layers, later wins: the YAML file, then `OPD_TRAIN_*` environment
    variables (`OPD_TRAIN_SAMPLING__MAX_TOKENS=32`: `__` separates sections),
    then `--set a.b=value` overrides. Values are parsed as YAML, so `3` is an
-   int, `[a, b]` a list and `true` a bool.
+   int, `[a, b]` a list and `true` a bool. `build_config(..., environ=...)`
+   reads only the mapping it is given, never the process environment.
 3) The API key falls back to `OPD_API_KEY`, the key the services share.
    `teacher_protocol` lets a stock vLLM or SGLang server be the teacher.
 4) The config is pure pydantic (no torch): the trainer service validates a
@@ -24,10 +25,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from services.common.compat_client import TeacherProtocol
 from services.common.errors import InvalidInput
+from services.common.protocol import MIN_TEMPERATURE
 
 ENV_PREFIX = "OPD_TRAIN_"
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -77,10 +79,10 @@ class SamplingConfig(Section):
     prompts_per_step: PositiveInt = 8
     samples_per_prompt: Annotated[int, Field(ge=1, le=64)] = 4
     max_tokens: PositiveInt = 64
-    # The student reports logprobs after temperature and top-p and the trainer
-    # scores at the same temperature; top_p < 1 truncates only the sampler's
-    # distribution, which biases the importance ratio: keep it at 1.
-    temperature: Annotated[float, Field(gt=0, le=10)] = 1.0
+    # The student reports logprobs after temperature and top-p, and the trainer
+    # scores with the same temperature and nucleus (services/common/hf.py).
+    # Greedy rollouts (temperature below MIN_TEMPERATURE) have no sampling logprobs.
+    temperature: Annotated[float, Field(ge=MIN_TEMPERATURE, le=10)] = 1.0
     top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
     max_staleness: Annotated[int, Field(ge=0, le=1)] = Field(
         default=0,
@@ -110,6 +112,29 @@ class EvalConfig(Section):
     verifier: str | None = Field(default=None, description="'module:function' (row, completion_text) -> bool: eval accuracy.")
 
 
+class ChatTurn(Section):
+    role: Annotated[str, Field(min_length=1)]
+    content: str
+
+
+class TeacherPromptConfig(Section):
+    """What the teacher sees before the student's completion (context.py).
+
+    The student never sees any of it; the teacher renders it with its own chat
+    template and scores exactly the student's completion tokens after it.
+    """
+
+    system: str | None = Field(default=None, description="Privileged instructions: the start of the teacher's system message.")
+    examples: tuple[ChatTurn, ...] = Field(default=(), description="Few-shot turns before each row's conversation.")
+    row_context: str = Field(default="teacher_context", description="A row's field whose text extends the system message.")
+    row_messages: str = Field(default="teacher_messages", description="A row's field holding the teacher's whole conversation.")
+    render: Literal["auto", "teacher"] = Field(
+        default="auto",
+        description="auto: the teacher scores the student's own prompt tokens unless a context applies; teacher: it "
+        "always renders the prompt with its own chat template (a teacher whose template differs).",
+    )
+
+
 class ServicesConfig(Section):
     request_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     retries: Annotated[int, Field(ge=0)] = 4
@@ -127,6 +152,14 @@ class RunConfig(Section):
         "OpenAI-compatible server's /v1/completions with prompt_logprobs) or sglang (an SGLang server's /generate).",
     )
     student_url: Annotated[str, Field(min_length=1)]
+    objective: Literal["opd", "rl", "sft"] = Field(
+        default="opd",
+        description="opd: per-token reverse KL to the teacher; rl: the task reward only, centred per prompt, no "
+        "teacher; sft: log-likelihood of completions the teacher samples (teacher_sampler_url).",
+    )
+    teacher_sampler_url: str | None = Field(
+        default=None, description="objective sft: a student service serving the teacher's model, sampling its completions."
+    )
     api_key: str | None = Field(default=None, repr=False)
     dataset: DatasetConfig
     sampling: SamplingConfig = SamplingConfig()
@@ -135,6 +168,7 @@ class RunConfig(Section):
     kl_coef: Annotated[float, Field(ge=0)] = 1.0
     kl_discount: Annotated[float, Field(ge=0, le=1)] = 0.0
     reward_fn: str | None = Field(default=None, description="'module:function' (row, completion_text) -> float, group-centered.")
+    teacher_prompt: TeacherPromptConfig = TeacherPromptConfig()
     substeps: PositiveInt = 1
     steps: PositiveInt = 100
     eval: EvalConfig = EvalConfig()
@@ -162,13 +196,15 @@ class RunConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _environment_defaults(cls, data: Any) -> Any:
+    def _environment_defaults(cls, data: Any, info: ValidationInfo) -> Any:
         """What a config leaves out comes from `OPD_TRAIN_*` variables: a trainer
-        service's deployment defaults (service URLs, student model, folders)."""
+        service's deployment defaults (service URLs, student model, folders).
+        The environment is `os.environ` unless the validation context names one."""
         if not isinstance(data, Mapping):
             return data
+        environ = (info.context or {}).get("environ", os.environ)
         defaults: dict[str, Any] = {}
-        for path, value in env_overrides(os.environ):
+        for path, value in env_overrides(environ):
             set_path(defaults, path, value)
         return deep_merge(defaults, dict(data))
 
@@ -176,6 +212,12 @@ class RunConfig(Section):
     def _consistent(self) -> RunConfig:
         if self.eval.verifier is not None and self.eval.verifier.count(":") != 1:
             raise ValueError("eval.verifier: write it as 'package.module:function'")
+        if self.objective == "sft" and not self.teacher_sampler_url:
+            raise ValueError("objective sft: give teacher_sampler_url, a student service serving the teacher's model")
+        if self.objective == "rl" and not (self.reward_fn or self.eval.verifier):
+            raise ValueError("objective rl: give reward_fn or eval.verifier, the reward to learn from")
+        if self.teacher_prompt.examples and self.dataset.prompt_format == "text":
+            raise ValueError("teacher_prompt.examples: few-shot turns need dataset.prompt_format 'chat'")
         sequences = self.sampling.prompts_per_step * self.sampling.samples_per_prompt
         if self.substeps > sequences:
             raise ValueError(
@@ -232,11 +274,11 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
     return out
 
 
-def validate(data: Mapping[str, Any]) -> RunConfig:
+def validate(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> RunConfig:
     from services.common.server import describe_validation_errors
 
     try:
-        return RunConfig.model_validate(data)
+        return RunConfig.model_validate(data, context=None if environ is None else {"environ": environ})
     except ValidationError as exc:
         raise ConfigError("invalid run config: " + describe_validation_errors(list(exc.errors()))) from exc
 
@@ -253,7 +295,7 @@ def build_config(
     env = os.environ if environ is None else environ
     if tree.get("api_key") is None and env.get("OPD_API_KEY"):
         tree["api_key"] = env["OPD_API_KEY"]
-    return validate(tree)
+    return validate(tree, env)
 
 
 def load_config(path: str | Path, overrides: Sequence[str] = (), environ: Mapping[str, str] | None = None) -> RunConfig:

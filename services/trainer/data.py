@@ -34,6 +34,7 @@ class DatasetError(InvalidInput):
 class PromptRow:
     prompt: p.Prompt
     row: dict[str, Any] = field(hash=False, compare=False)
+    teacher: p.Prompt | None = field(default=None, compare=False)  # the teacher's own prompt (context.py)
 
 
 def read_jsonl(path: Path) -> list[dict]:

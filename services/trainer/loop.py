@@ -21,10 +21,18 @@ Choices:
 2) A resumed run restores weights, optimizer, RNG states and the sampler
    position, drops metrics after the checkpoint's step, and continues; prompts
    and sampling seeds are functions of the step, so it draws what the
-   uninterrupted run drew.
+   uninterrupted run drew. It checks the config saved with the checkpoint
+   (or, for older checkpoints, output_dir/config.json); with neither it
+   refuses rather than drop checkpoints it cannot check.
 3) A stop request ends the run at the next step boundary (or interrupts a
-   wait for a service) and checkpoints the last whole step.
-4) With `sampling.max_staleness: 1`, step n+1's rollouts are sampled in a
+   wait for a service) and checkpoints the last whole step; a wait inside a
+   step, before its update, gives back the step's prompts first. An
+   evaluation due at that step that did not finish runs first when the run
+   resumes.
+4) A student that serves another version than the trainer last loaded (it
+   restarted with its base model, version 0) is given the current weights
+   as a new version, and the trainer logs that it noticed.
+5) With `sampling.max_staleness: 1`, step n+1's rollouts are sampled in a
    background thread while step n scores and trains, from the version step n
    started with; the student's swap to step n's version waits for them. The
    importance ratio corrects the one-version lag (`staleness` in the metrics).
@@ -47,18 +55,21 @@ from typing import Any
 from services.common import protocol as p
 from services.trainer.checkpoint import CheckpointError, PolicyStore, TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from services.trainer.config import RunConfig
+from services.trainer.context import with_teacher_prompts
 from services.trainer.data import PromptRow, PromptSampler, load_prompts
 from services.trainer.metrics import MetricsWriter, plot_teacher_kl
 from services.trainer.remote import Remote, RunStopped
 from services.trainer.rollouts import Sample, StaleRollouts, kl_summary, load_callable, sample, score
-from services.trainer.update import task_rewards, train_on
+from services.trainer.objectives import step_counts, step_rewards, teacher_samples
+from services.trainer.update import train_on
 
 log = logging.getLogger("opd.trainer")
 EVAL_SHOWN = 4  # evaluation completions kept as text per evaluation
 EVAL_STEP = -1  # the evaluation seed's "step": the same prompts and seed at every evaluation
 # Fields (and sections) a resumed run may change: they do not alter what it computes.
-RESUMABLE = ("steps", "eval", "save_every", "keep_versions", "resume", "services", "api_key", "teacher_urls", "teacher_protocol",
-             "student_url", "output_dir", "checkpoint_root", "name", "student.torch_threads", "student.device")
+RESUMABLE = ("steps", "eval", "save_every", "keep_versions", "resume", "services", "api_key", "teacher_urls",
+             "teacher_protocol", "student_url", "teacher_sampler_url", "output_dir", "checkpoint_root", "name", "student.torch_threads",
+             "student.device")
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -82,6 +93,7 @@ class Trainer:
         self.version = 0
         self.saved_step = -1
         self.in_step = False
+        self.drawn_from: dict[str, int] | None = None  # the sampler before this step's draw, until the update
         self.state = "starting"
         self.metrics: MetricsWriter | None = None
         self.made_at: dict[int, int] = {}  # policy version -> the step whose update it holds
@@ -95,8 +107,12 @@ class Trainer:
         from services.trainer.policy import Policy
 
         config = self.config
-        self.remote.check_tokenizers(load_tokenizer(config.student.model))
-        self.train_rows, self.eval_rows = load_prompts(config.dataset, config.seed)
+        teachers, student = self.remote.check_tokenizers(load_tokenizer(config.student.model))
+        train_rows, eval_rows = load_prompts(config.dataset, config.seed)
+        self.train_rows = with_teacher_prompts(train_rows, config.teacher_prompt, "train")
+        self.eval_rows = with_teacher_prompts(eval_rows, config.teacher_prompt, "eval")
+        self.remote.check_stock_teacher(self.train_rows + self.eval_rows)
+        self.remote.check_limits(teachers, student, len(self.eval_rows))
         self.sampler = PromptSampler(len(self.train_rows), config.seed)
         self.reward_fn = load_callable(config.reward_fn, "reward_fn") if config.reward_fn else None
         self.verifier = load_callable(config.eval.verifier, "eval.verifier") if config.eval.verifier else None
@@ -115,18 +131,28 @@ class Trainer:
         """Loads the newest checkpoint of output_dir when resuming; otherwise starts the folder afresh."""
         saved = self.out / "config.json"
         ckpt = latest_checkpoint(self.out) if self.config.resume else None
-        if ckpt is not None and saved.is_file():
-            self.check_same_run(json.loads(saved.read_text()))
+        if ckpt is not None:
+            before = next((f for f in (ckpt / "config.json", saved) if f.is_file()), None)
+            if before is None:
+                raise CheckpointError(
+                    f"{ckpt} comes without the config of its run ({saved} is missing), so it cannot be checked: "
+                    "put that config.json back, or start afresh with resume=false (which drops the checkpoints)"
+                )
+            self.check_same_run(json.loads(before.read_text()))
             state = load_checkpoint(ckpt, self.policy.model, self.policy.optimizer, self.policy.scheduler)
             self.step, self.version, self.saved_step = state.step, state.policy_version, state.step
             self.sampler.load_state_dict(state.sampler)
             log.info("resuming from %s (step %d)", ckpt, state.step)
         else:
-            ckpt = None
             shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
         self.out.mkdir(parents=True, exist_ok=True)
-        saved.write_text(self.config.model_dump_json(indent=2, exclude={"api_key"}))
+        partial = saved.with_name(".config.json.tmp")
+        partial.write_text(self.config_json())
+        partial.replace(saved)  # whole or not at all
         return ckpt is not None
+
+    def config_json(self) -> str:
+        return self.config.model_dump_json(indent=2, exclude={"api_key"})
 
     def check_same_run(self, saved: dict[str, Any]) -> None:
         now = flat(json.loads(self.config.model_dump_json(exclude={"api_key"})))
@@ -145,6 +171,9 @@ class Trainer:
         `made_at`: the step whose update the weights hold (default: the last whole step)."""
         current = self.remote.student_info().policy_version or 0
         version = max(current, self.version) + 1
+        if self.version and current != self.version:
+            log.warning("the student serves policy version %d, the trainer's is %d (the student or the trainer restarted): "
+                        "loading the trainer's weights as version %d", current, self.version, version)
         path = self.store.write(version, self.policy.save_base if base else self.policy.save_version)
         kind = "full" if base else self.policy.finetune
         loaded = self.remote.load_weights(p.WeightsRequest(version=version, kind=kind, path=path))
@@ -176,9 +205,11 @@ class Trainer:
                     samples, version = future.result(), ahead_version
             except StaleRollouts as exc:
                 log.warning("prefetched rollouts are stale (%s): sampling step %d again", exc, step)
-        if samples is None:
+        if samples is None and self.config.objective == "sft":  # objectives.py: the teacher's completions
+            samples = teacher_samples(self.remote, rows, self.policy.tokenizer, **self.sampling_args(step))
+        elif samples is None:
             samples = self.sample_on_policy(rows, **self.sampling_args(step))
-        if s.max_staleness and step < self.config.steps:
+        if s.max_staleness and self.config.objective != "sft" and step < self.config.steps:
             nxt = self.sampler.peek(s.prompts_per_step)
             ahead_rows = [self.train_rows[i] for i in nxt]
             future = self.pool.submit(sample, self.remote, ahead_rows, version=self.version, **self.sampling_args(step + 1))
@@ -193,18 +224,23 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, Any]:
         c = self.config
         began, waited = time.perf_counter(), self.remote.waited_s
-        self.in_step = True
+        self.in_step, self.drawn_from = True, self.sampler.state_dict()
         rows, samples, sampled_by = self.rollouts_for(step)
         sampled = time.perf_counter()
-        score(self.remote, samples)  # waits out a teacher outage; the samples stay
+        if c.objective == "opd":
+            score(self.remote, samples)  # waits out a teacher outage; the samples stay
         scored = time.perf_counter()
-        raw, rewards = task_rewards(samples, self.reward_fn) if self.reward_fn else (None, None)
+        raw, rewards = step_rewards(c.objective, samples, self.reward_fn, self.verifier)
+        self.drawn_from = None  # the weights move: an interruption from here on loses the step
         update = train_on(self.policy, samples, c, rewards)
         trained = time.perf_counter()
-        self.publish(made_at=step)
+        if update["skipped_updates"] < c.substeps:
+            self.publish(made_at=step)
+        else:  # the weights did not change: nothing new to serve
+            log.warning("step %d: no update (loss or gradient not finite); the student keeps version %d", step, self.version)
         synced = time.perf_counter()
         record = {
-            **kl_summary(samples), **update,
+            **kl_summary(samples), **update, **step_counts(c.objective, samples, self.verifier),
             "policy_version": self.version,
             # optimizer steps between the weights that sampled this step and those it trained
             "staleness": (step - 1) - self.made_at.get(sampled_by, step - 1),
@@ -217,8 +253,8 @@ class Trainer:
         self.step = step
         self.in_step = False
         assert self.metrics is not None
-        log.info("step %d/%d teacher_kl %.4f loss %.4f tokens %d (%.1fs)",
-                 step, c.steps, record["teacher_kl"], record["loss"], record["tokens"], record["time_step"])
+        log.info("step %d/%d teacher_kl %.4f loss %.4f tokens %d (%.1fs)", step, c.steps,
+                 record.get("teacher_kl", float("nan")), record["loss"], record["tokens"], record["time_step"])
         return self.metrics.write("train", step, record)
 
     def evaluate(self) -> dict[str, Any]:
@@ -248,12 +284,18 @@ class Trainer:
 
     def checkpoint(self) -> None:
         state = TrainerState(self.step, self.version, self.sampler.state_dict())
-        save_checkpoint(self.out, state, self.policy.model, self.policy.optimizer, self.policy.scheduler)
+        save_checkpoint(self.out, state, self.policy.model, self.policy.optimizer, self.policy.scheduler,
+                        config_json=self.config_json())
         self.saved_step = self.step
 
     def eval_due(self) -> bool:
         every = self.config.eval.every
         return every > 0 and (self.step % every == 0 or self.step == self.config.steps)
+
+    def eval_missing(self) -> bool:
+        """The evaluation due at this step is not on record: step 0, or a stop that came during it."""
+        assert self.metrics is not None
+        return self.eval_due() and not any(r["kind"] == "eval" and r["step"] == self.step for r in self.metrics.records)
 
     # ------------------------------------------------------------ the run
     def run(self) -> str:
@@ -262,7 +304,7 @@ class Trainer:
         self.state = "running"
         try:
             with self.progress() as advance:
-                if self.step == 0 and self.config.eval.every > 0:
+                if self.eval_missing():
                     self.evaluate()
                 while self.step < self.config.steps and not self.stop.is_set():
                     record = self.train_step(self.step + 1)
@@ -272,7 +314,11 @@ class Trainer:
                         self.checkpoint()
                     advance(record)
         except RunStopped:
-            log.warning("stopped while waiting for a service; the run resumes from step %d", self.saved_step)
+            if self.in_step and self.drawn_from is not None:  # nothing of this step has changed the weights yet
+                self.sampler.load_state_dict(self.drawn_from)
+                self.in_step = False
+            log.warning("stopped while waiting for a service; the run resumes after step %d",
+                        self.step if not self.in_step else self.saved_step)
         finally:
             self.finish()
         return self.state
@@ -305,7 +351,7 @@ class Trainer:
             task = bar.add_task(self.config.name, total=self.config.steps, completed=self.step, info="")
 
             def advance(record: dict[str, Any]) -> None:
-                info = f"teacher KL {record['teacher_kl']:.3f}  {record['time_step']:.1f}s/step"
+                info = f"teacher KL {record.get('teacher_kl', float('nan')):.3f}  {record['time_step']:.1f}s/step"
                 bar.update(task, completed=self.step, info=info)
 
             yield advance

@@ -17,6 +17,10 @@ Choices:
 4) `importance_sampling` is unclipped (on-policy with one substep, the ratio is
    1 up to engine numerics); `ppo` clips the ratio once substeps let the policy
    move away from the sampler.
+5) The three arms (objectives.py) share these losses: `opd` uses the KL
+   advantages, `rl` a sequence reward centred over the samples of one prompt
+   and spread over every token of its sample (`reward_advantages`), `sft` the
+   negative log-likelihood of the teacher's samples (`sft_loss`), no ratio.
 """
 
 from __future__ import annotations
@@ -59,6 +63,16 @@ def kl_advantages(rkl_BT: torch.Tensor, mask_BT: torch.Tensor, kl_coef: float, d
 def group_centered(rewards_G: torch.Tensor) -> torch.Tensor:
     """r_g - mean_g(r): a task reward relative to the other samples of the same prompt."""
     return rewards_G - rewards_G.mean()
+
+
+def reward_advantages(rewards_B: torch.Tensor, mask_BT: torch.Tensor) -> torch.Tensor:
+    """A_t = r_b for every completion token of sequence b (the RL arm: one reward per episode, no per-token credit)."""
+    return masked(rewards_B[:, None].to(mask_BT.dtype).expand_as(mask_BT), mask_BT)
+
+
+def sft_loss(logprobs_BT: torch.Tensor, mask_BT: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """loss = -sum_t log p_theta(x_t) / num_tokens over the completion tokens (x_t sampled by the teacher)."""
+    return -masked(logprobs_BT, mask_BT).sum() / num_tokens
 
 
 def importance_sampling_loss(

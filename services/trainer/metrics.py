@@ -6,6 +6,8 @@ Records are `{"kind": "train" | "eval", "step": N, ...numbers}`. Choices:
    completions go to eval_samples.jsonl as text.
 2) On resume from step N, records after N are dropped from the JSONL and
    TensorBoard purges its events after N, so no step is counted twice.
+   A NaN or infinite number is written as null: JSON has no such numbers,
+   and the trainer's API answers with these records.
 3) The plot (matplotlib's Agg backend: no display) shows the teacher reverse
    KL per training step and on the held-out prompts.
 """
@@ -64,13 +66,14 @@ class MetricsWriter:
                 fh.write(json.dumps({"step": step, **sample}, ensure_ascii=False) + "\n")
 
     def write(self, kind: str, step: int, values: dict[str, float]) -> Record:
-        record: Record = {"kind": kind, "step": step, **values}
+        finite = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in values.items()}
+        record: Record = {"kind": kind, "step": step, **finite}
         self.records.append(record)
         with self.path.open("a") as fh:
             fh.write(json.dumps(record) + "\n")
         if self._tb is not None:
-            for key, value in values.items():
-                if isinstance(value, int | float) and math.isfinite(value):
+            for key, value in finite.items():
+                if isinstance(value, int | float):
                     self._tb.add_scalar(f"{kind}/{key}", value, step)
             self._tb.flush()
         return record

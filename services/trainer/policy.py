@@ -4,7 +4,10 @@ Choices:
 1) LoRA via peft on the configured linear layers (what vLLM hot-loads), or
    full fine-tuning of every parameter.
 2) Per-token logprobs come from `services.common.hf.token_logprobs`, the same
-   function the hf engines score with, with gradients on.
+   function the hf engines score with, with gradients on, at the sampling
+   temperature and top-p: the distribution the student sampled from, so the
+   importance ratio is 1 on-policy (with top_p < 1, the nucleus
+   distribution; scored at top-p 1 the ratio would be the nucleus mass).
 3) AdamW over the trainable parameters; the learning rate warms up linearly
    over `warmup_steps` optimizer steps, then stays constant.
 4) A policy version is what the student loads: a peft adapter folder, or a
@@ -16,6 +19,7 @@ Choices:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,21 +71,25 @@ class Policy:
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.params)
 
-    def logprobs(self, seqs: Sequence[Sequence[int]], starts: Sequence[int], temperature: float = 1.0) -> list[torch.Tensor]:
+    def logprobs(
+        self, seqs: Sequence[Sequence[int]], starts: Sequence[int], temperature: float = 1.0, top_p: float = 1.0
+    ) -> list[torch.Tensor]:
         """log p_theta of each token from its start on, differentiable."""
         from services.common.hf import token_logprobs
 
-        out = token_logprobs(self.model, seqs, starts, temperature=temperature, pad_id=self.pad_id)
+        out = token_logprobs(self.model, seqs, starts, temperature=temperature, top_p=top_p, pad_id=self.pad_id)
         return [scores.logprobs for scores in out]
 
-    def optimizer_step(self) -> float:
-        """Clips, steps, schedules, zeroes; returns the gradient norm before clipping."""
+    def optimizer_step(self, finite_loss: bool = True) -> float:
+        """Clips, steps, schedules, zeroes; returns the gradient norm before clipping. With a non-finite
+        loss or gradient norm it only zeroes: weights, optimizer state and schedule stay as they were."""
         clip = self.config.optimizer.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
+        norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf")))
+        if finite_loss and math.isfinite(norm):
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     @property
     def lr(self) -> float:

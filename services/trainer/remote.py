@@ -12,6 +12,11 @@ Choices:
    their tokenizer fingerprints, and the trainable student's own, must agree.
    A stock vLLM or SGLang teacher (`teacher_protocol` openai or sglang) has
    no fingerprint: it must tokenize a probe text exactly as the student does.
+4) The same `/info` answers give the limits: scoring requests are cut to the
+   smallest `max_sequences` and `max_request_tokens` over the teacher
+   replicas (`ScoreLimits`), and a run whose requests the student would
+   refuse (`prompts_per_step`, the held-out prompts, `max_tokens`) is refused
+   at start, naming the setting, instead of failing at its first step.
 """
 
 from __future__ import annotations
@@ -20,13 +25,15 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from services.common import protocol as p
 from services.common.client import StudentClient
 from services.common.compat_client import teacher_client
 from services.common.errors import OPDError, ServiceError, TokenizerMismatch
-from services.trainer.config import RunConfig
+from services.trainer.config import ConfigError, RunConfig
+from services.trainer.data import PromptRow
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -35,6 +42,27 @@ log = logging.getLogger("opd.trainer")
 T = TypeVar("T")
 # Words, digits, punctuation, whitespace runs and non-Latin scripts: tokenizers that differ split it differently.
 PROBE = "opd probe: The quick brown fox, 1234567890 times!\n\tÜber café naïve 東京 Москва 🙂 <think> end."
+
+
+@dataclass(frozen=True)
+class ScoreLimits:
+    """What one teacher /logprobs request may hold; the defaults stand for a teacher that does not say."""
+
+    max_sequences: int = 128
+    max_request_tokens: int = 262_144
+    max_sequence_len: int | None = None  # the longest sequence it scores; None: unknown
+
+    @classmethod
+    def of(cls, teachers: list[p.ServiceInfo]) -> ScoreLimits:
+        """The smallest limits over the replicas: any of them may get any request."""
+        least = lambda key, default: min(t.limits.get(key, default) for t in teachers)  # noqa: E731
+        # A stock SGLang teacher says no length (max_model_len 0): unknown, nothing is cut.
+        lengths = [t.limits.get("max_sequence_len") or t.max_model_len for t in teachers]
+        return cls(
+            max_sequences=least("max_sequences", cls.max_sequences),
+            max_request_tokens=least("max_request_tokens", cls.max_request_tokens),
+            max_sequence_len=min((n for n in lengths if n), default=None),
+        )
 
 
 class ServiceDown(OPDError):
@@ -52,15 +80,19 @@ class RunStopped(OPDError):
 class Remote:
     def __init__(self, config: RunConfig, stop: threading.Event | None = None) -> None:
         s = config.services
-        kwargs = dict(api_key=config.api_key, timeout=s.request_timeout_s, retries=s.retries, max_backoff=s.max_backoff_s)
+        self.stop = stop or threading.Event()
+        kwargs = dict(api_key=config.api_key, timeout=s.request_timeout_s, retries=s.retries, max_backoff=s.max_backoff_s,
+                      cancel=self.stop)  # a stop request ends the clients' retry pauses too
         self.config = config
         # A scaled compose service resolves to one address per replica: spread over all.
         protocol = config.teacher_protocol
         self.teacher = teacher_client(protocol, list(config.teacher_urls), expand_dns=True, **kwargs)
         self.student = StudentClient(config.student_url, **kwargs)
+        # objective sft: the teacher's model served by a student service, sampling the teacher's completions.
+        self.teacher_sampler = StudentClient(config.teacher_sampler_url, **kwargs) if config.teacher_sampler_url else None
         self.replicas = [teacher_client(protocol, url, **kwargs) for url in config.teacher_urls]
-        self.stop = stop or threading.Event()
         self.waited_s = 0.0
+        self.score_limits = ScoreLimits()
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """fn(), waiting through outages of up to max_wait_s; `what` names the call in logs and errors."""
@@ -90,6 +122,11 @@ class Remote:
     def rollouts(self, request: p.RolloutRequest) -> p.RolloutResponse:
         return self.call("student /rollouts", lambda: self.student.rollouts(request))
 
+    def teacher_rollouts(self, request: p.RolloutRequest) -> p.RolloutResponse:
+        assert self.teacher_sampler is not None, "objective sft needs teacher_sampler_url"
+        sampler = self.teacher_sampler
+        return self.call("teacher sampler /rollouts", lambda: sampler.rollouts(request))
+
     def score(self, sequences: list[p.ScoreSequence]) -> p.LogprobsResponse:
         return self.call(f"teacher ({self.config.teacher_protocol})", lambda: self.teacher.logprobs(sequences))
 
@@ -115,7 +152,7 @@ class Remote:
         student = self.student_info()
         teachers = []
         for url, client in zip(self.config.teacher_urls, self.replicas, strict=True):
-            info = self.call(f"teacher {url} info", client.info)
+            info = self.call(f"teacher {url} /info", client.info)
             teachers.append(info)
             if self.config.teacher_protocol != "opd":
                 self.check_probe(url, client, tokenizer)
@@ -125,6 +162,13 @@ class Remote:
                     f"{student.model} (at {self.config.student_url}, tokenizer {student.tokenizer_fingerprint}) use "
                     "different tokenizers, so the teacher cannot score the student's token ids: distill between "
                     "models that share a tokenizer (compare GET /info tokenizer_fingerprint)"
+                )
+        if self.teacher_sampler is not None:
+            sampler = self.call("teacher sampler /info", self.teacher_sampler.info)
+            if sampler.tokenizer_fingerprint != student.tokenizer_fingerprint:
+                raise TokenizerMismatch(
+                    f"the teacher sampler {sampler.model} (at {self.config.teacher_sampler_url}) and the student "
+                    f"{student.model} use different tokenizers: the student cannot train on the sampler's token ids"
                 )
         trainer_fingerprint = tokenizer_fingerprint(tokenizer)
         if trainer_fingerprint != student.tokenizer_fingerprint:
@@ -145,4 +189,40 @@ class Remote:
                 f"{len(theirs)} tokens {theirs[:8]}..., the student {self.config.student.model} into {len(ours)} "
                 f"{ours[:8]}...: the teacher cannot score the student's token ids; distill between models that "
                 "share a tokenizer"
+            )
+
+    def check_stock_teacher(self, rows: list[PromptRow]) -> None:
+        """A stock server is sent token ids only: it cannot render a privileged-context prompt (teacher_prompt)."""
+        if self.config.teacher_protocol != "opd" and any(row.teacher is not None for row in rows):
+            raise ConfigError(
+                f"teacher_protocol {self.config.teacher_protocol}: a stock server scores token ids only, so it cannot "
+                "render the teacher's own prompt (teacher_prompt, or rows with teacher context or teacher messages): "
+                "serve the teacher with opd's teacher service (teacher_protocol opd), or drop the teacher prompt"
+            )
+
+    def check_limits(self, teachers: list[p.ServiceInfo], student: p.ServiceInfo, eval_prompts: int) -> None:
+        """Takes the teachers' scoring limits; refuses a run whose rollout requests the student would refuse."""
+        self.score_limits = ScoreLimits.of(teachers)
+        c, limits = self.config, student.limits
+        max_prompts, max_rollouts = limits.get("max_prompts"), limits.get("max_rollouts")
+        requests = [("sampling.prompts_per_step", c.sampling.prompts_per_step, c.sampling.samples_per_prompt,
+                     c.sampling.max_tokens, "sampling.max_tokens")]
+        if c.eval.every > 0:
+            requests.append(("the held-out prompts (dataset.eval_size, eval_path)", eval_prompts,
+                             c.eval.samples_per_prompt, c.eval_max_tokens, "eval.max_tokens"))
+        problems = []
+        for field, prompts, n, max_tokens, tokens_field in requests:
+            if max_prompts is not None and prompts > max_prompts:
+                problems.append(f"{field}: {prompts} prompts in one rollout request; "
+                                f"the student takes at most {max_prompts} (max_prompts)")
+            if max_rollouts is not None and prompts * n > max_rollouts:
+                problems.append(f"{field}: {prompts} prompts x {n} samples = {prompts * n} rollouts in one request; "
+                                f"the student takes at most {max_rollouts} (max_rollouts)")
+            if max_tokens >= student.max_model_len:
+                problems.append(f"{tokens_field}: {max_tokens} tokens leave no room for a prompt under the student's "
+                                f"maximum length of {student.max_model_len}")
+        if problems:
+            raise ConfigError(
+                f"the student at {c.student_url} would refuse this run's requests: {'; '.join(problems)}. "
+                "Lower these settings, or raise the student's limits (OPD_STUDENT_MAX_PROMPTS, OPD_STUDENT_MAX_ROLLOUTS)"
             )

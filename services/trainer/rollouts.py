@@ -4,14 +4,20 @@
     score(remote, samples)            # fills teacher_logprobs_T in place
 
 Choices:
-1) The teacher scores exactly the student's token ids (`token_ids` + `start`),
-   never re-rendered text, so both see the same tokens.
+1) The teacher scores exactly the student's completion token ids, never
+   re-rendered text: after the student's own prompt ids, or after the
+   teacher's own prompt when the run gives it a privileged context (context.py).
 2) Rollouts must come from the policy version the trainer last loaded; a
    student that answers with another version (it restarted, or someone else
    loaded weights) raises `StaleRollouts`, and the caller reloads and samples
    again: off-policy samples are never trained on.
-3) Scoring requests are split into chunks of at most `SCORE_CHUNK` sequences
-   (the teacher's per-request limit is larger).
+3) Scoring requests are cut to the teachers' advertised limits (sequences
+   and tokens per request, `remote.score_limits`), in order.
+4) A sample longer than the teacher scores (`max_sequence_len`: a vLLM
+   teacher takes at most max_model_len - 1 tokens, and a student completion
+   that stops at `length` may fill max_model_len) loses its last tokens
+   before scoring: the tokens kept are still on-policy samples. The count is
+   reported as `trimmed_tokens`.
 """
 
 from __future__ import annotations
@@ -23,10 +29,9 @@ from typing import Any
 
 from services.common import protocol as p
 from services.common.errors import InvalidInput, OPDError
+from services.trainer.context import score_sequence
 from services.trainer.data import PromptRow
-from services.trainer.remote import Remote
-
-SCORE_CHUNK = 128
+from services.trainer.remote import Remote, ScoreLimits
 
 
 class StaleRollouts(OPDError):
@@ -53,6 +58,8 @@ class Sample:
     finish_reason: str
     row: dict[str, Any] = field(repr=False)
     teacher_logprobs: list[float] | None = None
+    trimmed: int = 0  # tokens cut off the end to fit the teacher's maximum length
+    teacher_prompt: p.Prompt | None = field(default=None, repr=False)  # None: the student's prompt ids
 
     @property
     def rkl(self) -> list[float]:
@@ -76,41 +83,75 @@ def sample(
         if len(r.logprobs) != len(r.token_ids):
             raise ScoreMismatch(f"the student returned {len(r.token_ids)} tokens but {len(r.logprobs)} logprobs")
         if r.token_ids:
+            row = prompts[r.prompt_index]
             out.append(Sample(r.prompt_index, r.prompt_token_ids, r.token_ids, r.logprobs, r.text, r.finish_reason,
-                              prompts[r.prompt_index].row))
+                              row.row, teacher_prompt=row.teacher))
     return out
 
 
 def score(remote: Remote, samples: list[Sample]) -> None:
     """teacher log p of every sampled token; the samples are kept whatever happens to the teacher."""
-    for lo in range(0, len(samples), SCORE_CHUNK):
-        chunk = [s for s in samples[lo : lo + SCORE_CHUNK] if s.teacher_logprobs is None]
-        if not chunk:
-            continue  # scored before an interruption: never scored twice
-        sequences = [p.ScoreSequence(token_ids=s.prompt_ids + s.token_ids, start=len(s.prompt_ids)) for s in chunk]
-        response = remote.score(sequences)
-        for s, result in zip(chunk, response.results, strict=True):
-            if len(result.logprobs) != len(s.token_ids):
-                raise ScoreMismatch(
-                    f"the teacher scored {len(result.logprobs)} tokens of a {len(s.token_ids)}-token completion"
-                )
-            s.teacher_logprobs = result.logprobs
+    limits = remote.score_limits
+    todo = [s for s in samples if s.teacher_logprobs is None]  # scored before an interruption: never scored twice
+    for s in todo:
+        fit(s, limits.max_sequence_len)
+    for chunk in chunks([len(s.prompt_ids) + len(s.token_ids) for s in todo], limits):
+        score_chunk(remote, [todo[i] for i in chunk])
+
+
+def fit(s: Sample, max_len: int | None) -> None:
+    """Cuts the completion's last tokens so that prompt + completion fit the teacher's maximum length."""
+    if max_len is None or len(s.prompt_ids) + len(s.token_ids) <= max_len:
+        return
+    keep = max_len - len(s.prompt_ids)
+    if keep < 1:
+        raise InvalidInput(
+            f"a prompt of {len(s.prompt_ids)} tokens leaves no room for its completion under the teacher's maximum "
+            f"length of {max_len}: shorten the prompts, or serve the teacher with a longer max_model_len"
+        )
+    s.trimmed += len(s.token_ids) - keep
+    s.token_ids, s.sampling_logprobs, s.finish_reason = s.token_ids[:keep], s.sampling_logprobs[:keep], "length"
+
+
+def chunks(lengths: list[int], limits: ScoreLimits) -> list[list[int]]:
+    """Consecutive indices grouped so that no group holds more sequences or tokens than a request may."""
+    out: list[list[int]] = []
+    tokens = 0
+    for i, n in enumerate(lengths):
+        if not out or len(out[-1]) == limits.max_sequences or tokens + n > limits.max_request_tokens:
+            out.append([])
+            tokens = 0
+        out[-1].append(i)
+        tokens += n
+    return out
+
+
+def score_chunk(remote: Remote, chunk: list[Sample]) -> None:
+    sequences = [score_sequence(s.prompt_ids, s.token_ids, s.teacher_prompt) for s in chunk]
+    response = remote.score(sequences)
+    for s, result in zip(chunk, response.results, strict=True):
+        if len(result.logprobs) != len(s.token_ids):
+            raise ScoreMismatch(f"the teacher scored {len(result.logprobs)} tokens of a {len(s.token_ids)}-token completion")
+        s.teacher_logprobs = result.logprobs
 
 
 def kl_summary(samples: list[Sample]) -> dict[str, float]:
-    """Mean per-token teacher reverse KL, the sample estimate of the student's entropy, lengths."""
+    """Mean per-token teacher reverse KL (when scored), the sample estimate of the sampler's entropy, lengths."""
     tokens = sum(len(s.token_ids) for s in samples)
     if tokens == 0:
         return {"teacher_kl": 0.0, "entropy": 0.0, "tokens": 0, "sequences": 0}
-    return {
-        "teacher_kl": sum(sum(s.rkl) for s in samples) / tokens,
-        # -E[log p(x)] over the student's own samples estimates its entropy per token.
+    out = {
+        # -E[log p(x)] over the sampler's own samples estimates its entropy per token.
         "entropy": -sum(sum(s.sampling_logprobs) for s in samples) / tokens,
         "tokens": tokens,
         "sequences": len(samples),
         "mean_length": tokens / len(samples),
         "stop_fraction": sum(s.finish_reason == "stop" for s in samples) / len(samples),
+        "trimmed_tokens": sum(s.trimmed for s in samples),
     }
+    if all(s.teacher_logprobs is not None for s in samples):  # the rl and sft arms ask no teacher while training
+        out = {"teacher_kl": sum(sum(s.rkl) for s in samples) / tokens, **out}
+    return out
 
 
 def load_callable(spec: str, what: str) -> Callable[..., Any]:

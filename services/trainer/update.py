@@ -4,15 +4,23 @@ Choices:
 1) Advantages are computed once per step from the sampler's and the teacher's
    logprobs (they do not depend on the trainable weights): the KL advantage
    per token, plus the optional task reward, group-centered over the samples
-   of one prompt and added to every token of its sample.
+   of one prompt and added to every token of its sample. The `rl` objective
+   uses the centred reward alone; `sft` uses no advantage but the
+   log-likelihood of the (teacher's) tokens (objectives.py).
 2) The step's samples are split into `substeps` contiguous chunks, one
    optimizer step each; each chunk is run in micro-batches of at most
    `micro_batch_tokens` padded tokens with gradients accumulated, and its loss
    is normalised by the chunk's completion tokens.
+3) A chunk whose loss or gradient norm is NaN or infinite takes no optimizer
+   step (policy.py): its gradient is dropped, the weights, the optimizer
+   state and the schedule stay as they were, and the step reports it in
+   `skipped_updates`, so a NaN never reaches the weights the student serves.
 """
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +31,8 @@ from services.trainer import loss as L
 from services.trainer.config import RunConfig
 from services.trainer.policy import Policy
 from services.trainer.rollouts import Sample
+
+log = logging.getLogger("opd.trainer")
 
 
 def task_rewards(samples: list[Sample], reward_fn: Callable[[dict, str], float]) -> tuple[list[float], list[float]]:
@@ -38,6 +48,12 @@ def task_rewards(samples: list[Sample], reward_fn: Callable[[dict, str], float])
 def advantages(samples: list[Sample], config: RunConfig, rewards: list[float] | None) -> list[torch.Tensor]:
     """Per sample, A_t over its completion tokens."""
     sampling_BT, mask_BT = L.pad_right([torch.tensor(s.sampling_logprobs) for s in samples])
+    if config.objective == "sft":
+        return [torch.zeros(len(s.token_ids)) for s in samples]
+    if config.objective == "rl":
+        assert rewards is not None, "the rl objective trains on task rewards"
+        adv_BT = L.reward_advantages(torch.tensor(rewards), mask_BT)
+        return [adv_BT[b, : len(s.token_ids)] for b, s in enumerate(samples)]
     teacher_BT, _ = L.pad_right([torch.tensor(s.teacher_logprobs) for s in samples])
     rkl_BT = L.reverse_kl(sampling_BT, teacher_BT, mask_BT)
     adv_BT = L.kl_advantages(rkl_BT, mask_BT, config.kl_coef, config.kl_discount)
@@ -52,11 +68,14 @@ def chunk_loss(
     """The loss of one micro-batch (normalised by the whole chunk's tokens) and its ratio statistics."""
     seqs = [s.prompt_ids + s.token_ids for s in samples]
     starts = [len(s.prompt_ids) for s in samples]
-    logprobs_BT, mask_BT = L.pad_right(policy.logprobs(seqs, starts, config.sampling.temperature))
+    sampling = config.sampling  # the distribution the student drew from: temperature and nucleus
+    logprobs_BT, mask_BT = L.pad_right(policy.logprobs(seqs, starts, sampling.temperature, sampling.top_p))
     sampling_BT, _ = L.pad_right([torch.tensor(s.sampling_logprobs) for s in samples])
     adv_BT, _ = L.pad_right(adv_B)
     logprobs_BT = logprobs_BT.to(sampling_BT.device)
-    if config.loss.kind == "ppo":
+    if config.objective == "sft":
+        loss = L.sft_loss(logprobs_BT, mask_BT, num_tokens)
+    elif config.loss.kind == "ppo":
         loss = L.ppo_loss(logprobs_BT, sampling_BT, adv_BT, mask_BT, num_tokens, config.loss.clip_range)
     else:
         loss = L.importance_sampling_loss(logprobs_BT, sampling_BT, adv_BT, mask_BT, num_tokens)
@@ -75,22 +94,35 @@ def merge(stats: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
+def accumulate(
+    policy: Policy, samples: list[Sample], adv_B: list[torch.Tensor], config: RunConfig
+) -> tuple[float, list[dict[str, float]]]:
+    """Gradients of one optimizer step's loss, summed over micro-batches; returns the loss and each micro-batch's stats."""
+    num_tokens = sum(len(s.token_ids) for s in samples)
+    total, stats = 0.0, []
+    lengths = [len(s.prompt_ids) + len(s.token_ids) for s in samples]
+    for batch in token_budget_batches(lengths, config.student.micro_batch_tokens):
+        loss, batch_stats = chunk_loss(policy, [samples[i] for i in batch], [adv_B[i] for i in batch], config, num_tokens)
+        loss.backward()
+        total += loss.item()
+        stats.append(batch_stats)
+    return total, stats
+
+
 def train_on(policy: Policy, samples: list[Sample], config: RunConfig, rewards: list[float] | None = None) -> dict[str, Any]:
-    """Substeps of optimizer steps on the scored samples; returns loss, gradient norm, lr and ratio stats."""
+    """Substeps of optimizer steps on the scored samples; returns loss, gradient norm, lr, ratio stats and skipped updates."""
     adv_all = advantages(samples, config, rewards)
     lr = policy.lr  # the rate this step's first optimizer step uses
     bounds = torch.linspace(0, len(samples), config.substeps + 1).round().long().tolist()
-    losses, norms, stats = [], [], []
+    losses, norms, stats, skipped = [], [], [], 0
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        chunk, adv_chunk = samples[lo:hi], adv_all[lo:hi]
-        num_tokens = sum(len(s.token_ids) for s in chunk)
-        total = 0.0
-        lengths = [len(s.prompt_ids) + len(s.token_ids) for s in chunk]
-        for batch in token_budget_batches(lengths, config.student.micro_batch_tokens):
-            loss, batch_stats = chunk_loss(policy, [chunk[i] for i in batch], [adv_chunk[i] for i in batch], config, num_tokens)
-            loss.backward()
-            total += loss.item()
-            stats.append(batch_stats)
-        norms.append(policy.optimizer_step())
+        total, chunk_stats = accumulate(policy, samples[lo:hi], adv_all[lo:hi], config)
+        norm = policy.optimizer_step(finite_loss=math.isfinite(total))
+        if not (math.isfinite(total) and math.isfinite(norm)):
+            skipped += 1
+            log.warning("update skipped: loss %s, gradient norm %s (not finite); the weights stay as they were", total, norm)
         losses.append(total)
-    return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), "lr": lr, **merge(stats)}
+        norms.append(norm)
+        stats += chunk_stats
+    return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), "lr": lr,
+            "skipped_updates": skipped, **merge(stats)}

@@ -6,6 +6,8 @@ and the distillation run to submit to the trainer.
     student: {model: {prepare: smollm2-135m-instruct, layers: 12}, engine: vllm, port: 8002}
     trainer: {port: 8003}
     run: {steps: 30, sampling: {max_tokens: 48}, ...}     # a trainer run config
+    restart: {policy: on-failure, max_restarts: 3, backoff_s: 1, max_backoff_s: 30}
+    stop_grace_s: 10
 
 `run` is an ordinary trainer run config without the parts `opd up` knows
 (service URLs, the student model, checkpoint and output folders); those are
@@ -67,6 +69,20 @@ class TrainerService(_Section):
     port: Annotated[int, Field(ge=1, le=65535)] = 8003
 
 
+class RestartPolicy(_Section):
+    """What `opd up` does when a service exits on its own, like compose's `restart: on-failure:N`.
+
+    The n-th restart of a service waits backoff_s * 2^(n-1) seconds (at most
+    max_backoff_s); after max_restarts restarts of one service (over the whole
+    run), its next crash stops everything.
+    """
+
+    policy: Literal["on-failure", "no"] = "on-failure"
+    max_restarts: Annotated[int, Field(ge=0, le=100)] = 3
+    backoff_s: Annotated[float, Field(gt=0, le=600)] = 1.0
+    max_backoff_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+
+
 class StackConfig(_Section):
     workdir: str = "runs/demo"
     host: str = "127.0.0.1"
@@ -76,6 +92,10 @@ class StackConfig(_Section):
     run: dict[str, Any] = {}
     startup_timeout_s: Annotated[float, Field(gt=0)] = 900.0
     samples_to_show: Annotated[int, Field(ge=0, le=8)] = 2
+    restart: RestartPolicy = RestartPolicy()
+    # After the first Ctrl-C the trainer gets this long, plus the longest step
+    # seen so far, to stop at its next safe point and checkpoint.
+    stop_grace_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> StackConfig:

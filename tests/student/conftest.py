@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from services.common.settings import StudentSettings
-from services.student.engine import HFRolloutEngine
+from services.student.hf_engine import HFRolloutEngine
 from tests.utils.tiny_models import build_llama
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -153,6 +153,16 @@ class Reference:
         with torch.no_grad():
             seq = list(prompt) + list(tokens)
             return token_logprobs(self.model(version), [seq], [len(prompt)], temperature=temperature)[0][0]
+
+    def greedy(self, version: str, prompt: Sequence[int], steps: int, eos: int) -> list[int]:
+        """The argmax continuation of `prompt`, one full forward per token, up to EOS (kept)."""
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(steps):
+                seq.append(int(self.model(version)(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
+                if seq[-1] == eos:
+                    break
+        return seq[len(prompt) :]
 
     def max_error(self, version: str, rollouts, temperature: float = 1.0) -> float:
         """Largest |reported - reference| logprob over rollouts (protocol Rollouts or dicts)."""

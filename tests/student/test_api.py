@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 
 from services.common.settings import StudentSettings
 from services.student.app import build_app
-from services.student.engine import HFRolloutEngine
+from services.student.hf_engine import HFRolloutEngine
 from tests.student.conftest import Reference
 
 ATOL = 1e-4
@@ -18,7 +18,9 @@ GOOD = {"prompts": [{"token_ids": [5, 6, 7]}, {"text": "the boy"}], "n": 2, "max
 @pytest.fixture
 def client(student_settings: StudentSettings):
     """An app with an engine of its own (swaps change the engine's weights)."""
-    settings = student_settings.model_copy(update={"max_prompts": 4, "max_rollouts": 8, "max_body_bytes": 20_000})
+    settings = student_settings.model_copy(
+        update={"max_prompts": 4, "max_rollouts": 8, "max_body_bytes": 20_000, "max_tokens": 128}
+    )
     with TestClient(build_app(settings, engine=HFRolloutEngine(settings))) as c:
         yield c
 
@@ -78,11 +80,17 @@ BAD = [
     ("unknown prompt field", {"prompts": [{"token_ids": [1], "role": "user"}]}, 422, "unknown field"),
     ("n zero", {"prompts": [{"token_ids": [1]}], "n": 0}, 422, "n:"),
     ("max_tokens zero", {"prompts": [{"token_ids": [1]}], "max_tokens": 0}, 422, "max_tokens"),
-    ("zero temperature", {"prompts": [{"token_ids": [1]}], "temperature": 0}, 422, "temperature"),
+    ("negative temperature", {"prompts": [{"token_ids": [1]}], "temperature": -0.5}, 422, "temperature"),
+    ("temperature as text", {"prompts": [{"token_ids": [1]}], "temperature": "0.5"}, 422, "temperature: Input should be a valid number"),
+    ("bool token id", {"prompts": [{"token_ids": [5, True]}]}, 422, "prompts[0].token_ids[1]: Input should be a valid integer"),
+    ("float token id", {"prompts": [{"token_ids": [5.0]}]}, 422, "prompts[0].token_ids[0]: Input should be a valid integer"),
+    ("bool n", {"prompts": [{"token_ids": [1]}], "n": True}, 422, "n: Input should be a valid integer"),
+    ("float max_tokens", {"prompts": [{"token_ids": [1]}], "max_tokens": 4.0}, 422, "max_tokens: Input should be a valid integer"),
+    ("max_tokens over the limit", {"prompts": [{"token_ids": [1]}], "max_tokens": 129}, 422, "max_tokens 129 is over this student's limit of 128"),
     ("top_p over 1", {"prompts": [{"token_ids": [1]}], "top_p": 1.5}, 422, "top_p"),
     ("empty stop", {"prompts": [{"token_ids": [1]}], "stop": [""]}, 422, "stop[0]"),
-    ("negative seed", {"prompts": [{"token_ids": [1]}], "seed": -1}, 422, "seed must be between 0 and"),
-    ("huge seed", {"prompts": [{"token_ids": [1]}], "seed": 2**64}, 422, "seed must be between 0 and"),
+    ("negative seed", {"prompts": [{"token_ids": [1]}], "seed": -1}, 422, "seed: Input should be greater than or equal to 0"),
+    ("huge seed", {"prompts": [{"token_ids": [1]}], "seed": 2**64}, 422, "seed: Input should be less than or equal to"),
     ("too long", {"prompts": [{"token_ids": [1] * 500}], "max_tokens": 13}, 422, "513 is over the student's maximum length"),
     ("too many prompts", {"prompts": [{"token_ids": [1]}] * 5}, 413, "5 prompts in one request; the limit is 4"),
     ("too many rollouts", {"prompts": [{"token_ids": [1]}] * 3, "n": 3}, 413, "= 9 rollouts; the limit is 8"),
@@ -116,6 +124,23 @@ def test_swaps_carry_the_new_version(client: TestClient, reference: Reference) -
     metrics = client.get("/metrics").text
     assert 'opd_student_swaps_total{kind="lora",outcome="ok"} 2.0' in metrics
     assert 'opd_student_swap_seconds_count{kind="full"} 1.0' in metrics and "opd_student_policy_version 7.0" in metrics
+
+
+def test_a_swap_sent_again_is_a_success_that_loads_nothing(client: TestClient) -> None:
+    """A trainer whose POST /weights timed out after the swap went through sends it again: same version,
+    kind and path is that swap, answered 200 without a second load; another path at that version stays a 409."""
+    swap = {"version": 2, "kind": "lora", "path": "lora-a"}
+    first = client.post("/weights", json=swap)
+    assert first.status_code == 200 and first.json()["seconds"] > 0
+    serving = rollouts(client)
+    again = client.post("/weights", json=swap)
+    assert again.status_code == 200, again.text
+    assert again.json() == {**first.json(), "seconds": 0.0}
+    assert rollouts(client) == serving
+    assert 'opd_student_swaps_total{kind="lora",outcome="ok"} 1.0' in client.get("/metrics").text
+    for other in ({**swap, "path": "lora-b"}, {**swap, "kind": "full", "path": "full-a"}, {**swap, "version": 1}):
+        r = client.post("/weights", json=other)
+        assert r.status_code == 409 and "not newer than the serving version 2" in r.json()["detail"], other
 
 
 BAD_WEIGHTS = [
@@ -170,7 +195,8 @@ def test_auth(student_settings: StudentSettings, hf_engine: HFRolloutEngine) -> 
 
 
 async def test_racing_swaps_to_one_version_load_it_once(student_settings: StudentSettings) -> None:
-    """Two swaps to the same version at once: one loads it, the other gets 409 after waiting for the first."""
+    """Two swaps to the same version at once: one loads it, the other gets 409 after waiting for the first;
+    the same swap sent twice at once loads once and succeeds twice."""
     import asyncio
 
     from prometheus_client import CollectorRegistry
@@ -179,10 +205,15 @@ async def test_racing_swaps_to_one_version_load_it_once(student_settings: Studen
     from services.common.errors import Conflict
     from services.student.serving import StudentMetrics, StudentService
 
-    service = StudentService(HFRolloutEngine(student_settings), student_settings, StudentMetrics(CollectorRegistry()))
+    registry = CollectorRegistry()
+    service = StudentService(HFRolloutEngine(student_settings), student_settings, StudentMetrics(registry))
     swaps = [service.load_weights(p.WeightsRequest(version=2, kind=kind, path=path))
              for kind, path in (("full", "full-a"), ("lora", "lora-a"))]
     results = await asyncio.gather(*swaps, return_exceptions=True)
     assert isinstance(results[0], p.WeightsResponse) and results[0].policy_version == 2
     assert isinstance(results[1], Conflict) and "not newer than the serving version 2" in str(results[1])
     assert service.version == 2 and service.kind == "full"
+    same = p.WeightsRequest(version=3, kind="lora", path="lora-a")
+    results = await asyncio.gather(service.load_weights(same), service.load_weights(same))
+    assert [r.policy_version for r in results] == [3, 3] and sorted(r.seconds > 0 for r in results) == [False, True]
+    assert registry.get_sample_value("opd_student_swaps_total", {"kind": "lora", "outcome": "ok"}) == 1

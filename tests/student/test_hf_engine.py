@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from services.common.settings import StudentSettings
-from services.student.engine import HFRolloutEngine, Sample, Sampling
+from services.student.engine import Sample, Sampling
+from services.student.hf_engine import HFRolloutEngine
 from tests.student.conftest import Reference
 
 ATOL = 1e-4
@@ -142,3 +143,22 @@ def test_model_generation_defaults_do_not_leak_in(
     engine = HFRolloutEngine(student_settings.model_copy(update={"model": str(folder)}))
     rollouts = as_rollouts(prompts, engine.sample_sync(prompts, Sampling(n=2, max_tokens=12, seed=0)))
     assert reference.max_error("base", rollouts) < ATOL
+
+
+async def test_a_long_request_does_not_hold_back_a_short_one(student_settings: StudentSettings, prompts) -> None:
+    """Requests take turns of a few tokens: a short request asked for while a long one decodes ends long before it."""
+    import asyncio
+    import time
+
+    engine = HFRolloutEngine(student_settings.model_copy(update={"turn_tokens": 8}))
+    began = time.monotonic()
+    long = asyncio.create_task(engine.sample(prompts, Sampling(n=4, max_tokens=240, seed=0)))
+    await asyncio.sleep(0.2)  # the long request is decoding by now
+    short = await engine.sample([prompts[0]], Sampling(n=1, max_tokens=4, seed=1))
+    short_done = time.monotonic()
+    assert not long.done(), "the long request ended before the short one: it held the engine"
+    groups = await long
+    long_seconds = time.monotonic() - began
+    assert len(short[0][0].token_ids) in range(1, 5) and len(groups) == 3
+    assert short_done - began < 0.5 * long_seconds
+    await engine.close()

@@ -21,9 +21,10 @@ import torch
 
 from services.common.client import AsyncStudentClient, StudentClient
 from services.common.errors import ServiceError
-from services.student.engine import HFRolloutEngine, Sampling
+from services.student.engine import Sampling
+from services.student.hf_engine import HFRolloutEngine
 from tests.student.conftest import Reference
-from tests.utils.services import running
+from tests.utils.services import assert_idle, hang_up, running, wait_for_metric
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"
@@ -99,8 +100,9 @@ def test_full_swap_and_refusals_over_http(vllm_student, reference: Reference) ->
     serving = client.rollouts(body)
     assert serving.policy_version == version and serving.rollouts != before.rollouts
     assert within_bf16(reference, "full-a", serving.rollouts)
+    assert client.load_weights({"version": version, "kind": "full", "path": "full-a"}).seconds == 0.0  # sent again
     refusals = [
-        ({"version": version, "kind": "full", "path": "full-a"}, 409, "not newer"),
+        ({"version": version, "kind": "full", "path": "full-b"}, 409, "not newer"),
         ({"version": version + 1, "kind": "full", "path": "wide"}, 422, "wrong shapes"),
         ({"version": version + 1, "kind": "lora", "path": "lora-wide"}, 422, "needs [r, 256]"),
         ({"version": version + 1, "kind": "full", "path": "mistral"}, 422, "MistralForCausalLM"),
@@ -146,3 +148,17 @@ def test_hf_process_equals_in_process(student_model: Path, checkpoint_root: Path
     assert [r.token_ids for r in remote.rollouts] == [s.token_ids for g in local for s in g]
     assert [r.logprobs for r in remote.rollouts] == [s.logprobs for g in local for s in g]
     assert after.policy_version == 3 and after.rollouts != remote.rollouts
+
+
+def test_a_client_that_goes_away_stops_its_rollouts(student_model: Path, checkpoint_root: Path, tmp_path) -> None:
+    """A long rollout request (64 micro-batches of 250 tokens) whose client hangs up is cancelled within a turn."""
+    args = ["student", "serve", "--model", str(student_model), "--engine", "hf", "--dtype", "float32",
+            "--device", "cpu", "--checkpoint-root", str(checkpoint_root)]
+    with running("student-hf", args, log_dir=tmp_path, env={"OPD_STUDENT_MICRO_BATCH_TOKENS": "256"}) as proc:
+        hang_up(proc.url + "/rollouts", {"prompts": [{"token_ids": [5, 6, 7]}], "n": 64, "max_tokens": 250}, after=2.0)
+        metrics = wait_for_metric(proc.url, 'opd_student_requests_total{outcome="cancelled"} 1.0')
+        assert "opd_queue_depth 0.0" in metrics
+        time.sleep(0.5)  # the turn that was running ends
+        assert_idle(proc.proc.pid)
+        out = StudentClient(proc.url).rollouts({"prompts": [{"token_ids": [5, 6, 7]}], "n": 2, "max_tokens": 4})
+        assert len(out.rollouts) == 2

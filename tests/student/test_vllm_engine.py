@@ -17,7 +17,7 @@ import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
 from services.common import protocol as p
-from services.common.errors import OPDError
+from services.common.errors import InvalidInput, OPDError
 from services.common.settings import StudentSettings
 from services.student.engine import Sampling
 from services.student.serving import StudentMetrics, StudentService
@@ -77,6 +77,14 @@ async def test_seeds_make_each_rollout_reproducible(base, prompts) -> None:
     assert crowd[0] == first and crowd[2] == first and crowd[1] != first
     unseeded = [s.token_ids for g in crowd[3] for s in g]
     assert unseeded != tokens
+
+
+async def test_a_prompt_vllm_refuses_is_a_bad_request(base, prompts) -> None:
+    """vLLM needs room for one generated token: a prompt of max_model_len tokens is the request's fault."""
+    with pytest.raises(InvalidInput) as err:
+        await base.sample([[7] * 512], Sampling(max_tokens=1))
+    assert err.value.status_code == 422 and "prompts[0]" in str(err.value) and "maximum model length" in str(err.value)
+    assert base.healthy() and len(await base.sample(prompts[:1], Sampling(max_tokens=2))) == 1
 
 
 async def test_stop_strings_and_eos(base, checkpoint_root: Path, prompts, reference: Reference) -> None:
@@ -192,3 +200,17 @@ async def test_bad_checkpoints_never_reach_the_engine(service: StudentService) -
             await service.load_weights(p.WeightsRequest(version=2, kind=kind, path=path))
         assert 400 <= caught.value.status_code < 500, (kind, path)
         assert service.engine.healthy() and await service.rollouts(request) == serving, (kind, path)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 5e-324])
+async def test_greedy_matches_the_hf_engine_with_temperature_1_logprobs(
+    base, hf_engine, prompts, reference: Reference, temperature: float
+) -> None:
+    """Below the temperature floor both engines decode greedily and report the model's logprobs at temperature 1."""
+    request = p.RolloutRequest(prompts=[{"token_ids": q} for q in prompts], n=2, max_tokens=12, temperature=temperature, seed=4)
+    sampling = Sampling.from_request(request)
+    from_vllm = await base.sample(prompts, sampling)
+    from_hf = await hf_engine.sample(prompts, sampling)
+    assert [[s.token_ids for s in g] for g in from_vllm] == [[s.token_ids for s in g] for g in from_hf]
+    assert all(g[0].token_ids == g[1].token_ids for g in from_vllm)
+    assert reference.max_error("base", as_rollouts(prompts, from_vllm), 1.0) < ATOL

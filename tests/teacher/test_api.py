@@ -71,18 +71,40 @@ def test_temperature_changes_scores(client: TestClient) -> None:
     assert len(plain) == len(hot) == 3 and plain != hot
 
 
+def test_the_lowest_temperature_scores_finite_numbers(client: TestClient) -> None:
+    """At the floor (0.01) the logits are scaled 100-fold: finite logprobs, gaps between candidates 100 times those at 1."""
+    import math
+
+    def tops(temperature: float) -> list[list[float]]:
+        body = {"sequences": [{"token_ids": [5, 6, 7, 8, 9, 10]}], "top_k": 3, "temperature": temperature}
+        r = client.post("/logprobs", json=body)
+        assert r.status_code == 200, r.text
+        assert all(isinstance(x, float) and math.isfinite(x) for x in r.json()["results"][0]["logprobs"])
+        return [[t["logprob"] for t in pos] for pos in r.json()["results"][0]["top_logprobs"]]
+
+    cold, plain = tops(0.01), tops(1.0)
+    assert all(math.isfinite(x) for pos in cold for x in pos)
+    for c, p in zip(cold, plain, strict=True):
+        assert c[0] - c[2] == pytest.approx(100 * (p[0] - p[2]), rel=1e-3)
+
+
 BAD = [
     ("no body", None, 422, "body"),
     ("malformed JSON", "{not json", 422, "not valid JSON"),
     ("empty sequences", {"sequences": []}, 422, "sequences"),
     ("empty token_ids", {"sequences": [{"token_ids": []}]}, 422, "at least 2 tokens"),
     ("start out of range", {"sequences": [{"token_ids": [1, 2, 3], "start": 3}]}, 422, "'start' must be between 1 and"),
-    ("start zero", {"sequences": [{"token_ids": [1, 2, 3], "start": 0}]}, 422, "'start' must be between 1 and"),
+    ("start zero", {"sequences": [{"token_ids": [1, 2, 3], "start": 0}]}, 422, "start: Input should be greater than or equal to 1"),
     ("negative id", {"sequences": [{"token_ids": [1, -2, 3]}]}, 422, "sequences[0].token_ids[1]"),
     ("out of vocabulary", {"sequences": [{"token_ids": [1, 2, 512]}]}, 422, "outside the teacher's vocabulary"),
     ("unknown field", {"sequences": [{"token_ids": [1, 2]}], "topk": 3}, 422, "unknown field"),
     ("top_k too large", {"sequences": [{"token_ids": [1, 2]}], "top_k": 21}, 422, "top_k"),
     ("zero temperature", {"sequences": [{"token_ids": [1, 2]}], "temperature": 0}, 422, "temperature"),
+    ("tiny temperature", {"sequences": [{"token_ids": [1, 2]}], "temperature": 5e-324}, 422, "greater than or equal to 0.01"),
+    ("bool token id", {"sequences": [{"token_ids": [1, True]}]}, 422, "sequences[0].token_ids[1]: Input should be a valid integer"),
+    ("float token id", {"sequences": [{"token_ids": [1.0, 2]}]}, 422, "sequences[0].token_ids[0]: Input should be a valid integer"),
+    ("float start", {"sequences": [{"token_ids": [1, 2, 3], "start": 1.0}]}, 422, "start: Input should be a valid integer"),
+    ("bool top_k", {"sequences": [{"token_ids": [1, 2]}], "top_k": True}, 422, "top_k: Input should be a valid integer"),
     ("both forms", {"sequences": [{"token_ids": [1, 2], "completion": [3]}]}, 422, "not both"),
     ("empty completion", {"sequences": [{"prompt": {"text": "hi"}, "completion": []}]}, 422, "'completion' is empty"),
     ("two prompt kinds", {"sequences": [{"prompt": {"text": "a", "token_ids": [1]}, "completion": [2]}]}, 422, "exactly one"),

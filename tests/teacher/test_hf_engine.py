@@ -47,3 +47,23 @@ def test_micro_batch_budget_does_not_change_results(teacher_settings: TeacherSet
     small = HFScoringEngine(teacher_settings.model_copy(update={"micro_batch_tokens": 100}))
     for a, b in zip(small.score_sync(jobs), hf_engine.score_sync(jobs), strict=True):
         assert torch.allclose(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=ATOL)
+
+
+async def test_a_long_request_does_not_hold_back_a_short_one(teacher_settings) -> None:
+    """Each micro-batch is a turn: a one-sequence request asked for during a many-batch request ends long before it."""
+    import asyncio
+    import random
+    import time
+
+    engine = HFScoringEngine(teacher_settings.model_copy(update={"micro_batch_tokens": 256}))
+    rng = random.Random(3)
+    many = [ScoreJob([rng.randrange(512) for _ in range(250)], 1) for _ in range(96)]  # one sequence per micro-batch
+    began = time.monotonic()
+    long = asyncio.create_task(engine.score(many))
+    await asyncio.sleep(0.2)
+    short = await engine.score([ScoreJob([5, 6, 7], 1)])
+    short_done = time.monotonic()
+    assert not long.done(), "the long request ended before the short one: it held the engine"
+    assert len(await long) == 96 and len(short[0].logprobs) == 2
+    assert short_done - began < 0.5 * (time.monotonic() - began)
+    await engine.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch
 from services.common.client import AsyncTeacherClient, TeacherClient
 from services.common.errors import ServiceError
 from services.teacher.engine import HFScoringEngine, ScoreJob
-from tests.utils.services import running
+from tests.utils.services import assert_idle, hang_up, running, wait_for_metric
 
 pytestmark = pytest.mark.slow
 VLLM_ATOL = 2e-3
@@ -110,6 +111,12 @@ def test_vllm_bad_input_and_auth(vllm_teacher) -> None:
     with pytest.raises(ServiceError) as err:
         client.logprobs([{"token_ids": [1, 99999]}])
     assert err.value.status_code == 422 and "vocabulary" in err.value.message
+    # vLLM needs one position for the token it generates: max_model_len tokens are one too many.
+    with pytest.raises(ServiceError) as err:
+        client.logprobs([{"token_ids": [1] * 512}])
+    assert err.value.status_code == 422 and "maximum length is 511" in err.value.message
+    assert client.info().limits["max_sequence_len"] == 511
+    assert len(client.logprobs([{"token_ids": [1] * 511, "start": 500}]).results[0].logprobs) == 11
     r = httpx.post(vllm_teacher.url + "/logprobs", json={"sequences": [{"token_ids": [1, 2]}]})
     assert r.status_code == 401
     assert httpx.get(vllm_teacher.url + "/health").status_code == 200
@@ -134,8 +141,8 @@ def test_client_waits_for_a_service_that_is_starting(teacher_model: Path, tmp_pa
 
 def test_vllm_shared_prompts_score_like_hf(vllm_teacher, hf_engine: HFScoringEngine) -> None:
     """G completions per prompt (the trainer's batches): prompt blocks come from vLLM's
-    prefix cache, completions sharing their first tokens fall back to a full prefill,
-    and every logprob still matches the reference."""
+    prefix cache, and every logprob still matches the reference. (Cache hits that reach
+    past `start`, which need longer shared completions, are in test_vllm_engine.py.)"""
     rng = random.Random(3)
     jobs = []
     for length in (200, 37, 300):
@@ -178,3 +185,17 @@ def test_vllm_compatible_endpoints_match_hf(vllm_teacher, hf_engine: HFScoringEn
         openai.OpenAI(base_url=vllm_teacher.url + "/v1", api_key="wrong", max_retries=0).models.list()
     assert "API key" in str(err.value)
     assert httpx.post(vllm_teacher.url + "/generate", json={"input_ids": [1, 2], **slime}).status_code == 401
+
+
+def test_a_client_that_goes_away_stops_its_scoring(teacher_model: Path, tmp_path) -> None:
+    """A request of 512 sequences (one micro-batch each) whose client hangs up is cancelled within a micro-batch."""
+    args = ["teacher", "serve", "--model", str(teacher_model), "--engine", "hf", "--dtype", "float32", "--device", "cpu"]
+    rng = random.Random(5)
+    body = {"sequences": [{"token_ids": [rng.randrange(512) for _ in range(500)]} for _ in range(512)]}
+    with running("teacher-hf", args, log_dir=tmp_path, env={"OPD_TEACHER_MICRO_BATCH_TOKENS": "512"}) as proc:
+        hang_up(proc.url + "/logprobs", body, after=2.0)
+        metrics = wait_for_metric(proc.url, 'opd_teacher_requests_total{outcome="cancelled"} 1.0')
+        assert "opd_queue_depth 0.0" in metrics
+        time.sleep(0.5)  # the micro-batch that was running ends
+        assert_idle(proc.proc.pid)
+        assert len(TeacherClient(proc.url).logprobs([{"token_ids": [5, 6, 7]}]).results[0].logprobs) == 2

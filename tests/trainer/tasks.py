@@ -10,3 +10,10 @@ def prefers_short(row: dict, completion: str) -> float:
 
 def mentions_a_word_of_the_prompt(row: dict, completion: str) -> bool:
     return any(word.lower() in completion.lower().split() for word in row["prompt"].split())
+
+
+def begins_with_the_skill_word(row: dict, completion: str) -> bool:
+    """The skill of tests/utils/skill_model.py: the answer begins with its word."""
+    from tests.utils.skill_model import SKILL_WORD
+
+    return completion.strip().lower().startswith(SKILL_WORD)

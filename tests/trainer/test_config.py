@@ -36,6 +36,18 @@ def test_yaml_then_env_then_set(tmp_path: Path) -> None:
     assert config.sampling.temperature == 1.0 and config.student.finetune == "lora"
 
 
+def test_a_given_environment_is_the_only_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests build configs with environ={}: variables of the process running them must not leak in."""
+    monkeypatch.setenv("OPD_TRAIN_STEPS", "99")
+    monkeypatch.setenv("OPD_TRAIN_CHECKPOINT_ROOT", "/elsewhere")
+    monkeypatch.setenv("OPD_API_KEY", "leaked")
+    isolated = build_config(BASE, environ={})
+    assert isolated.steps == 100 and isolated.checkpoint_root == "checkpoints" and isolated.api_key is None
+    given = build_config(BASE, environ={"OPD_TRAIN_STEPS": "7"})
+    assert given.steps == 7 and given.checkpoint_root == "checkpoints"
+    assert build_config(BASE).steps == 99 and build_config(BASE).checkpoint_root == "/elsewhere", "no environ: the process's"
+
+
 def test_config_is_frozen_and_fully_specified() -> None:
     config = build_config(BASE, environ={})
     with pytest.raises(Exception):

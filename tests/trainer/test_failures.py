@@ -1,5 +1,6 @@
 """Failures a real run meets: the teacher goes away mid-run and comes back;
-models that do not share a tokenizer are refused at start."""
+models that do not share a tokenizer are refused at start; a step whose loss
+is not finite is skipped and never published."""
 
 from __future__ import annotations
 
@@ -64,20 +65,34 @@ def test_teacher_restart_mid_run_completes_every_step(
 
 
 def test_student_restart_mid_run_reloads_the_policy_and_stays_on_policy(
-    make_config, services: dict[str, ServiceProcess], service_logs: Path
+    make_config, services: dict[str, ServiceProcess], service_logs: Path, caplog
 ) -> None:
-    """A restarted student serves its base model at version 0: the trainer loads its weights again before sampling."""
-    steps = 6
+    """A restarted student serves its base model at version 0. Restarted right before step 3 samples, it
+    answers with version 0: the trainer detects it, loads its own weights again as a new version, samples
+    again, and every step stays on-policy."""
+    from services.common.client import StudentClient
+
+    steps, expected = 5, []
+
+    class RestartsTheStudent(Trainer):
+        def sample_on_policy(self, rows, **kwargs):
+            if self.step == 2 and not expected:
+                expected.append(self.version)
+                old = services["student"]
+                old.stop()
+                services["student"] = start_service("student", old.args[:-2], service_logs, port=old.port)
+                wait_all(services["student"])
+            return super().sample_on_policy(rows, **kwargs)
+
     config = make_config(name="student-restart", steps=steps, eval__every=0, save_every=steps)
-    outcome: list[str] = []
-    with run_in_background(config, outcome):
-        old = services["student"]
-        old.stop()
-        services["student"] = start_service("student", old.args[:-2], service_logs, port=old.port)
-        wait_all(services["student"])
-    assert outcome == ["completed"]
+    assert RestartsTheStudent(config).run() == "completed"
     records = read_records(Path(config.output_dir) / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, steps + 1))
+    stale = [m for m in caplog.messages if "again before sampling" in m]
+    assert stale == [f"the student sampled with policy version 0, the trainer expects {expected[0]}: "
+                     f"loading version {expected[0]} again before sampling"]
+    assert records[2]["policy_version"] == expected[0] + 2, "republished once, then step 3's own version"
+    assert StudentClient(services["student"].url).info().policy_version == records[-1]["policy_version"]
     for r in records:  # off-policy samples (the restarted student's base model) would show here
         assert 0.98 < r["ratio_min"] <= r["ratio_max"] < 1.02, r
 
@@ -105,3 +120,29 @@ def test_trainable_student_must_match_the_student_service(make_config, other_tok
     with pytest.raises(TokenizerMismatch) as err:
         Trainer(config).run()
     assert str(other_tokenizer_model) in str(err.value) and "student" in str(err.value)
+
+
+def test_a_non_finite_step_is_skipped_and_never_published(make_config, services: dict[str, ServiceProcess], monkeypatch) -> None:
+    """Step 2's loss is NaN (one teacher logprob made NaN on its way into the update): the step takes no
+    optimizer step and publishes nothing, so the student keeps step 1's version; step 3 trains on."""
+    from services.common.client import StudentClient
+    from services.trainer import loop
+
+    real, calls = loop.train_on, []
+
+    def nan_at_step_2(policy, samples, config, rewards=None):
+        calls.append(1)
+        if len(calls) == 2:
+            samples[0].teacher_logprobs[0] = float("nan")
+        return real(policy, samples, config, rewards)
+
+    monkeypatch.setattr(loop, "train_on", nan_at_step_2)
+    config = make_config(name="nan-step", steps=3, eval__every=0, save_every=3)
+    assert Trainer(config).run() == "completed"
+    records = read_records(Path(config.output_dir) / "metrics.jsonl")
+    assert [r["skipped_updates"] for r in records] == [0, 1, 0]
+    assert records[1]["loss"] is None and records[1]["grad_norm"] is None, "written as null, not NaN"
+    v1, v2, v3 = (r["policy_version"] for r in records)
+    assert v1 == v2 < v3, "nothing was published for step 2"
+    assert StudentClient(services["student"].url).info().policy_version == v3
+    assert 0.98 < records[2]["ratio_min"] <= records[2]["ratio_max"] < 1.02, "step 3 sampled the weights it trains"

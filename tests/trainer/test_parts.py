@@ -1,4 +1,4 @@
-"""The trainer's parts without services: data, sampler, atomic files, metrics, rewards."""
+"""The trainer's parts without services: data, sampler, atomic files, metrics, rewards, scoring limits."""
 
 from __future__ import annotations
 
@@ -8,11 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.common import protocol as p
+from services.common.errors import InvalidInput
 from services.trainer import checkpoint as ck
 from services.trainer.config import DatasetConfig, build_config
 from services.trainer.data import DatasetError, PromptSampler, load_prompts, read_rows
 from services.trainer.metrics import MetricsWriter, plot_teacher_kl, read_records
-from services.trainer.rollouts import Sample
+from services.trainer.remote import ScoreLimits
+from services.trainer.rollouts import Sample, chunks, fit
 from services.trainer.update import advantages, task_rewards
 
 
@@ -131,3 +134,101 @@ def test_rewards_are_group_centered_and_added_to_every_token() -> None:
     adv = advantages(samples, config, centered)
     assert [a.tolist() for a in adv] == [[1.0, -1.0], [-1.0], [-1.0], [1.0, 1.0, 1.0]]
     assert torch.equal(advantages(samples, config, None)[0], torch.tensor([0.0, -2.0]))
+
+
+def info(limits: dict[str, int], max_model_len: int = 2048) -> p.ServiceInfo:
+    return p.ServiceInfo(service="teacher", model="m", engine="vllm", vocab_size=512, tokenizer_fingerprint="f",
+                         max_model_len=max_model_len, limits=limits)
+
+
+def test_scoring_requests_fit_the_teachers_limits() -> None:
+    limits = ScoreLimits.of([info({"max_sequences": 4, "max_request_tokens": 1000, "max_sequence_len": 2047}),
+                             info({"max_sequences": 9, "max_request_tokens": 300}, max_model_len=1024)])
+    assert limits == ScoreLimits(max_sequences=4, max_request_tokens=300, max_sequence_len=1024)
+    assert ScoreLimits.of([info({})]) == ScoreLimits(128, 262_144, 2048), "a teacher that states no limits"
+    lengths = [100, 150, 60, 300, 20, 20, 20, 20, 20]
+    groups = chunks(lengths, limits)
+    assert sum(groups, []) == list(range(len(lengths))), "every sequence once, in order"
+    assert groups == [[0, 1], [2], [3], [4, 5, 6, 7], [8]]
+    assert all(len(g) <= 4 and sum(lengths[i] for i in g) <= 300 for g in groups)
+
+
+def test_a_sample_longer_than_the_teacher_scores_loses_its_last_tokens() -> None:
+    s = Sample(0, [1] * 10, [5, 6, 7, 8], [-1.0, -2.0, -3.0, -4.0], "t", "stop", {})
+    fit(s, 14)
+    assert (s.token_ids, s.trimmed) == ([5, 6, 7, 8], 0)
+    fit(s, 12)
+    assert (s.token_ids, s.sampling_logprobs, s.finish_reason, s.trimmed) == ([5, 6], [-1.0, -2.0], "length", 2)
+    with pytest.raises(InvalidInput, match="leaves no room"):
+        fit(s, 10)
+
+
+def test_non_finite_numbers_are_written_as_null(tmp_path: Path) -> None:
+    w = MetricsWriter(tmp_path, tensorboard=False)
+    w.write("train", 1, {"loss": float("nan"), "grad_norm": float("inf"), "tokens": 5, "teacher_kl": 0.5})
+    line = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in line and "Infinity" not in line
+    assert read_records(tmp_path / "metrics.jsonl") == [
+        {"kind": "train", "step": 1, "loss": None, "grad_norm": None, "tokens": 5, "teacher_kl": 0.5}]
+
+
+def test_replacing_a_folder_never_leaves_neither(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A version folder written again (a number reused after the student restarted): a crash at any
+    point of the replacement leaves the old folder or the new one in place. Here the process dies
+    at the second rename, if there is one."""
+
+    class Killed(BaseException):
+        pass
+
+    final = tmp_path / "run" / "v000003"
+    with ck.atomic_dir(final) as tmp:
+        (tmp / "old").write_text("1")
+    real, renames = Path.rename, []
+
+    def dies_at_second_rename(self: Path, target):
+        renames.append(target)
+        if len(renames) > 1:
+            raise Killed
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "rename", dies_at_second_rename)
+    try:
+        with ck.atomic_dir(final) as tmp:
+            (tmp / "new").write_text("2")
+    except Killed:
+        pass
+    assert final.is_dir() and sorted(p.name for p in final.iterdir()) in (["old"], ["new"])
+    monkeypatch.undo()
+    assert sorted(p.name for p in final.iterdir()) == ["new"], "no crash: the new folder"
+    assert [p.name for p in final.parent.iterdir()] == ["v000003"], "nothing left beside it"
+
+
+def test_a_checkpoint_saved_on_a_gpu_resumes_on_a_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """student.device may change on resume: tensors saved from CUDA (here: tagged so by torch.save) load on
+    the CPU, and the optimizer takes its state to its parameters' device."""
+    import torch.serialization as ts
+
+    def trained() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 3)
+        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+        model(torch.randn(2, 4)).sum().backward()
+        opt.step()
+        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 1.0)
+
+    model, opt, sched = trained()
+    state = ck.TrainerState(step=5, policy_version=7, sampler={"drawn": 3})
+    as_cuda = [(0, lambda obj: "cuda:0", lambda obj, location: None)]
+    with monkeypatch.context() as patch:
+        patch.setattr(ts, "_package_registry", as_cuda + ts._package_registry)
+        saved = ck.save_checkpoint(tmp_path, state, model, opt, sched)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="CUDA"):
+            torch.load(saved / "state.pt", weights_only=False)  # what load_checkpoint did without map_location
+    fresh, fresh_opt, fresh_sched = trained()
+    with torch.no_grad():
+        fresh.weight.zero_()
+    assert ck.load_checkpoint(saved, fresh, fresh_opt, fresh_sched) == state
+    assert torch.equal(fresh.weight, model.weight)
+    moments = fresh_opt.state_dict()["state"][0]["exp_avg"]
+    assert moments.device.type == "cpu" and torch.equal(moments, opt.state_dict()["state"][0]["exp_avg"])

@@ -1,11 +1,16 @@
-"""Start opd services as real child processes for a test, and always stop them."""
+"""Start opd services as real child processes for a test, and always stop them; watch what they do."""
 
 from __future__ import annotations
 
+import os
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
+import pytest
 
 from services.common.process import ServiceProcess, free_port
 
@@ -30,3 +35,35 @@ def running(
         raise
     finally:
         proc.stop()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process (all its threads) has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def hang_up(url: str, body: dict, after: float) -> None:
+    """POST `body` and close the connection after `after` seconds without an answer (it must still be working)."""
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url, json=body, timeout=httpx.Timeout(after, connect=10))
+
+
+def wait_for_metric(url: str, line: str, timeout: float = 20.0, api_key: str | None = None) -> str:
+    """The /metrics text once it holds `line`; fails after `timeout` seconds."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    deadline = time.monotonic() + timeout
+    while True:
+        text = httpx.get(url + "/metrics", headers=headers).text
+        if line in text:
+            return text
+        assert time.monotonic() < deadline, f"no {line!r} in /metrics after {timeout}s"
+        time.sleep(0.2)
+
+
+def assert_idle(pid: int, seconds: float = 2.0, most: float = 0.5) -> None:
+    """The process uses at most `most` CPU seconds over the next `seconds`: it works for no one."""
+    before = cpu_seconds(pid)
+    time.sleep(seconds)
+    used = cpu_seconds(pid) - before
+    assert used <= most, f"the service used {used:.2f} CPU seconds in {seconds}s with no request in flight"

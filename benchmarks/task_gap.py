@@ -1,0 +1,97 @@
+"""The shipped skill task's gap: the teacher given the privileged context against the student without it.
+
+    python benchmarks/task_gap.py                                   # services/configs/skill.yaml
+    python benchmarks/task_gap.py --samples 4 --also models/smollm2-drop12-21
+
+For every held-out prompt of the stack's run, samples completions from the
+teacher's model after the teacher's prompt (the run's `teacher_prompt`,
+context.py) and from the student's model (and any `--also` model) after the
+student's own prompt, with the run's sampling temperature and top-p and the
+evaluation's max tokens, and scores them with the run's verifier. A task is
+fit for the study when the teacher's accuracy is >= 50% and >= 3x the
+student's. Plain transformers `generate` (float32, top-k off), seeded: no
+service needed, and the numbers repeat.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def accuracy(model_dir: str, prompts: list, rows: list, verifier, *, samples: int, max_tokens: int, temperature: float,
+             top_p: float, seed: int) -> tuple[float, list[str]]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from services.common.tokenizer import render_prompt
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = [render_prompt(tokenizer, prompt) for prompt in prompts]
+    width = max(len(x) for x in ids)
+    input_ids = torch.tensor([[pad] * (width - len(x)) + x for x in ids])  # left padding for generation
+    mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in ids])
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
+                             top_k=0, max_new_tokens=max_tokens, num_return_sequences=samples, pad_token_id=pad)
+    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+    hits = [bool(verifier(rows[i // samples].row, t)) for i, t in enumerate(texts)]
+    return sum(hits) / len(hits), texts
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=ROOT / "services" / "configs" / "skill.yaml")
+    parser.add_argument("--samples", type=int, default=2, help="completions per held-out prompt")
+    parser.add_argument("--also", action="append", default=[], help="another student model folder to measure")
+    parser.add_argument("--workdir", type=Path, default=Path("runs/task-gap"))
+    parser.add_argument("--set", dest="sets", action="append", default=[])
+    args = parser.parse_args()
+
+    import torch
+    from rich.console import Console
+
+    from services.trainer.config import build_config, deep_merge
+    from services.trainer.context import with_teacher_prompts
+    from services.trainer.data import load_prompts
+    from services.trainer.rollouts import load_callable
+    from services.up.config import load_stack
+    from services.up.runner import resolve_model
+
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    console = Console()
+    stack = load_stack(args.config, args.sets)
+    teacher_model = resolve_model(stack.teacher, args.workdir / "models", console)
+    student_model = resolve_model(stack.student, args.workdir / "models", console)
+    run = build_config(deep_merge(stack.run, {"student": {"model": student_model}, "teacher_urls": ["http://unused"],
+                                              "student_url": "http://unused"}), environ={})
+    _, eval_rows = load_prompts(run.dataset, run.seed)
+    rows = with_teacher_prompts(eval_rows, run.teacher_prompt, "eval")
+    verifier = load_callable(run.eval.verifier or "", "eval.verifier")
+    settings = dict(samples=args.samples, max_tokens=run.eval_max_tokens, temperature=run.sampling.temperature,
+                    top_p=run.sampling.top_p, seed=run.seed)
+    console.print(f"{len(rows)} held-out prompts x {args.samples} samples, temperature {run.sampling.temperature}, "
+                  f"{run.eval_max_tokens} tokens, verifier {run.eval.verifier}")
+    cases = [("teacher, with the context", teacher_model, [r.teacher or r.prompt for r in rows])]
+    cases += [(f"student {m}, without", m, [r.prompt for r in rows]) for m in [student_model, *args.also]]
+    results = {}
+    for name, model, prompts in cases:
+        results[name], texts = accuracy(model, prompts, rows, verifier, **settings)
+        console.print(f"{name:<48} accuracy {results[name]:.3f}   e.g. {texts[0][:70]!r}")
+    teacher = results[cases[0][0]]
+    for name in list(results)[1:]:
+        gap = teacher / results[name] if results[name] else float("inf")
+        console.print(f"teacher / {name}: {gap:.1f}x  (fit: teacher >= 0.5 and >= 3x: {teacher >= 0.5 and gap >= 3})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

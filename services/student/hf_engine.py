@@ -1,0 +1,188 @@
+"""The student's hf engine: transformers forwards, its own decoding loop, fair turns.
+
+Choices:
+1) Each request's rollouts are micro-batched by a token budget
+   (prompt + max_tokens per row); a micro-batch is prefilled once (left
+   padding, its KV cache kept) and then decoded a token per forward.
+2) Fair service: a micro-batch decodes `turn_tokens` tokens per turn on the
+   engine's one worker thread, then queues again (services/common/worker.py).
+   Requests in flight take turns round robin, so a long request slows others
+   down but never holds them back until it is done; a cancelled request
+   stops within one turn.
+3) Tokens are chosen by services/student/sampling.py: greedy below the
+   temperature floor, else temperature and top-p; the logprob reported is the
+   chosen token's under the distribution it was chosen from.
+4) With a seed, the request draws from its own seeded generator: the same
+   request gives the same rollouts, whatever else the engine serves (not the
+   same ones as vLLM, which seeds each rollout on its own).
+5) A swap builds the new policy beside the old one and then switches to it:
+   a failed load leaves the old version serving.
+6) Memory: each request in flight holds the KV cache of one micro-batch at
+   most (`micro_batch_tokens` tokens), so `max_pending` bounds the total.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from services.common.settings import StudentSettings
+from services.common.worker import Worker
+from services.student.engine import FinishReason, RolloutEngine, Sample, Sampling, cut_text, first_stop
+from services.student.sampling import next_tokens
+
+
+@dataclass
+class Decoding:
+    """One micro-batch between turns: its KV cache and what each row has so far."""
+
+    sampling: Sampling
+    generator: torch.Generator
+    cache: object
+    mask: torch.Tensor  # [B, prompt width + generated]
+    logits: torch.Tensor  # [B, V]: the next token's
+    finished: torch.Tensor  # [B] bool
+    tokens: list[torch.Tensor] = field(default_factory=list)  # per step, [B]
+    logprobs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return len(self.tokens) >= self.sampling.max_tokens or bool(self.finished.all())
+
+
+class HFRolloutEngine(RolloutEngine):
+    name = "hf"
+
+    def __init__(self, settings: StudentSettings) -> None:
+        super().__init__(settings)
+        from services.common.hf import load_causal_lm
+
+        model = load_causal_lm(settings.model, settings.dtype, settings.device)
+        config = model.config
+        self.vocab_size = min(config.vocab_size, len(self.tokenizer))
+        limit = getattr(config, "max_position_embeddings", None) or 2048
+        self.max_model_len = min(settings.max_model_len or limit, limit)
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos]
+        self.eos_ids = {*eos, self.tokenizer.eos_token_id} - {None}
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
+        self.model = self.base = model.eval()  # base: the weights a LoRA version applies to
+        self.worker = Worker("opd-student-hf")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    async def sample(self, prompts_P: list[list[int]], sampling: Sampling) -> list[list[Sample]]:
+        from services.common.hf import token_budget_batches
+
+        rows = [i for i in range(len(prompts_P)) for _ in range(sampling.n)]
+        lengths = [len(prompts_P[i]) + sampling.max_tokens for i in rows]
+        generator = torch.Generator(device=self.device)
+        if sampling.seed is None:
+            generator.seed()
+        else:
+            generator.manual_seed(sampling.seed)
+        out: list[Sample | None] = [None] * len(rows)
+        for batch in token_budget_batches(lengths, self.settings.micro_batch_tokens):
+            d = await self.worker.run(self._prefill, [prompts_P[rows[r]] for r in batch], sampling, generator)
+            while not d.done:
+                await self.worker.run(self._decode, d, self.settings.turn_tokens)
+            for r, sample in zip(batch, self._samples(d), strict=True):
+                out[r] = sample
+        n = sampling.n
+        return [out[i * n : (i + 1) * n] for i in range(len(prompts_P))]  # type: ignore[misc]
+
+    def sample_sync(self, prompts_P: list[list[int]], sampling: Sampling) -> list[list[Sample]]:
+        """`sample` for callers without an event loop (tests, benchmarks)."""
+        return asyncio.run(self.sample(prompts_P, sampling))
+
+    @torch.inference_mode()
+    def _prefill(self, prompts: list[list[int]], sampling: Sampling, generator: torch.Generator) -> Decoding:
+        width = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for b, p in enumerate(prompts):  # left padding: every row's next token is at the same column
+            ids[b, width - len(p) :] = torch.as_tensor(p)
+            mask[b, width - len(p) :] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
+        d = Decoding(sampling, generator, out.past_key_values, mask, out.logits[:, -1], finished)
+        self._decode(d, self.settings.turn_tokens)
+        return d
+
+    @torch.inference_mode()
+    def _decode(self, d: Decoding, steps: int) -> None:
+        """Up to `steps` more tokens of every unfinished row."""
+        eos = torch.tensor(sorted(self.eos_ids), device=self.device)
+        for _ in range(steps):
+            token_B, logprob_B = next_tokens(d.logits, d.sampling.temperature, d.sampling.top_p, d.generator)
+            token_B = token_B.masked_fill(d.finished, self.pad_id)
+            d.tokens.append(token_B)
+            d.logprobs.append(logprob_B)
+            d.finished |= torch.isin(token_B, eos)
+            if d.sampling.stop:
+                self._stop_rows(d)
+            if d.done:
+                return
+            d.mask = torch.cat([d.mask, torch.ones_like(d.mask[:, :1])], dim=1)
+            positions = d.mask.sum(-1, keepdim=True) - 1
+            out = self.model(
+                input_ids=token_B[:, None], attention_mask=d.mask, position_ids=positions,
+                past_key_values=d.cache, use_cache=True,
+            )
+            d.cache, d.logits = out.past_key_values, out.logits[:, -1]
+
+    def _stop_rows(self, d: Decoding) -> None:
+        so_far = torch.stack(d.tokens, dim=1).tolist()
+        for b in (~d.finished).nonzero().flatten().tolist():
+            text = self.tokenizer.decode(so_far[b], skip_special_tokens=True)
+            if any(s in text for s in d.sampling.stop):
+                d.finished[b] = True
+
+    def _samples(self, d: Decoding) -> list[Sample]:
+        tokens = torch.stack(d.tokens, dim=1).tolist()
+        logprobs = torch.stack(d.logprobs, dim=1).float().tolist()
+        return [self._finish(t, lp, d.sampling) for t, lp in zip(tokens, logprobs, strict=True)]
+
+    def _finish(self, tokens: list[int], logprobs: list[float], sampling: Sampling) -> Sample:
+        end = next((j + 1 for j, t in enumerate(tokens) if t in self.eos_ids), None)
+        stop_end = first_stop(self.tokenizer, tokens[: end or len(tokens)], sampling.stop)
+        if stop_end is not None:
+            end = stop_end
+        reason: FinishReason = "stop" if end is not None else "length"
+        end = end if end is not None else sampling.max_tokens
+        text = self.tokenizer.decode(tokens[:end], skip_special_tokens=True)
+        return Sample(tokens[:end], logprobs[:end], reason, cut_text(text, sampling.stop))
+
+    async def load_full(self, folder: Path) -> None:
+        await asyncio.to_thread(self._load_full_sync, folder)
+
+    def _load_full_sync(self, folder: Path) -> None:
+        from services.common.hf import load_causal_lm
+
+        dtype = str(self.base.dtype).removeprefix("torch.")
+        model = load_causal_lm(str(folder), dtype, str(self.device))
+        self.base = self.model = model
+
+    async def load_lora(self, folder: Path, version: int) -> None:
+        await asyncio.to_thread(self._load_lora_sync, folder)
+
+    def _load_lora_sync(self, folder: Path) -> None:
+        from peft import PeftModel
+
+        # peft injects adapter layers into the model it is given: give it a copy, so the base stays clean.
+        model = PeftModel.from_pretrained(copy.deepcopy(self.base), str(folder)).eval()
+        if self.settings.merge_lora:  # W + scale * B @ A: sampling at the plain model's speed
+            model = model.merge_and_unload()
+        self.model = model
+
+    async def close(self) -> None:
+        self.worker.close()
