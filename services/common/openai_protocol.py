@@ -16,7 +16,8 @@ Choices:
    seed, stop, penalties, ...) are accepted and have no effect, as in vLLM,
    whose prompt logprobs come from the raw logits.
 3) Unknown fields are a 422 naming the field (vLLM ignores them with a
-   warning): a misspelt option is never silently dropped.
+   warning): a misspelt option is never silently dropped. Types are strict
+   (StrictRequest): `"1"` for a number or `1` for a flag is a 422 too.
 4) `logprobs` and `prompt_logprobs` go up to MAX_TOP_K (vLLM's default
    `--max-logprobs` is the same 20); -1 (the whole vocabulary) is refused.
 5) Responses ignore unknown fields, so the adapter also parses a stock vLLM's
@@ -31,13 +32,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, Strict, model_validator
 
-from services.common.protocol import MAX_TOP_K, Request, Response, TokenIds
+from services.common.protocol import MAX_TOP_K, Response, StrictRequest, TokenIds
+
 
 Int = Annotated[int, Strict()]
 TopN = Annotated[Int, Field(ge=0, le=MAX_TOP_K)]
 
 
-class CompletionRequest(Request):
+class CompletionRequest(StrictRequest):
     """POST /v1/completions. `prompt`: text, token ids, or a list of either (a batch)."""
 
     model: str | None = None

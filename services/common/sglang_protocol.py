@@ -21,7 +21,7 @@ Choices:
    logprobs, which is what SGLang does by default (unless started with
    SGLANG_TEMP_SCALED_LOGPROBS).
 3) Unknown fields are a 422 naming the field, as SGLang refuses unknown
-   sampling parameters.
+   sampling parameters; types are strict (StrictRequest).
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ from typing import Annotated, Any
 from pydantic import Field, Strict, model_validator
 
 from services.common.errors import InvalidRequest
-from services.common.protocol import MAX_TOP_K, Request, Response, TokenIds
+from services.common.protocol import MAX_TOP_K, Response, StrictRequest, TokenIds
+
 
 Int = Annotated[int, Strict()]
 
 
-class SamplingParams(Request):
+class SamplingParams(StrictRequest):
     max_new_tokens: Annotated[Int, Field(ge=0)] | None = Field(
         default=128, description="0: the teacher scores, it does not generate."
     )
@@ -61,7 +62,7 @@ class SamplingParams(Request):
 TopNum = Annotated[Int, Field(ge=0, le=MAX_TOP_K)]
 
 
-class GenerateRequest(Request):
+class GenerateRequest(StrictRequest):
     """POST /generate: exactly one of `text` and `input_ids`, each one item or a batch."""
 
     text: str | list[str] | None = None
