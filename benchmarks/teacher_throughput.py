@@ -1,14 +1,18 @@
-"""Teacher scoring throughput, four ways on the same batch in one run.
+"""Teacher scoring throughput, five ways on the same batch in one run.
 
-1. engine    the vLLM scoring engine in-process (what the service wraps)
-2. service   the opd teacher service over HTTP (vllm engine)
-3. vllm-serve  stock `vllm serve` (OpenAI completions API, prompt_logprobs=0, max_tokens=1)
-4. hf        a plain batched transformers forward + log_softmax
+1. engine          the vLLM scoring engine in-process (what the service wraps)
+2. service         the opd teacher service over HTTP, POST /logprobs (vllm engine)
+3. service-openai  the same service's vLLM-compatible POST /v1/completions, sent
+                   exactly the request the stock server gets
+4. vllm-serve      stock vLLM OpenAI server (completions API, prompt_logprobs=0, max_tokens=1)
+5. hf              a plain batched transformers forward + log_softmax
 
 Each way runs alone (no other engine loaded), is warmed up, and is timed over
 --repeats runs; the best run counts. Throughput is scored tokens per second
 (tokens whose logprob was returned). Prints a table and the ratios the project
-targets: service/engine >= 0.9, service/vllm-serve > 1.
+targets: service/engine >= 0.9, service/vllm-serve > 1. The two completions
+ways score every prompt position too (that is what the request asks); the
+rate counts the batch's completion tokens either way.
 
     python benchmarks/teacher_throughput.py                 # SmolLM2-135M-Instruct, prepared on first use
     python benchmarks/teacher_throughput.py --prompts 2 --prompt-length 64   # quicker
@@ -77,16 +81,30 @@ def bench_engine(settings: TeacherSettings, batch: list[dict], repeats: int) -> 
     return asyncio.run(run())
 
 
-def bench_service(model: str, batch: list[dict], repeats: int, logs: Path) -> float:
+def completions(url: str, model: str, seqs: list[dict]) -> None:
+    """The stock server's way to score: every sequence a token-id prompt, prompt_logprobs 0, one token."""
+    body = {"model": model, "prompt": [s["token_ids"] for s in seqs], "max_tokens": 1, "prompt_logprobs": 0}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=600)
+    r.raise_for_status()
+    assert len(r.json()["choices"]) == len(seqs)
+
+
+def bench_service(model: str, batch: list[dict], repeats: int, logs: Path, ways: set[str]) -> dict[str, float]:
     port = free_port()
     proc = ServiceProcess("teacher", ["teacher", "serve", "--model", model, "--engine", "vllm", "--port", str(port)], port,
                           log_file=logs / "bench-teacher.log")
     proc.start()
+    seconds = {}
     try:
         proc.wait_ready(900)
-        client = TeacherClient(proc.url)
-        client.logprobs(batch[:2])
-        return best_of(repeats, lambda: client.logprobs(batch))
+        if "service" in ways:
+            client = TeacherClient(proc.url)
+            client.logprobs(batch[:2])
+            seconds["service"] = best_of(repeats, lambda: client.logprobs(batch))
+        if "service-openai" in ways:
+            completions(proc.url, model, batch[:2])
+            seconds["service-openai"] = best_of(repeats, lambda: completions(proc.url, model, batch))
+        return seconds
     finally:
         proc.stop()
 
@@ -114,14 +132,8 @@ def bench_vllm_serve(model: str, batch: list[dict], repeats: int, logs: Path) ->
                 raise RuntimeError(f"vllm serve did not start; see {log.name}")
             time.sleep(1)
 
-        def score(seqs: list[dict]) -> None:
-            body = {"model": model, "prompt": [s["token_ids"] for s in seqs], "max_tokens": 1, "prompt_logprobs": 0}
-            r = httpx.post(url + "/v1/completions", json=body, timeout=600)
-            r.raise_for_status()
-            assert len(r.json()["choices"]) == len(seqs)
-
-        score(batch[:2])
-        return best_of(repeats, lambda: score(batch))
+        completions(url, model, batch[:2])
+        return best_of(repeats, lambda: completions(url, model, batch))
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, 15)
@@ -161,7 +173,7 @@ def main() -> None:
     parser.add_argument("--prompt-length", type=int, default=192)
     parser.add_argument("--completion-length", type=int, default=64, help="scored tokens per sequence")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["engine", "service", "vllm-serve", "hf"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["engine", "service", "service-openai", "vllm-serve", "hf"])
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -175,27 +187,30 @@ def main() -> None:
     vocab = AutoConfig.from_pretrained(args.model).vocab_size
     batch = make_batch(vocab, args.prompts, args.group, args.prompt_length, args.completion_length)
     scored = sum(len(s["token_ids"]) - s["start"] for s in batch)
+    served = {"service", "service-openai"} - set(args.skip)
     ways = {
-        "engine": lambda: bench_engine(settings, batch, args.repeats),
-        "service": lambda: bench_service(args.model, batch, args.repeats, args.workdir),
-        "vllm-serve": lambda: bench_vllm_serve(args.model, batch, args.repeats, args.workdir),
-        "hf": lambda: bench_hf(args.model, batch, args.repeats),
+        "engine": lambda: {"engine": bench_engine(settings, batch, args.repeats)},
+        "service": lambda: bench_service(args.model, batch, args.repeats, args.workdir, served),
+        "vllm-serve": lambda: {"vllm-serve": bench_vllm_serve(args.model, batch, args.repeats, args.workdir)},
+        "hf": lambda: {"hf": bench_hf(args.model, batch, args.repeats)},
     }
     rate: dict[str, float] = {}
     for name, fn in ways.items():
-        if name in args.skip:
+        if name in args.skip or (name == "service" and not served):
             continue
-        print(f"measuring {name} ...", flush=True)
-        rate[name] = scored / fn()
+        print(f"measuring {name if name != 'service' else ', '.join(sorted(served))} ...", flush=True)
+        rate.update({way: scored / seconds for way, seconds in fn().items()})
     print(f"\n{args.prompts} prompts x {args.group} completions, {args.prompt_length}+{args.completion_length} tokens each, "
           f"{scored} scored tokens, model {Path(args.model).name}")
-    print(f"{'way':<12}{'tokens/s':>12}")
+    print(f"{'way':<16}{'tokens/s':>10}")
     for name, value in rate.items():
-        print(f"{name:<12}{value:>12.0f}")
+        print(f"{name:<16}{value:>10.0f}")
     if "service" in rate and "engine" in rate:
         print(f"service / engine     = {rate['service'] / rate['engine']:.2f}  (target >= 0.9)")
     if "service" in rate and "vllm-serve" in rate:
         print(f"service / vllm-serve = {rate['service'] / rate['vllm-serve']:.2f}  (target > 1)")
+    if "service-openai" in rate and "vllm-serve" in rate:
+        print(f"service-openai / vllm-serve = {rate['service-openai'] / rate['vllm-serve']:.2f}  (the same request)")
     if "service" in rate and "hf" in rate:
         print(f"service / hf         = {rate['service'] / rate['hf']:.2f}")
 

@@ -15,7 +15,10 @@ Choices:
    as one replica per address.
 3) Requests and responses are the protocol models; a dict is accepted where a
    request model is expected and validated before it is sent.
-4) A sync client given a `cancel` event ends its retry pauses as soon as the
+4) This module needs httpx and pydantic only (`pip install opd` without
+   extras): no torch, transformers or vLLM. Clients for stock vLLM and SGLang
+   servers as teachers are in compat_client.py.
+5) A sync client given a `cancel` event ends its retry pauses as soon as the
    event is set (a trainer run asked to stop does not sit out the backoff).
 """
 
@@ -77,10 +80,15 @@ class _Base:
 
     @staticmethod
     def _message(response: httpx.Response) -> str:
+        """opd's `detail`, or the `error.message` of vLLM and SGLang servers, or the body."""
         try:
-            detail = response.json().get("detail", response.text)
+            body = response.json()
         except ValueError:
-            detail = response.text
+            return response.text
+        if not isinstance(body, dict):
+            return response.text
+        error = body.get("error")
+        detail = body.get("detail", error.get("message", error) if isinstance(error, dict) else error or response.text)
         return detail if isinstance(detail, str) else str(detail)
 
     def _check(self, response: httpx.Response, model: type[R] | None) -> Any:

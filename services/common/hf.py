@@ -21,6 +21,7 @@ through it. Choices:
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import torch
 
@@ -58,6 +59,15 @@ def pad_batch(seqs: Sequence[Sequence[int]], pad_id: int, device: torch.device) 
     return ids.to(device), mask.to(device)
 
 
+class TokenScores(NamedTuple):
+    """One sequence's scores: the chosen tokens' logprobs, optional top-k and ranks."""
+
+    logprobs: torch.Tensor  # _T
+    top_values: torch.Tensor | None  # _TK, None when top_k == 0
+    top_ids: torch.Tensor | None  # _TK
+    ranks: torch.Tensor | None  # _T, None unless asked for
+
+
 def token_logprobs(
     model: torch.nn.Module,
     seqs: Sequence[Sequence[int]],
@@ -67,11 +77,13 @@ def token_logprobs(
     top_p: float = 1.0,
     top_k: int = 0,
     pad_id: int = 0,
-) -> list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    ranks: bool = False,
+) -> list[TokenScores]:
     """For each sequence, log p(seq[j] | seq[:j]) for j in [start, len).
 
-    Returns per sequence (logprobs_T, top_values_TK, top_ids_TK); the top-k
-    tensors are None when top_k == 0. Gradients flow when the caller enables them.
+    With `ranks`, also each chosen token's rank in the vocabulary (1 = most
+    likely; ties count against it, as in vLLM). Gradients flow when the
+    caller enables them.
     """
     device = next(model.parameters()).device
     ids, mask = pad_batch(seqs, pad_id, device)
@@ -88,11 +100,9 @@ def token_logprobs(
             rows = rows.masked_fill(outside_nucleus(rows.detach(), top_p, target), float("-inf"))
         logp = torch.log_softmax(rows, dim=-1)
         chosen = logp.gather(-1, target[:, None]).squeeze(-1)
-        if top_k:
-            values, indices = logp.topk(top_k, dim=-1)
-            out.append((chosen, values, indices))
-        else:
-            out.append((chosen, None, None))
+        values, indices = logp.topk(top_k, dim=-1) if top_k else (None, None)
+        rank = (logp >= chosen[:, None]).sum(-1) if ranks else None
+        out.append(TokenScores(chosen, values, indices, rank))
     return out
 
 

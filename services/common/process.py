@@ -46,7 +46,11 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """One `python -m services ARGS...` child with a prefixed, logged output."""
+    """One `python -m services ARGS...` child with a prefixed, logged output.
+
+    `module` runs another server instead (a stock vLLM server in tests), ready
+    when `ready_path` answers 200.
+    """
 
     def __init__(
         self,
@@ -58,8 +62,11 @@ class ServiceProcess:
         log_file: Path | None = None,
         env: dict[str, str] | None = None,
         echo: IO[str] | None = None,
+        module: str = "services",
+        ready_path: str = "/ready",
     ) -> None:
         self.name, self.args, self.host, self.port = name, args, host, port
+        self.module, self.ready_path = module, ready_path
         self.log_file, self.echo = log_file, echo
         self.env = {**os.environ, **(env or {})}
         self.proc: subprocess.Popen[str] | None = None
@@ -72,7 +79,7 @@ class ServiceProcess:
     def start(self) -> ServiceProcess:
         if not port_free(self.host, self.port):
             raise StartupFailed(f"{self.name}: port {self.port} on {self.host} is taken: stop what uses it or pick another port")
-        cmd = [sys.executable, "-m", "services", *self.args]
+        cmd = [sys.executable, "-m", self.module, *self.args]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
             env=self.env, start_new_session=True,
@@ -101,7 +108,7 @@ class ServiceProcess:
     def ready(self, api_key: str | None = None, timeout: float = 5.0) -> bool:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         try:
-            return httpx.get(self.url + "/ready", headers=headers, timeout=timeout).status_code == 200
+            return httpx.get(self.url + self.ready_path, headers=headers, timeout=timeout).status_code == 200
         except httpx.TransportError:
             return False
 

@@ -42,6 +42,13 @@ class Request(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class StrictRequest(Request):
+    """Every field strict (the vLLM- and SGLang-compatible requests): a number is a JSON number, a flag a
+    JSON boolean, so `"1"` or `1` for a flag is refused as the OpenAPI document says, not guessed at."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
 class Response(BaseModel):
     model_config = ConfigDict(extra="ignore")
 

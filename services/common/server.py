@@ -3,7 +3,10 @@
 - Auth: with an API key configured, every route but /health needs
   `Authorization: Bearer <key>` (401 otherwise).
 - Errors: named `OPDError`s map to their status code; validation errors become
-  a 422 whose `detail` names each bad field in one readable line.
+  a 422 whose `detail` names each bad field in one readable line. Under the
+  paths in `error_envelope` (the teacher's vLLM- and SGLang-compatible routes)
+  the body also carries vLLM's `{"error": {"message", "type", "code"}}`, which
+  is what the openai package and other vLLM/SGLang clients show their users.
 - Admission: at most `max_pending` requests in flight or waiting; the next
   one gets 503 with Retry-After instead of joining an unbounded queue.
 - Probes: /health (process alive), /ready (model loaded), /metrics
@@ -22,10 +25,12 @@ import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from contextlib import contextmanager, suppress
+from http import HTTPStatus
 from typing import Annotated, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
@@ -76,6 +81,18 @@ def describe_validation_errors(errors: list[dict]) -> str:
     return "; ".join(lines)
 
 
+def error_response(request: Request, status: int, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    body: dict = {"detail": detail}
+    if request.url.path.startswith(getattr(request.app.state, "error_envelope", ())):
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:  # 499, nginx's code for a client that went away
+            phrase = "Client Closed Request"
+        kind = phrase.title().replace(" ", "").replace("-", "") + "Error"
+        body["error"] = {"message": detail, "type": kind, "param": None, "code": status}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
 class Admission:
     """Bounds the requests a service holds at once; counts them for /metrics."""
 
@@ -122,7 +139,7 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
 
 def install_common(
     app: FastAPI, *, api_key: str | None, max_pending: int, ready: Callable[[], bool], max_body_bytes: int = 64 * 2**20,
-    limits: Callable[[], Limits | None] | None = None,
+    limits: Callable[[], Limits | None] | None = None, error_envelope: tuple[str, ...] = (),
 ) -> CollectorRegistry:
     """Adds error handlers, admission control, a body size limit and the probe routes; returns the metrics registry.
 
@@ -135,26 +152,30 @@ def install_common(
     async def _body_limit(request: Request, call_next):
         size = request.headers.get("content-length")
         if size is not None and size.isdigit() and int(size) > max_body_bytes:
-            return JSONResponse(
-                {"detail": f"request body of {size} bytes is over the limit of {max_body_bytes}: split the request"},
-                status_code=413,
+            return error_response(
+                request, 413, f"request body of {size} bytes is over the limit of {max_body_bytes}: split the request"
             )
         return await call_next(request)
 
     app.state.api_key = api_key
+    app.state.error_envelope = error_envelope
     app.state.registry = registry
     app.state.admission = Admission(max_pending, Gauge("opd_queue_depth", "Requests in flight or waiting", registry=registry))
 
     @app.exception_handler(OPDError)
-    async def _opd_error(_: Request, exc: OPDError) -> JSONResponse:
+    async def _opd_error(request: Request, exc: OPDError) -> JSONResponse:
         headers = {"Retry-After": "1"} if exc.status_code == 503 else None
         if exc.status_code >= 499:
             log.warning("%s: %s", type(exc).__name__, exc)
-        return JSONResponse({"detail": str(exc)}, status_code=exc.status_code, headers=headers)
+        return error_response(request, exc.status_code, str(exc), headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": describe_validation_errors(list(exc.errors()))}, status_code=422)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(request, 422, describe_validation_errors(list(exc.errors())))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return error_response(request, exc.status_code, str(exc.detail), getattr(exc, "headers", None))
 
     @app.get("/health", tags=["probes"])
     async def health() -> Health:

@@ -1,5 +1,9 @@
 """The teacher service: `POST /logprobs` scores token sequences under the teacher.
 
+It also answers the scoring subset of vLLM's OpenAI-compatible API
+(`/v1/completions`, `/v1/models`) and of SGLang's `/generate`
+(compat_routes.py), on the same engine.
+
 `build_app(settings)` wires everything; the engine is built in the lifespan
 (or passed in, for tests that share one engine between apps).
 """
@@ -15,8 +19,11 @@ from services.common import protocol as p
 from services.common.errors import NotReady
 from services.common.server import Authorized, install_common, until_disconnect
 from services.common.settings import TeacherSettings
+from services.teacher import compat_routes
 from services.teacher.engine import ScoringEngine, build_engine
+from services.teacher.openai_compat import OpenAICompletions
 from services.teacher.serving import TeacherMetrics, TeacherService
+from services.teacher.sglang_compat import SGLangGenerate
 
 ERRORS = {
     400: {"model": p.ErrorBody, "description": "the request cannot be served as asked"},
@@ -42,11 +49,12 @@ def build_app(settings: TeacherSettings, engine: ScoringEngine | None = None) ->
     async def lifespan(app: FastAPI):
         own = engine is None
         eng = build_engine(settings) if own else engine
-        app.state.service = TeacherService(eng, settings, TeacherMetrics(registry))
+        app.state.service = service = TeacherService(eng, settings, TeacherMetrics(registry))
+        app.state.openai, app.state.sglang = OpenAICompletions(service), SGLangGenerate(service)
         try:
             yield
         finally:
-            app.state.service = None
+            app.state.service = app.state.openai = app.state.sglang = None
             if own:
                 await eng.close()
 
@@ -56,7 +64,7 @@ def build_app(settings: TeacherSettings, engine: ScoringEngine | None = None) ->
         summary="Scores token sequences under the teacher model: per-token log-probabilities, optional top-k.",
         lifespan=lifespan,
     )
-    app.state.service = None
+    app.state.service = app.state.openai = app.state.sglang = None
 
     def limits():
         service = app.state.service
@@ -72,6 +80,7 @@ def build_app(settings: TeacherSettings, engine: ScoringEngine | None = None) ->
     registry = install_common(
         app, api_key=settings.api_key, max_pending=settings.max_pending, max_body_bytes=settings.max_body_bytes,
         ready=lambda: app.state.service is not None, limits=limits,
+        error_envelope=compat_routes.PATHS,
     )
 
     @app.post("/logprobs", dependencies=[Authorized], responses=ERRORS, tags=["teacher"])
@@ -85,4 +94,5 @@ def build_app(settings: TeacherSettings, engine: ScoringEngine | None = None) ->
         """Model, engine, vocabulary size, tokenizer fingerprint, maximum length, limits."""
         return service.info()
 
+    app.include_router(compat_routes.router)
     return app

@@ -2,7 +2,8 @@
 
 `ScoringEngine.score` takes whole token sequences with the position scoring
 starts at and returns the log-probability of every token from there on (and
-optionally the top-k alternatives). Two implementations:
+optionally the top-k alternatives and each token's rank in the vocabulary,
+which vLLM's OpenAI-compatible answers carry). Two implementations:
 - `HFScoringEngine` here: transformers + torch, micro-batched by a token
   budget; the reference the vLLM engine is tested against. Each micro-batch
   is one turn on the engine's worker thread (services/common/worker.py), so
@@ -32,6 +33,7 @@ class ScoreJob:
 class ScoreOutput:
     logprobs: list[float]
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    ranks: list[int] | None = None
 
 
 class ScoringEngine(ABC):
@@ -47,7 +49,9 @@ class ScoringEngine(ABC):
         self.max_sequence_len = 0  # the longest sequence it scores (prompt and completion)
 
     @abstractmethod
-    async def score(self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0) -> list[ScoreOutput]: ...
+    async def score(
+        self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0, ranks: bool = False
+    ) -> list[ScoreOutput]: ...
 
     def supports_temperature(self, temperature: float) -> bool:
         return True
@@ -76,23 +80,28 @@ class HFScoringEngine(ScoringEngine):
 
         return list(token_budget_batches([len(j.token_ids) for j in jobs], self.settings.micro_batch_tokens))
 
-    async def score(self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0) -> list[ScoreOutput]:
+    async def score(
+        self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0, ranks: bool = False
+    ) -> list[ScoreOutput]:
         outputs: list[ScoreOutput] = [None] * len(jobs)  # type: ignore[list-item]
         for batch in self._batches(jobs):
-            scored = await self.worker.run(self._score_batch, [jobs[i] for i in batch], top_k, temperature)
+            scored = await self.worker.run(self._score_batch, [jobs[i] for i in batch], top_k, temperature, ranks)
             for i, out in zip(batch, scored, strict=True):
                 outputs[i] = out
         return outputs
 
-    def score_sync(self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0) -> list[ScoreOutput]:
+    def score_sync(
+        self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0, ranks: bool = False
+    ) -> list[ScoreOutput]:
         """`score` in the calling thread (tests, benchmarks)."""
         outputs: list[ScoreOutput] = [None] * len(jobs)  # type: ignore[list-item]
         for batch in self._batches(jobs):
-            for i, out in zip(batch, self._score_batch([jobs[i] for i in batch], top_k, temperature), strict=True):
+            scored = self._score_batch([jobs[i] for i in batch], top_k, temperature, ranks)
+            for i, out in zip(batch, scored, strict=True):
                 outputs[i] = out
         return outputs
 
-    def _score_batch(self, jobs: list[ScoreJob], top_k: int, temperature: float) -> list[ScoreOutput]:
+    def _score_batch(self, jobs: list[ScoreJob], top_k: int, temperature: float, ranks: bool = False) -> list[ScoreOutput]:
         import torch
 
         from services.common.hf import token_logprobs
@@ -100,14 +109,14 @@ class HFScoringEngine(ScoringEngine):
         with torch.inference_mode():
             scored = token_logprobs(
                 self.model, [j.token_ids for j in jobs], [j.start for j in jobs],
-                temperature=temperature, top_k=top_k, pad_id=self.pad_id,
+                temperature=temperature, top_k=top_k, pad_id=self.pad_id, ranks=ranks,
             )
         outputs = []
-        for chosen, values, indices in scored:
+        for chosen, values, indices, rank in scored:
             top = None
             if values is not None and indices is not None:
                 top = [list(zip(ix, vs, strict=True)) for ix, vs in zip(indices.tolist(), values.tolist(), strict=True)]
-            outputs.append(ScoreOutput(chosen.tolist(), top))
+            outputs.append(ScoreOutput(chosen.tolist(), top, rank.tolist() if rank is not None else None))
         return outputs
 
     async def close(self) -> None:

@@ -17,7 +17,10 @@ Choices:
    across a whole cache block: 128 tokens on the CPU build, typically 16 on
    GPUs), when the hit is not reported, or when any returned row names
    another token than the one scored: after a preemption vLLM may serve a
-   longer cache hit than the one it reported at first scheduling.
+   longer cache hit than the one it reported at first scheduling. A sequence
+   scored from before the first cache unit (prompt scoring from position 1,
+   as the vLLM- and SGLang-compatible endpoints ask) skips the cache at once:
+   any hit would reach into its scored span.
 5) vLLM computes prompt logprobs from the unscaled logits, so this engine
    scores at temperature 1 only; the hf engine scores at any temperature.
 6) vLLM generates one token after the prompt, so a sequence holds at most
@@ -49,25 +52,35 @@ class VLLMScoringEngine(ScoringEngine):
         self.max_model_len = config.max_model_len
         self.max_sequence_len = self.max_model_len - 1  # room for the token vLLM generates
         self.rescored = 0  # sequences scored again without the prefix cache
+        cache = self.llm.vllm_config.cache_config
+        # The finest token boundary a prefix-cache hit lands on.
+        self.cache_unit = getattr(cache, "hash_block_size", None) or cache.block_size or 16
         self._ids = itertools.count()
 
     def supports_temperature(self, temperature: float) -> bool:
         return temperature == 1.0
 
-    async def score(self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0) -> list[ScoreOutput]:
+    async def score(
+        self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0, ranks: bool = False
+    ) -> list[ScoreOutput]:
         if not self.supports_temperature(temperature):
             raise InvalidRequest("the vllm engine scores at temperature 1.0 only; use the hf engine for other temperatures")
         groups: dict[tuple[int, ...], list[int]] = {}
+        uncached = []
         for i, job in enumerate(jobs):
-            groups.setdefault(tuple(job.token_ids[: job.start]), []).append(i)
+            if job.start < self.cache_unit:
+                uncached.append(i)
+            else:
+                groups.setdefault(tuple(job.token_ids[: job.start]), []).append(i)
         outputs: list[ScoreOutput | None] = [None] * len(jobs)
-        for wave in ([g[0] for g in groups.values()], [i for g in groups.values() for i in g[1:]]):
-            scored = await asyncio.gather(*(self._score_one(jobs[i], top_k) for i in wave))
-            for i, out in zip(wave, scored, strict=True):
+        first = [(g[0], True) for g in groups.values()] + [(i, False) for i in uncached]
+        for wave in (first, [(i, True) for g in groups.values() for i in g[1:]]):
+            scored = await asyncio.gather(*(self._score_one(jobs[i], top_k, ranks, use_cache) for i, use_cache in wave))
+            for (i, _), out in zip(wave, scored, strict=True):
                 outputs[i] = out
         return outputs  # type: ignore[return-value]
 
-    async def _score_one(self, job: ScoreJob, top_k: int, use_cache: bool = True) -> ScoreOutput:
+    async def _score_one(self, job: ScoreJob, top_k: int, ranks: bool = False, use_cache: bool = True) -> ScoreOutput:
         from vllm import SamplingParams
 
         params = SamplingParams(
@@ -77,18 +90,21 @@ class VLLMScoringEngine(ScoringEngine):
         final = await self._generate(job.token_ids, params)
         if use_cache and not self.rows_written(final, job):
             self.rescored += 1
-            return await self._score_one(job, top_k, use_cache=False)
+            return await self._score_one(job, top_k, ranks, use_cache=False)
         flat = final.prompt_logprobs
         logprobs: list[float] = []
         top: list[list[tuple[int, float]]] | None = [] if top_k else None
+        rank: list[int] | None = [] if ranks else None
         # Position j holds log p(token_j | tokens_<j): its first entry is the
         # actual token, the next top_k entries are the best alternatives by rank.
         for j in range(job.start, len(job.token_ids)):
             lo, hi = flat.start_indices[j], flat.end_indices[j]
             logprobs.append(float(flat.logprobs[lo]))
+            if rank is not None:
+                rank.append(int(flat.ranks[lo]))
             if top is not None:
                 top.append([(int(flat.token_ids[i]), float(flat.logprobs[i])) for i in range(lo + 1, hi)][:top_k])
-        return ScoreOutput(logprobs, top)
+        return ScoreOutput(logprobs, top, rank)
 
     async def _generate(self, token_ids: list[int], params):
         from vllm.exceptions import VLLMClientError

@@ -12,6 +12,7 @@ Choices:
    int, `[a, b]` a list and `true` a bool. `build_config(..., environ=...)`
    reads only the mapping it is given, never the process environment.
 3) The API key falls back to `OPD_API_KEY`, the key the services share.
+   `teacher_protocol` lets a stock vLLM or SGLang server be the teacher.
 4) The config is pure pydantic (no torch): the trainer service validates a
    POST /runs body with it, and a 422 names the bad field.
 """
@@ -26,6 +27,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from services.common.compat_client import TeacherProtocol
 from services.common.errors import InvalidInput
 from services.common.protocol import MIN_TEMPERATURE
 
@@ -144,6 +146,11 @@ class RunConfig(Section):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "opd"
     student: StudentConfig
     teacher_urls: Annotated[tuple[str, ...], Field(min_length=1, description="Teacher replicas, used round robin.")]
+    teacher_protocol: TeacherProtocol = Field(
+        default="opd",
+        description="How the trainer asks the teachers for scores: opd (POST /logprobs), openai (a vLLM "
+        "OpenAI-compatible server's /v1/completions with prompt_logprobs) or sglang (an SGLang server's /generate).",
+    )
     student_url: Annotated[str, Field(min_length=1)]
     objective: Literal["opd", "rl", "sft"] = Field(
         default="opd",

@@ -68,7 +68,7 @@ EVAL_SHOWN = 4  # evaluation completions kept as text per evaluation
 EVAL_STEP = -1  # the evaluation seed's "step": the same prompts and seed at every evaluation
 # Fields (and sections) a resumed run may change: they do not alter what it computes.
 RESUMABLE = ("steps", "eval", "save_every", "keep_versions", "resume", "services", "api_key", "teacher_urls",
-             "student_url", "teacher_sampler_url", "output_dir", "checkpoint_root", "name", "student.torch_threads",
+             "teacher_protocol", "student_url", "teacher_sampler_url", "output_dir", "checkpoint_root", "name", "student.torch_threads",
              "student.device")
 
 
@@ -103,14 +103,15 @@ class Trainer:
 
     # ------------------------------------------------------------ set-up
     def setup(self) -> None:
-        from services.common.tokenizer import load_tokenizer, tokenizer_fingerprint
+        from services.common.tokenizer import load_tokenizer
         from services.trainer.policy import Policy
 
         config = self.config
-        teachers, student = self.remote.check_tokenizers(tokenizer_fingerprint(load_tokenizer(config.student.model)))
+        teachers, student = self.remote.check_tokenizers(load_tokenizer(config.student.model))
         train_rows, eval_rows = load_prompts(config.dataset, config.seed)
         self.train_rows = with_teacher_prompts(train_rows, config.teacher_prompt, "train")
         self.eval_rows = with_teacher_prompts(eval_rows, config.teacher_prompt, "eval")
+        self.remote.check_stock_teacher(self.train_rows + self.eval_rows)
         self.remote.check_limits(teachers, student, len(self.eval_rows))
         self.sampler = PromptSampler(len(self.train_rows), config.seed)
         self.reward_fn = load_callable(config.reward_fn, "reward_fn") if config.reward_fn else None

@@ -78,7 +78,7 @@ class Policy:
         from services.common.hf import token_logprobs
 
         out = token_logprobs(self.model, seqs, starts, temperature=temperature, top_p=top_p, pad_id=self.pad_id)
-        return [chosen for chosen, _, _ in out]
+        return [scores.logprobs for scores in out]
 
     def optimizer_step(self, finite_loss: bool = True) -> float:
         """Clips, steps, schedules, zeroes; returns the gradient norm before clipping. With a non-finite

@@ -10,6 +10,8 @@ Choices:
    only the call that failed, so nothing is resampled, skipped or counted twice.
 3) At start every teacher replica and the student are asked for `/info`;
    their tokenizer fingerprints, and the trainable student's own, must agree.
+   A stock vLLM or SGLang teacher (`teacher_protocol` openai or sglang) has
+   no fingerprint: it must tokenize a probe text exactly as the student does.
 4) The same `/info` answers give the limits: scoring requests are cut to the
    smallest `max_sequences` and `max_request_tokens` over the teacher
    replicas (`ScoreLimits`), and a run whose requests the student would
@@ -24,15 +26,22 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from services.common import protocol as p
-from services.common.client import StudentClient, TeacherClient
+from services.common.client import StudentClient
+from services.common.compat_client import teacher_client
 from services.common.errors import OPDError, ServiceError, TokenizerMismatch
 from services.trainer.config import ConfigError, RunConfig
+from services.trainer.data import PromptRow
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 log = logging.getLogger("opd.trainer")
 T = TypeVar("T")
+# Words, digits, punctuation, whitespace runs and non-Latin scripts: tokenizers that differ split it differently.
+PROBE = "opd probe: The quick brown fox, 1234567890 times!\n\tÜber café naïve 東京 Москва 🙂 <think> end."
 
 
 @dataclass(frozen=True)
@@ -47,10 +56,12 @@ class ScoreLimits:
     def of(cls, teachers: list[p.ServiceInfo]) -> ScoreLimits:
         """The smallest limits over the replicas: any of them may get any request."""
         least = lambda key, default: min(t.limits.get(key, default) for t in teachers)  # noqa: E731
+        # A stock SGLang teacher says no length (max_model_len 0): unknown, nothing is cut.
+        lengths = [t.limits.get("max_sequence_len") or t.max_model_len for t in teachers]
         return cls(
             max_sequences=least("max_sequences", cls.max_sequences),
             max_request_tokens=least("max_request_tokens", cls.max_request_tokens),
-            max_sequence_len=min(t.limits.get("max_sequence_len", t.max_model_len) for t in teachers),
+            max_sequence_len=min((n for n in lengths if n), default=None),
         )
 
 
@@ -74,11 +85,12 @@ class Remote:
                       cancel=self.stop)  # a stop request ends the clients' retry pauses too
         self.config = config
         # A scaled compose service resolves to one address per replica: spread over all.
-        self.teacher = TeacherClient(list(config.teacher_urls), expand_dns=True, **kwargs)
+        protocol = config.teacher_protocol
+        self.teacher = teacher_client(protocol, list(config.teacher_urls), expand_dns=True, **kwargs)
         self.student = StudentClient(config.student_url, **kwargs)
         # objective sft: the teacher's model served by a student service, sampling the teacher's completions.
         self.teacher_sampler = StudentClient(config.teacher_sampler_url, **kwargs) if config.teacher_sampler_url else None
-        self.replicas = [TeacherClient(url, **kwargs) for url in config.teacher_urls]
+        self.replicas = [teacher_client(protocol, url, **kwargs) for url in config.teacher_urls]
         self.waited_s = 0.0
         self.score_limits = ScoreLimits()
 
@@ -116,7 +128,7 @@ class Remote:
         return self.call("teacher sampler /rollouts", lambda: sampler.rollouts(request))
 
     def score(self, sequences: list[p.ScoreSequence]) -> p.LogprobsResponse:
-        return self.call("teacher /logprobs", lambda: self.teacher.logprobs(sequences))
+        return self.call(f"teacher ({self.config.teacher_protocol})", lambda: self.teacher.logprobs(sequences))
 
     def load_weights(self, request: p.WeightsRequest) -> p.WeightsResponse:
         try:
@@ -133,14 +145,18 @@ class Remote:
     def student_info(self) -> p.ServiceInfo:
         return self.call("student /info", self.student.info)
 
-    def check_tokenizers(self, trainer_fingerprint: str) -> tuple[list[p.ServiceInfo], p.ServiceInfo]:
-        """Every teacher replica, the student service and the trainable student share one tokenizer."""
+    def check_tokenizers(self, tokenizer: PreTrainedTokenizerBase) -> tuple[list[p.ServiceInfo], p.ServiceInfo]:
+        """Every teacher replica, the student service and the trainable student (`tokenizer`) share one tokenizer."""
+        from services.common.tokenizer import tokenizer_fingerprint
+
         student = self.student_info()
         teachers = []
         for url, client in zip(self.config.teacher_urls, self.replicas, strict=True):
             info = self.call(f"teacher {url} /info", client.info)
             teachers.append(info)
-            if info.tokenizer_fingerprint != student.tokenizer_fingerprint:
+            if self.config.teacher_protocol != "opd":
+                self.check_probe(url, client, tokenizer)
+            elif info.tokenizer_fingerprint != student.tokenizer_fingerprint:
                 raise TokenizerMismatch(
                     f"the teacher {info.model} (at {url}, tokenizer {info.tokenizer_fingerprint}) and the student "
                     f"{student.model} (at {self.config.student_url}, tokenizer {student.tokenizer_fingerprint}) use "
@@ -154,6 +170,7 @@ class Remote:
                     f"the teacher sampler {sampler.model} (at {self.config.teacher_sampler_url}) and the student "
                     f"{student.model} use different tokenizers: the student cannot train on the sampler's token ids"
                 )
+        trainer_fingerprint = tokenizer_fingerprint(tokenizer)
         if trainer_fingerprint != student.tokenizer_fingerprint:
             raise TokenizerMismatch(
                 f"the trainer's student {self.config.student.model} (tokenizer {trainer_fingerprint}) and the student "
@@ -161,6 +178,27 @@ class Remote:
                 "the model the student service serves"
             )
         return teachers, student
+
+    def check_probe(self, url: str, client, tokenizer: PreTrainedTokenizerBase) -> None:
+        """A stock server has no tokenizer fingerprint: it must tokenize PROBE as the student does."""
+        theirs = self.call(f"teacher {url} tokenize", lambda: client.tokenize(PROBE))
+        ours = list(tokenizer.encode(PROBE, add_special_tokens=True))
+        if theirs != ours:
+            raise TokenizerMismatch(
+                f"the teacher at {url} ({self.config.teacher_protocol} protocol) tokenizes a probe text into "
+                f"{len(theirs)} tokens {theirs[:8]}..., the student {self.config.student.model} into {len(ours)} "
+                f"{ours[:8]}...: the teacher cannot score the student's token ids; distill between models that "
+                "share a tokenizer"
+            )
+
+    def check_stock_teacher(self, rows: list[PromptRow]) -> None:
+        """A stock server is sent token ids only: it cannot render a privileged-context prompt (teacher_prompt)."""
+        if self.config.teacher_protocol != "opd" and any(row.teacher is not None for row in rows):
+            raise ConfigError(
+                f"teacher_protocol {self.config.teacher_protocol}: a stock server scores token ids only, so it cannot "
+                "render the teacher's own prompt (teacher_prompt, or rows with teacher context or teacher messages): "
+                "serve the teacher with opd's teacher service (teacher_protocol opd), or drop the teacher prompt"
+            )
 
     def check_limits(self, teachers: list[p.ServiceInfo], student: p.ServiceInfo, eval_prompts: int) -> None:
         """Takes the teachers' scoring limits; refuses a run whose rollout requests the student would refuse."""

@@ -159,6 +159,34 @@ def test_vllm_shared_prompts_score_like_hf(vllm_teacher, hf_engine: HFScoringEng
             assert torch.allclose(torch.tensor(r.logprobs), torch.tensor(l.logprobs), atol=VLLM_ATOL)
 
 
+def test_vllm_compatible_endpoints_match_hf(vllm_teacher, hf_engine: HFScoringEngine, jobs) -> None:
+    """The openai package on /v1/completions and slime's payload on /generate, served by the vllm
+    engine, agree with the hf reference within VLLM_ATOL; a wrong key is refused on the new routes."""
+    import openai
+
+    full = [ScoreJob(j.token_ids, 1) for j in jobs]
+    reference = hf_engine.score_sync(full)
+    client = openai.OpenAI(base_url=vllm_teacher.url + "/v1", api_key=KEY, max_retries=0)
+    model = client.models.list().data[0].id
+    answer = client.completions.create(model=model, prompt=[j.token_ids for j in full], max_tokens=1,
+                                       extra_body={"prompt_logprobs": 0})
+    for choice, job, ref in zip(answer.choices, full, reference, strict=True):
+        got = [row[str(t)]["logprob"] for row, t in zip(choice.prompt_logprobs[1:], job.token_ids[1:], strict=True)]
+        assert torch.allclose(torch.tensor(got), torch.tensor(ref.logprobs), atol=VLLM_ATOL)
+        assert choice.finish_reason == "length"
+    slime = {"sampling_params": {"temperature": 1.0, "max_new_tokens": 0, "skip_special_tokens": False},
+             "return_logprob": True, "logprob_start_len": 0}
+    for job, ref in zip(full[:4], reference, strict=False):
+        r = httpx.post(vllm_teacher.url + "/generate", json={"input_ids": job.token_ids, **slime},
+                       headers={"Authorization": f"Bearer {KEY}"}, timeout=60)
+        got = [item[0] for item in r.json()["meta_info"]["input_token_logprobs"][1:]]
+        assert torch.allclose(torch.tensor(got), torch.tensor(ref.logprobs), atol=VLLM_ATOL)
+    with pytest.raises(openai.AuthenticationError) as err:
+        openai.OpenAI(base_url=vllm_teacher.url + "/v1", api_key="wrong", max_retries=0).models.list()
+    assert "API key" in str(err.value)
+    assert httpx.post(vllm_teacher.url + "/generate", json={"input_ids": [1, 2], **slime}).status_code == 401
+
+
 def test_a_client_that_goes_away_stops_its_scoring(teacher_model: Path, tmp_path) -> None:
     """A request of 512 sequences (one micro-batch each) whose client hangs up is cancelled within a micro-batch."""
     args = ["teacher", "serve", "--model", str(teacher_model), "--engine", "hf", "--dtype", "float32", "--device", "cpu"]

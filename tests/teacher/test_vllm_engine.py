@@ -32,8 +32,9 @@ async def engine(teacher_settings: TeacherSettings):
     await eng.close()
 
 
-def shared_completions(seed: int, prompt_len: int = 20, shared: int = 2 * BLOCK + 40, group: int = 3) -> list[ScoreJob]:
-    """One prompt's completions that share their first `shared` tokens: whole cache blocks past `start`."""
+def shared_completions(seed: int, prompt_len: int = BLOCK + 20, shared: int = 2 * BLOCK + 40, group: int = 3) -> list[ScoreJob]:
+    """One prompt's completions that share their first `shared` tokens: whole cache blocks past `start`.
+    The prompt outlasts the first cache block: a sequence scored from before it skips the cache at once."""
     rng = random.Random(seed)
     prompt = [rng.randrange(512) for _ in range(prompt_len)]
     common = [rng.randrange(512) for _ in range(shared)]
@@ -50,13 +51,18 @@ def assert_like_hf(outputs, jobs: list[ScoreJob], hf_engine: HFScoringEngine, to
 
 
 async def test_a_cache_hit_into_the_scored_span_is_rescored(engine, hf_engine: HFScoringEngine) -> None:
-    """The first completion fills the cache; the others hit 256 cached tokens, past `start` = 20:
-    those rows were never computed, so both are scored again without the cache, and match hf."""
+    """The first completion fills the cache; the others hit 384 cached tokens, past `start` = 148:
+    those rows were never computed, so both are scored again without the cache, and match hf.
+    Scored from before the first cache block (start 20), they skip the cache at once: none is rescored."""
     jobs = shared_completions(seed=1)
     before = engine.rescored
     outputs = await engine.score(jobs, top_k=2)
     assert_like_hf(outputs, jobs, hf_engine, top_k=2)
     assert engine.rescored - before == len(jobs) - 1
+    early = shared_completions(seed=3, prompt_len=20)
+    before = engine.rescored
+    assert_like_hf(await engine.score(early, top_k=2), early, hf_engine, top_k=2)
+    assert engine.rescored == before
 
 
 async def test_a_row_for_another_token_is_rescored(engine, hf_engine: HFScoringEngine, monkeypatch) -> None:

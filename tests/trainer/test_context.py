@@ -79,6 +79,18 @@ def test_bad_context_rows_and_configs_say_what_to_fix(tmp_path: Path) -> None:
         build_config(base, ["teacher_prompt.sytem=hi"], environ={})
 
 
+
+@pytest.mark.parametrize("protocol", ["openai", "sglang"])
+def test_a_stock_teacher_refuses_a_privileged_prompt(protocol: str) -> None:
+    """A stock server is sent token ids only: a run whose rows carry a teacher prompt is refused at start."""
+    base = {"student": {"model": "m"}, "teacher_urls": "http://t", "student_url": "http://s", "dataset": {"path": "d.jsonl"}}
+    rows = prompt_rows([{"prompt": "Name a year"}, {"prompt": "Hi", "teacher_context": "Answer in French."}])
+    stock = Remote(build_config(base, [f"teacher_protocol={protocol}"], environ={}))
+    stock.check_stock_teacher(rows[:1])  # no teacher prompt: token ids serve
+    with pytest.raises(ConfigError, match=f"teacher_protocol {protocol}: a stock server scores token ids only"):
+        stock.check_stock_teacher(with_teacher_prompts(rows, TeacherPromptConfig()))
+    Remote(build_config(base, [], environ={})).check_stock_teacher(with_teacher_prompts(rows, TeacherPromptConfig()))
+
 @pytest.fixture(scope="module")
 def other_template_teacher(teacher_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny teacher's weights and vocabulary with a chat template of its own."""

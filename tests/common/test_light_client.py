@@ -1,0 +1,127 @@
+"""The light client: the base package alone (httpx + pydantic) scores against a teacher.
+
+A fresh virtual environment (no pip, no system site-packages) gets the wheel
+of this project, built from a copy of the repository and installed without
+its dependencies, plus exactly the distributions its base requirements pull
+(copied from this environment, so no registry is needed). There, `import
+torch` fails, every client module imports, and the README's three-line example
+runs unchanged but for the URL against a real teacher (SmolLM2's tokenizer,
+two layers, hf engine) and prints what the full install's client gets.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.metadata as md
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+from packaging.requirements import Requirement
+
+from services.common.client import TeacherClient
+from tests.utils.services import running
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+CLIENT_MODULES = ["services.common.client", "services.common.compat_client", "services.common.protocol",
+                  "services.common.openai_protocol", "services.common.sglang_protocol", "services.common.errors"]
+
+
+def readme_example() -> str:
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"Score from Python in three lines:\n\n```python\n(.*?)```", text, re.S)
+    assert block, "README.md lost its three-line client example"
+    return block.group(1)
+
+
+def build_wheel(tmp: Path) -> Path:
+    src = tmp / "src"
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    shutil.copytree(ROOT / "services", src / "services", ignore=shutil.ignore_patterns("__pycache__"))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--wheel-dir", str(tmp / "wheel"), str(src)], check=True)
+    return next((tmp / "wheel").glob("opd-*.whl"))
+
+
+def base_requirements(wheel: Path) -> list[Requirement]:
+    with zipfile.ZipFile(wheel) as z:
+        meta = next(n for n in z.namelist() if n.endswith(".dist-info/METADATA"))
+        lines = z.read(meta).decode().splitlines()
+    reqs = [Requirement(line.split(":", 1)[1].strip()) for line in lines if line.startswith("Requires-Dist:")]
+    return [r for r in reqs if r.marker is None or r.marker.evaluate({"extra": ""})]
+
+
+def copy_closure(reqs: list[Requirement], site: Path) -> list[str]:
+    """Copies each required distribution (and what it requires) from this environment into `site`."""
+    seen: list[str] = []
+    todo = list(reqs)
+    while todo:
+        req = todo.pop()
+        dist = md.distribution(req.name)
+        name = dist.metadata["Name"].lower()
+        if name in seen:
+            continue
+        seen.append(name)
+        for f in dist.files or []:
+            if ".." not in f.parts:
+                target = site / f
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(dist.locate_file(f), target)
+        extras = set(req.extras)
+        for line in dist.requires or []:
+            sub = Requirement(line)
+            if sub.marker is None or any(sub.marker.evaluate({"extra": e}) for e in extras | {""}):
+                todo.append(sub)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def smollm2_teacher(tmp_path_factory):
+    from services.common.models import prepare
+
+    model = tmp_path_factory.mktemp("models") / "smollm2-l2"
+    prepare("smollm2-135m-instruct", model, layers=2)
+    args = ["teacher", "serve", "--model", str(model), "--engine", "hf", "--dtype", "float32", "--device", "cpu"]
+    with running("teacher-light", args, log_dir=tmp_path_factory.mktemp("logs"), api_key="secret") as proc:
+        yield proc
+
+
+def test_light_install_runs_the_readme_example(tmp_path: Path, smollm2_teacher) -> None:
+    wheel = build_wheel(tmp_path)
+    requirements = base_requirements(wheel)
+    assert sorted(r.name for r in requirements) == ["httpx", "pydantic"]
+
+    venv = tmp_path / "light"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                               check=True, capture_output=True, text=True).stdout.strip())
+    subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "install", "--quiet", "--no-deps",
+                    "--no-index", str(wheel)], check=True)
+    copied = copy_closure(requirements, site)
+    assert "torch" not in copied and "transformers" not in copied and "fastapi" not in copied
+
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}  # only the light venv
+    check = ("import importlib, sys\n"
+             "try:\n    import torch\nexcept ModuleNotFoundError:\n    print('no torch')\n"
+             f"for m in {CLIENT_MODULES!r}:\n    importlib.import_module(m)\n"
+             "heavy = {'torch', 'transformers', 'vllm', 'fastapi', 'numpy'} & set(sys.modules)\n"
+             "print('heavy:', sorted(heavy))\n"
+             "print(sys.modules['services'].__file__.startswith(sys.prefix))\n")
+    run = dict(check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
+    out = subprocess.run([str(python), "-c", check], **run).stdout
+    assert out.splitlines() == ["no torch", "heavy: []", "True"]
+
+    example = readme_example().replace("http://127.0.0.1:8001", smollm2_teacher.url)
+    printed = subprocess.run([str(python), "-c", example], **run).stdout
+    ids = ast.literal_eval(re.search(r'"token_ids": (\[[\d, ]+\])', example).group(1))
+    expected = TeacherClient(smollm2_teacher.url, api_key="secret").logprobs([{"token_ids": ids, "start": 1}])
+    assert ast.literal_eval(printed.strip()) == expected.results[0].logprobs
