@@ -30,13 +30,11 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import Field, Strict, model_validator
+from pydantic import Field, model_validator
 
-from services.common.protocol import MAX_TOP_K, Response, StrictRequest, TokenIds
+from services.common.protocol import MAX_TOP_K, Count, Response, StrictRequest, TokenIds
 
-
-Int = Annotated[int, Strict()]
-TopN = Annotated[Int, Field(ge=0, le=MAX_TOP_K)]
+TopN = Annotated[Count, Field(ge=0, le=MAX_TOP_K)]
 
 
 class CompletionRequest(StrictRequest):
@@ -47,10 +45,10 @@ class CompletionRequest(StrictRequest):
     echo: bool = False
     logprobs: TopN | None = Field(default=None, description="Top alternatives per returned token (and prompt token with echo).")
     prompt_logprobs: TopN | None = Field(default=None, description="Top alternatives per prompt position, by token id.")
-    max_tokens: Annotated[Int, Field(ge=0)] | None = Field(
+    max_tokens: Annotated[Count, Field(ge=0)] | None = Field(
         default=16, description="0 or 1: the teacher scores, it does not generate."
     )
-    n: Annotated[Int, Field(ge=1)] = 1
+    n: Annotated[Count, Field(ge=1)] = 1
     stream: bool = False
     suffix: str | None = None
     use_beam_search: bool = False

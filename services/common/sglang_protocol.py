@@ -28,20 +28,18 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import Field, Strict, model_validator
+from pydantic import Field, model_validator
 
 from services.common.errors import InvalidRequest
-from services.common.protocol import MAX_TOP_K, Response, StrictRequest, TokenIds
+from services.common.protocol import MAX_TOP_K, Count, Response, StrictRequest, TokenIds
 
-
-Int = Annotated[int, Strict()]
 
 
 class SamplingParams(StrictRequest):
-    max_new_tokens: Annotated[Int, Field(ge=0)] | None = Field(
+    max_new_tokens: Annotated[Count, Field(ge=0)] | None = Field(
         default=128, description="0: the teacher scores, it does not generate."
     )
-    n: Annotated[Int, Field(ge=1)] | None = 1
+    n: Annotated[Count, Field(ge=1)] | None = 1
     temperature: float | None = None
     top_p: float | None = None
     top_k: int | None = None
@@ -59,7 +57,7 @@ class SamplingParams(StrictRequest):
     sampling_seed: int | None = None
 
 
-TopNum = Annotated[Int, Field(ge=0, le=MAX_TOP_K)]
+TopNum = Annotated[Count, Field(ge=0, le=MAX_TOP_K)]
 
 
 class GenerateRequest(StrictRequest):
@@ -69,7 +67,7 @@ class GenerateRequest(StrictRequest):
     input_ids: TokenIds | list[TokenIds] | None = None
     sampling_params: SamplingParams | list[SamplingParams] | None = None
     return_logprob: bool | list[bool] | None = None
-    logprob_start_len: Int | list[Int] | None = None
+    logprob_start_len: Count | list[Count] | None = None
     top_logprobs_num: TopNum | list[TopNum] | None = None
     return_text_in_logprobs: bool = False
     stream: bool = False
