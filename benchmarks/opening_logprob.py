@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--adapter", help="a LoRA version folder to compare with the base model")
     ap.add_argument("--opening", default="ANSWER:")
-    ap.add_argument("--data", type=Path, default=ROOT / "services" / "data" / "answer_format" / "eval.jsonl")
+    ap.add_argument("--data", type=Path, default=ROOT / "services" / "data" / "questions" / "eval.jsonl")
     ap.add_argument("--prompts", type=int, default=16)
     args = ap.parse_args()
 

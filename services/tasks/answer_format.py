@@ -2,7 +2,7 @@
 
     eval.verifier: services.tasks.answer_format:verify
 
-The data (`services/data/answer_format/`, 185 train + 64 held-out short
+The data (`services/data/questions/`, 185 train + 64 held-out short
 questions: capitals, colours, animal sounds and legs, opposites, plurals,
 sums and products, "name a ...") are plain questions. The privileged context,
 in `services/configs/skill.yaml` (`run.teacher_prompt`), is a system message

@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from services.common.errors import InvalidInput
 from services.trainer.config import parse_override, set_path
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "skill.yaml"
 
 
 class _Section(BaseModel):

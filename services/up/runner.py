@@ -39,7 +39,8 @@ from services.up.interrupts import Interrupts
 from services.up.report import end_summary, samples_table
 from services.up.supervisor import Supervisor, stop_all
 
-DEFAULT_PROMPTS = Path(__file__).resolve().parents[1] / "data" / "prompts.jsonl"
+SOURCE_TREE = Path(__file__).resolve().parents[2]  # the shipped stack files name their data from here
+DEFAULT_PROMPTS = SOURCE_TREE / "services" / "data" / "prompts.jsonl"
 ECHO_MARKERS = ("ERROR", "Error", "Traceback", "CRITICAL", "WARNING opd", "Exception")
 
 
@@ -158,8 +159,22 @@ class Stack:
             "output_dir": str(self.workdir / "run"),
         }
         run = deep_merge(self.config.run, filled)
-        run.setdefault("dataset", {}).setdefault("path", str(DEFAULT_PROMPTS))
+        dataset = run.setdefault("dataset", {})
+        dataset.setdefault("path", str(DEFAULT_PROMPTS))
+        for key in ("path", "eval_path"):
+            if dataset.get(key):
+                dataset[key] = data_path(dataset[key])
         return run
+
+
+def data_path(path: str) -> str:
+    """A relative dataset path as given when it exists from the working directory, else from opd's source tree.
+
+    The shipped stack files name their data relative to the repository, so `opd up` runs them from anywhere."""
+    given = Path(path).expanduser()
+    if given.is_absolute() or given.exists() or not (SOURCE_TREE / given).exists():
+        return path
+    return str(SOURCE_TREE / given)
 
 
 def held_out_prompts(run: dict[str, Any], count: int) -> list[dict]:

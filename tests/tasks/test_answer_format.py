@@ -11,7 +11,7 @@ from services.trainer.data import load_prompts
 from services.trainer.rollouts import load_callable
 from services.up.config import DEFAULT_CONFIG, load_stack
 
-SKILL = DEFAULT_CONFIG.parent / "skill.yaml"
+SKILL = DEFAULT_CONFIG.parent / "answer_format.yaml"
 
 
 def test_the_verifier_checks_the_format() -> None:
