@@ -65,7 +65,7 @@ bench-step: venv $(TRL_STAMP)
 	$(BIN)/python benchmarks/step_time.py --trl-python $(TRL_VENV)/bin/python
 
 task-gap: venv
-	$(BIN)/python benchmarks/task_gap.py
+	$(BIN)/python benchmarks/task_gap.py --samples 4
 
 study: venv
 	$(BIN)/python benchmarks/efficiency.py --steps 20 --eval-every 2

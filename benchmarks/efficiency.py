@@ -1,7 +1,8 @@
 """The efficiency study: opd, rl and sft on the shipped skill task, one trainer, one budget.
 
-    python benchmarks/efficiency.py                                   # services/configs/skill.yaml, all three arms
+    python benchmarks/efficiency.py --steps 20 --eval-every 2         # services/configs/skill.yaml, all three arms (make study)
     python benchmarks/efficiency.py --arms opd,rl --steps 16 --eval-every 4 --set run.sampling.max_tokens=12
+    python benchmarks/efficiency.py --report --workdir runs/efficiency     # the table and plot of a finished study again
 
 1) Models are prepared as `opd up` prepares them; the teacher service, the
    student service and a teacher sampler (a student service serving the
@@ -118,13 +119,14 @@ def run_arm(run: RunConfig, reuse: bool, console: Console) -> list[Point]:
     return points
 
 
-def report(results: dict[str, list[Point]], teacher: float, workdir: Path, plot_to: Path | None, console: Console) -> None:
+def report(results: dict[str, list[Point]], teacher: float, workdir: Path, plot_to: Path | None, console: Console,
+           command: str | None = None) -> None:
     text = table(results, teacher)
     figure = plot(results, teacher, workdir / "accuracy.png")
     (workdir / "results.md").write_text(text + "\n")
     (workdir / "results.json").write_text(json.dumps(
         {"teacher_accuracy": teacher, "arms": {a: [pt.__dict__ for pt in c] for a, c in results.items()},
-         "command": " ".join(sys.argv)}, indent=1))
+         "command": command or " ".join(sys.argv)}, indent=1))
     if plot_to:
         plot_to.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(figure, plot_to)
@@ -142,12 +144,19 @@ def main() -> int:
     parser.add_argument("--set", dest="sets", action="append", default=[], help="override a stack field: run.sampling.max_tokens=12")
     parser.add_argument("--plot-to", type=Path, default=None, help="also copy the plot here")
     parser.add_argument("--reuse", action="store_true", help="take an arm's finished run from the workdir instead of rerunning it")
+    parser.add_argument("--report", action="store_true",
+                        help="only rebuild the table and plot from the workdir's finished runs (no service started)")
     args = parser.parse_args()
 
     console = Console()
+    workdir = args.workdir.resolve()
+    if args.report:
+        saved = json.loads((workdir / "results.json").read_text())
+        results = {arm: curve(read_records(workdir / arm / "metrics.jsonl")) for arm in saved["arms"]}
+        report(results, saved["teacher_accuracy"], workdir, args.plot_to, console, saved["command"])
+        return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the services on SIGTERM too
     stack = load_stack(args.config, args.sets)
-    workdir = args.workdir.resolve()
     procs, student_model = start_stack(stack, workdir, console)
     try:
         urls = {proc.name: proc.url for proc in procs}

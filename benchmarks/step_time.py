@@ -5,13 +5,14 @@ on-policy distillation trainer, on the same models and workload, in one run.
     python benchmarks/step_time.py --rows default,trl     # some rows
     python benchmarks/step_time.py --prompts 4 --samples 2 --max-tokens 16 --steps 3 --rows default   # quick
 
-The workload is `make demo`'s: SmolLM2-135M-Instruct as the teacher, the same
+The workload is `make heal-demo`'s (services/configs/heal.yaml, the demo until
+the skill task replaced it): SmolLM2-135M-Instruct as the teacher, the same
 model without its layers 12-21 as the student, 8 prompts x 2 samples x 32
 tokens per step, LoRA rank 16 (alpha 32) on every linear layer, AdamW at 5e-4
 with 2 warm-up steps, float32 student and teacher.
 
 Rows, one after the other (never two at once: they would share the CPU):
-- opd rows: `opd up` with the demo stack and `--set` overrides (each row says
+- opd rows: `opd up` with the heal stack and `--set` overrides (each row says
   which), evaluation off. The per-phase split is the trainer's own metrics.
 - `trl`: `benchmarks/trl_distill.py` in TRL's environment (`make bench-step`
   builds `.venv-trl`; TRL is never a dependency of the services). See that
@@ -47,8 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PROMPTS = ROOT / "services" / "data" / "prompts.jsonl"
+HEAL_STACK = ROOT / "services" / "configs" / "heal.yaml"  # the workload (the demo before the skill task)
 OPD_ROWS = {
-    # name: (what it is, --set overrides on top of the demo stack)
+    # name: (what it is, --set overrides on top of the heal stack)
     "default": ("opd up as the demo runs it (vLLM student, LoRA merged into its weights)", []),
     "adapter": ("vLLM student serving LoRA adapters through its LoRA kernels", ["student.lora_mode=adapter"]),
     "overlap": ("the default, sampling the next step while this one trains (max_staleness 1)",
@@ -171,7 +173,7 @@ def run_opd(name: str, args: argparse.Namespace, work: Path) -> Result:
     if not (workdir / "models").exists():
         (workdir / "models").symlink_to(models)
     ports = free_ports(3)
-    cmd = [sys.executable, "-m", "services", "up", *sum((["--set", s] for s in [
+    cmd = [sys.executable, "-m", "services", "up", str(HEAL_STACK), *sum((["--set", s] for s in [
         f"workdir={workdir}", f"teacher.port={ports[0]}", f"student.port={ports[1]}", f"trainer.port={ports[2]}",
         *workload_sets(args), *sets, *args.set]), [])]
     print(f"\n== {name}: {what}\n   {' '.join(cmd[2:])}", flush=True)

@@ -1,6 +1,6 @@
 """The shipped skill task's gap: the teacher given the privileged context against the student without it.
 
-    python benchmarks/task_gap.py                                   # services/configs/skill.yaml
+    python benchmarks/task_gap.py --samples 4                       # services/configs/skill.yaml (make task-gap)
     python benchmarks/task_gap.py --samples 4 --also models/smollm2-drop12-21
 
 For every held-out prompt of the stack's run, samples completions from the

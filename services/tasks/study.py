@@ -69,8 +69,9 @@ def table(curves: dict[str, list[Point]], teacher_accuracy: float, fraction: flo
     lines = [
         f"teacher held-out accuracy {teacher_accuracy:.3f}; target {fraction:.0%} of it = {target:.3f}",
         "",
-        "| arm | accuracy before | after | best | steps to target | tokens to target | seconds to target |",
-        "|---|---|---|---|---|---|---|",
+        "| arm | accuracy before | after | best | teacher KL before | after | steps to target | tokens to target "
+        "| seconds to target |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     reached = {}
     for arm, points in curves.items():
@@ -78,7 +79,8 @@ def table(curves: dict[str, list[Point]], teacher_accuracy: float, fraction: flo
         best = max((pt.accuracy for pt in points), default=float("nan"))
         cost = (f"{hit.step} | {hit.tokens:,} | {hit.seconds:.0f}" if hit is not None
                 else f"not in {points[-1].step} ({points[-1].tokens:,} tokens, {points[-1].seconds:.0f} s) | - | -")
-        lines.append(f"| {arm} | {points[0].accuracy:.3f} | {points[-1].accuracy:.3f} | {best:.3f} | {cost} |")
+        kl = f"{points[0].teacher_kl:.3f} | {points[-1].teacher_kl:.3f}"
+        lines.append(f"| {arm} | {points[0].accuracy:.3f} | {points[-1].accuracy:.3f} | {best:.3f} | {kl} | {cost} |")
     if "opd" in curves:
         lines += ["", "| ratio to opd | steps | tokens | seconds | the blog |", "|---|---|---|---|---|"]
         for arm, blog in (("rl", f"{BLOG['rl_steps']} fewer steps than RL"), ("sft", f"{BLOG['compute']} less compute")):
@@ -90,13 +92,13 @@ def table(curves: dict[str, list[Point]], teacher_accuracy: float, fraction: flo
 
 
 def plot(curves: dict[str, list[Point]], teacher_accuracy: float, out: Path, fraction: float = 0.9) -> Path:
-    """Held-out accuracy against step and against training seconds, one line per arm."""
+    """Held-out accuracy against step and against training seconds, and held-out teacher KL; one line per arm."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=120, sharey=True)
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=120)
     for ax, field, label in ((axes[0], "step", "training step"), (axes[1], "seconds", "training seconds (wall clock)")):
         for arm, points in curves.items():
             ax.plot([getattr(pt, field) for pt in points], [pt.accuracy for pt in points], "o-", label=arm)
@@ -104,9 +106,14 @@ def plot(curves: dict[str, list[Point]], teacher_accuracy: float, out: Path, fra
         ax.axhline(fraction * teacher_accuracy, color="grey", linestyle=":", linewidth=1, label=f"{fraction:.0%} of teacher")
         ax.set_xlabel(label)
         ax.grid(alpha=0.3)
+    for arm, points in curves.items():
+        axes[2].plot([pt.step for pt in points], [pt.teacher_kl for pt in points], "o-", label=arm)
+    axes[2].set_xlabel("training step")
+    axes[2].set_ylabel("held-out teacher KL (nats/token)")
+    axes[2].grid(alpha=0.3)
     axes[0].set_ylabel("held-out accuracy (verifier)")
     axes[1].legend(loc="lower right")
-    fig.suptitle("the student's held-out accuracy under three objectives")
+    fig.suptitle("the student under three objectives: held-out accuracy, and how far it moved from the teacher")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

@@ -30,9 +30,9 @@ def test_the_table_gives_costs_to_target_and_ratios_to_opd(tmp_path: Path) -> No
     }
     text = table(curves, teacher_accuracy=0.8)
     assert "target 90% of it = 0.720" in text
-    assert "| opd | 0.100 | 0.800 | 0.800 | 2 | 60 | 8 |" in text
-    assert "| rl | 0.100 | 0.760 | 0.760 | 16 | 320 | 48 |" in text
-    assert "| sft | 0.100 | 0.600 | 0.600 | not in 20 (400 tokens, 40 s) | - | - |" in text
+    assert "| opd | 0.100 | 0.800 | 0.800 | 1.000 | 0.200 | 2 | 60 | 8 |" in text
+    assert "| rl | 0.100 | 0.760 | 0.760 | 1.000 | 0.059 | 16 | 320 | 48 |" in text
+    assert "| sft | 0.100 | 0.600 | 0.600 | 1.000 | 0.048 | not in 20 (400 tokens, 40 s) | - | - |" in text
     assert "| RL/OPD | 8.0x | 5.3x | 6.0x | 7-10x fewer steps than RL |" in text
     assert "| SFT/OPD | >10.0x | >6.7x | >5.0x | 9-30x less compute |" in text, "a run that never got there: a lower bound"
     out = plot(curves, 0.8, tmp_path / "accuracy.png")
