@@ -16,6 +16,9 @@ Choices:
 3) A LoRA checkpoint is a peft folder: `adapter_config.json` (LORA, no DoRA,
    no modules_to_save) and `adapter_model.safetensors` whose lora_A/lora_B
    pairs fit linear layers of the base model, rank at most `max_lora_rank`.
+   An engine that merges adapters with one rank and alpha for all layers
+   (vLLM's, merging) also refuses rank_pattern, alpha_pattern and
+   fan_in_fan_out: it would serve another model than the adapter's.
    Embeddings and the output head (any weight with a vocabulary-sized
    dimension) are not adapter targets: vLLM serves adapters on the decoder's
    linear layers.
@@ -157,16 +160,26 @@ def check_full(folder: Path, root: Path, base: BaseModel) -> None:
         raise InvalidInput(f"checkpoint {folder.name}/ does not fit the student model; " + "; ".join(problems))
 
 
-def check_lora(folder: Path, root: Path, base: BaseModel, max_rank: int) -> None:
-    """A LoRA checkpoint must be a plain peft LoRA on linear layers of the base model."""
+def check_lora(folder: Path, root: Path, base: BaseModel, max_rank: int, *, patterns: bool = True) -> None:
+    """A LoRA checkpoint must be a plain peft LoRA on linear layers of the base model.
+
+    `patterns`: whether the engine serves per-layer ranks and alphas (rank_pattern, alpha_pattern) exactly.
+    """
     config_path = folder / "adapter_config.json"
     if config_path.exists():
         inside(root, config_path, f"{folder.name}/adapter_config.json")
     config = read_json(config_path)
     if config.get("peft_type") != "LORA":
         raise InvalidInput(f"{folder.name}/ holds a {config.get('peft_type')} adapter; only LORA adapters load")
-    if config.get("use_dora") or config.get("modules_to_save"):
-        raise InvalidInput(f"{folder.name}/ uses DoRA or modules_to_save, which the student does not serve: save a plain LoRA")
+    if config.get("use_dora"):
+        raise InvalidInput(f"{folder.name}/ is a DoRA adapter (use_dora), which the student does not serve: save a plain LoRA")
+    if config.get("modules_to_save"):
+        raise InvalidInput(
+            f"{folder.name}/ trains whole modules besides the adapter (modules_to_save: {config['modules_to_save']}), "
+            "which the student does not serve: save a plain LoRA"
+        )
+    if not patterns:
+        check_mergeable(folder.name, config)
     ranks = [int(config.get("r", 0)), *(int(r) for r in (config.get("rank_pattern") or {}).values())]
     if max(ranks) > max_rank:
         raise InvalidInput(
@@ -186,6 +199,19 @@ def check_lora(folder: Path, root: Path, base: BaseModel, max_rank: int) -> None
     unpaired = sorted(m for m, r in ranks_of.items() if len(r) != 1)
     if unpaired:
         raise InvalidInput(f"{folder.name}/ has lora_A and lora_B of different ranks for {', '.join(unpaired[:3])}")
+
+
+def check_mergeable(name: str, config: dict) -> None:
+    """What a merge with one scale for every layer (W + alpha / r * B @ A) cannot apply exactly."""
+    for key in ("rank_pattern", "alpha_pattern"):
+        if config.get(key):
+            raise InvalidInput(
+                f"{name}/ sets {key} (a rank or alpha per layer); this student merges adapters into its weights with "
+                "one rank and alpha for every layer: save the adapter without it, or serve with --lora-mode adapter"
+            )
+    if config.get("fan_in_fan_out"):
+        raise InvalidInput(f"{name}/ sets fan_in_fan_out (transposed weights), which the merge does not apply: save "
+                           "an adapter of the student's linear layers, or serve with --lora-mode adapter")
 
 
 def check_lora_tensor(folder: str, name: str, shape: tuple[int, ...], base: BaseModel, max_rank: int) -> tuple[str, int]:

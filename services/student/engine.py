@@ -63,6 +63,8 @@ class Sample:
 
 class RolloutEngine(ABC):
     name: str
+    # Whether adapters with a per-layer rank or alpha (peft's rank_pattern, alpha_pattern) are served exactly.
+    lora_patterns: bool = True
 
     def __init__(self, settings: StudentSettings) -> None:
         self.settings = settings

@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -45,6 +46,22 @@ class SwapFailed(OPDError):
     """The engine failed while loading a checked checkpoint and cannot serve any more (500)."""
 
     status_code = 500
+
+
+class BrokenPolicy(OPDError):
+    """The serving weights gave a non-finite logprob: the version is broken, not the request (500)."""
+
+    status_code = 500
+
+
+def first_non_finite(samples_P: list[list[Sample]]) -> tuple[int, int, int, float] | None:
+    """(prompt, sample, token, value) of the first logprob that is NaN or infinite, if any."""
+    for i, group in enumerate(samples_P):
+        for j, sample in enumerate(group):
+            for k, value in enumerate(sample.logprobs):
+                if not math.isfinite(value):
+                    return i, j, k, value
+    return None
 
 
 class Throughput:
@@ -182,6 +199,7 @@ class StudentService:
         except asyncio.CancelledError:  # the client went away: the engine has stopped its work
             self.metrics.requests.labels("cancelled").inc()
             raise
+        self._check_finite(samples, version)
         rollouts = [
             self._rollout(i, prompt, s) for i, (prompt, group) in enumerate(zip(prompts, samples, strict=True)) for s in group
         ]
@@ -193,6 +211,18 @@ class StudentService:
         self.metrics.latency.observe(time.perf_counter() - began)
         usage = p.Usage(sequences=len(rollouts), input_tokens=sum(map(len, prompts)), generated_tokens=generated)
         return p.RolloutResponse(model=self.engine.model_name, policy_version=version, rollouts=rollouts, usage=usage)
+
+    def _check_finite(self, samples_P: list[list[Sample]], version: int) -> None:
+        bad = first_non_finite(samples_P)
+        if bad is None:
+            return
+        self.metrics.requests.labels("failed").inc()
+        i, j, k, value = bad
+        serving = f"{self.kind} checkpoint {self.path}" if self.path else "the base model"
+        raise BrokenPolicy(
+            f"policy version {version} ({serving}) gave logprob {value} to token {k} of prompts[{i}] sample {j}: "
+            "the served weights are broken (non-finite logprobs); load another version (POST /weights) or restart"
+        )
 
     @staticmethod
     def _rollout(index: int, prompt: list[int], sample: Sample) -> p.Rollout:
@@ -214,7 +244,8 @@ class StudentService:
         if request.kind == "full":
             checkpoints.check_full(folder, self.root, self.base)
         else:
-            checkpoints.check_lora(folder, self.root, self.base, self.settings.max_lora_rank)
+            checkpoints.check_lora(folder, self.root, self.base, self.settings.max_lora_rank,
+                                   patterns=self.engine.lora_patterns)
         return folder
 
     def _serving(self, request: p.WeightsRequest) -> bool:

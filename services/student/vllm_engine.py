@@ -55,6 +55,7 @@ class VLLMRolloutEngine(RolloutEngine):
     def __init__(self, settings: StudentSettings) -> None:
         super().__init__(settings)
         self.merge = settings.enable_lora and settings.merge_lora
+        self.lora_patterns = not self.merge  # vllm_merge.py applies one rank and alpha to every layer
         if self.merge:
             lora = {"worker_extension_cls": "services.student.vllm_merge.MergeLoRA"}
         elif settings.enable_lora:

@@ -3,9 +3,12 @@
 Choices:
 1) The clients retry connection errors, timeouts and 502/503/504 with
    backoff; on top of that, a call that still fails with such an error (or
-   any 5xx) WAITS: it logs that it is waiting, sleeps with backoff and tries
-   again, up to `services.max_wait_s` in all, then raises `ServiceDown`. A
-   4xx is a bug in the request and fails at once.
+   another 5xx but 500) WAITS: it logs that it is waiting, sleeps with
+   backoff and tries again, up to `services.max_wait_s` in all, then raises
+   `ServiceDown`. A 4xx is a bug in the request and fails at once; so does a
+   500, a service that is up and says it failed (a student whose weights
+   give non-finite logprobs, an engine that died loading a version), which
+   waiting does not mend.
 2) The caller keeps whatever it already has (a step's rollouts) and repeats
    only the call that failed, so nothing is resampled, skipped or counted twice.
 3) At start every teacher replica and the student are asked for `/info`;
@@ -102,7 +105,7 @@ class Remote:
             try:
                 return fn()
             except ServiceError as exc:
-                if exc.status_code < 500:
+                if exc.status_code <= 500:
                     raise
                 waited = time.monotonic() - began
                 limit = self.config.services.max_wait_s

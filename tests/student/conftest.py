@@ -23,14 +23,19 @@ from tests.utils.tiny_models import build_llama
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def save_lora(base: Path, out: Path, *, seed: int, rank: int = 8, scale: float = 0.2, targets=LORA_TARGETS) -> Path:
-    """A peft LoRA adapter on `base` with random, nonzero B weights (so it changes the outputs)."""
+def save_lora(
+    base: Path, out: Path, *, seed: int, rank: int = 8, scale: float = 0.2, targets=LORA_TARGETS, **config
+) -> Path:
+    """A peft LoRA adapter on `base` with random, nonzero B weights (so it changes the outputs).
+
+    `config`: more LoraConfig fields (lora_alpha, which defaults to 2 * rank, use_rslora, rank_pattern, ...)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
+    config.setdefault("lora_alpha", 2 * rank)
     model = get_peft_model(
         AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32),
-        LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=list(targets)),
+        LoraConfig(r=rank, target_modules=list(targets), **config),
     )
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

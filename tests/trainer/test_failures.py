@@ -146,3 +146,33 @@ def test_a_non_finite_step_is_skipped_and_never_published(make_config, services:
     assert v1 == v2 < v3, "nothing was published for step 2"
     assert StudentClient(services["student"].url).info().policy_version == v3
     assert 0.98 < records[2]["ratio_min"] <= records[2]["ratio_max"] < 1.02, "step 3 sampled the weights it trains"
+
+
+def test_a_student_serving_broken_weights_fails_the_call_at_once_naming_the_version(
+    make_config, student_model: Path, service_logs: Path, tmp_path: Path
+) -> None:
+    """A student whose weights give NaN answers 500 naming the version; the trainer does not wait on it
+    (services.max_wait_s is 180 s here) and reports one line, not a validation dump of every logprob."""
+    from services.common import protocol as p
+    from services.common.client import StudentClient
+    from services.common.errors import ServiceError
+    from services.trainer.remote import Remote
+    from tests.student.test_lora_matrix import save_broken
+
+    root = tmp_path / "checkpoints"
+    save_broken(student_model, root / "nan")
+    student = start_service("student", ["student", "serve", "--model", str(student_model), "--engine", "vllm",
+                                        "--dtype", "float32", "--checkpoint-root", str(root)], service_logs)
+    try:
+        wait_all(student)
+        StudentClient(student.url).load_weights(p.WeightsRequest(version=1, kind="full", path="nan"))
+        remote = Remote(make_config(student_url=student.url))
+        began = time.monotonic()
+        with pytest.raises(ServiceError) as caught:
+            remote.rollouts(p.RolloutRequest(prompts=[{"text": "The boy"}], n=2, max_tokens=8, seed=1))
+        assert time.monotonic() - began < 30
+        message = str(caught.value)
+        assert caught.value.status_code == 500 and student.url in message and "\n" not in message
+        assert "policy version 1 (full checkpoint nan)" in message and "non-finite" in message
+    finally:
+        student.stop()
