@@ -1,6 +1,6 @@
 """HTTP clients for the opd services, sync and async, over httpx.
 
-    from services.common.client import TeacherClient
+    from opd.common.client import TeacherClient
     teacher = TeacherClient("http://127.0.0.1:8001", api_key="...")
     result = teacher.logprobs([{"token_ids": ids, "start": n}]).results[0].logprobs
 
@@ -37,8 +37,8 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from pydantic import BaseModel
 
-from services.common import protocol as p
-from services.common.errors import ServiceError, ServiceUnavailable
+from opd.common import protocol as p
+from opd.common.errors import ServiceError, ServiceUnavailable
 
 R = TypeVar("R", bound=BaseModel)
 RETRY_STATUS = {502, 503, 504}

@@ -8,10 +8,10 @@ import time
 import pytest
 import uvicorn
 
-from services.common.client import TeacherClient
-from services.common.errors import ServiceError, ServiceUnavailable
-from services.common.process import free_port
-from services.teacher.app import build_app
+from opd.common.client import TeacherClient
+from opd.common.errors import ServiceError, ServiceUnavailable
+from opd.common.process import free_port
+from opd.teacher.app import build_app
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_request_dicts_are_validated_before_sending(live_url: str) -> None:
 def test_replica_urls_expand_only_multi_address_names(monkeypatch) -> None:
     import socket
 
-    from services.common.client import replica_urls
+    from opd.common.client import replica_urls
 
     assert replica_urls("http://127.0.0.1:8001") == ["http://127.0.0.1:8001"]
     assert replica_urls("http://localhost:8001") == ["http://localhost:8001"]

@@ -24,13 +24,13 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from services.common.client import TeacherClient
+from opd.common.client import TeacherClient
 from tests.utils.services import running
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-CLIENT_MODULES = ["services.common.client", "services.common.compat_client", "services.common.protocol",
-                  "services.common.openai_protocol", "services.common.sglang_protocol", "services.common.errors"]
+CLIENT_MODULES = ["opd.common.client", "opd.common.compat_client", "opd.common.protocol",
+                  "opd.common.openai_protocol", "opd.common.sglang_protocol", "opd.common.errors"]
 
 
 def readme_example() -> str:
@@ -85,7 +85,7 @@ def copy_closure(reqs: list[Requirement], site: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def smollm2_teacher(tmp_path_factory):
-    from services.common.models import prepare
+    from opd.common.models import prepare
 
     model = tmp_path_factory.mktemp("models") / "smollm2-l2"
     prepare("smollm2-135m-instruct", model, layers=2)
@@ -115,7 +115,7 @@ def test_light_install_runs_the_readme_example(tmp_path: Path, smollm2_teacher) 
              f"for m in {CLIENT_MODULES!r}:\n    importlib.import_module(m)\n"
              "heavy = {'torch', 'transformers', 'vllm', 'fastapi', 'numpy'} & set(sys.modules)\n"
              "print('heavy:', sorted(heavy))\n"
-             "print(sys.modules['services'].__file__.startswith(sys.prefix))\n")
+             "print(sys.modules['opd'].__file__.startswith(sys.prefix))\n")
     run = dict(check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
     out = subprocess.run([str(python), "-c", check], **run).stdout
     assert out.splitlines() == ["no torch", "heavy: []", "True"]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from services.up.config import DEFAULT_CONFIG, load_stack
-from services.up.runner import SOURCE_TREE, Stack, data_path
+from opd.up.config import DEFAULT_CONFIG, load_stack
+from opd.up.runner import SOURCE_TREE, Stack, data_path
 
 
 def test_the_default_stack_is_the_skill_demo() -> None:
