@@ -169,7 +169,7 @@ USER_PROJECT = {  # a user's application with a package of its own named `servic
     "services/common/__init__.py": "",
     "services/common/client.py": "class TeacherClient:\n    pass\n",
     "app.py": ("import importlib\n"
-               "own = importlib.import_module('services.common.client')\n"
+               "own = importlib.import_module('services.common.client')\n"  # rename: keep (the user's own package)
                "from opd import TeacherClient\n"
                "from opd.common.client import StudentClient\n"
                "assert importlib.import_module('services').OWNER == 'user'\n"
