@@ -31,17 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from rich.console import Console  # noqa: E402
 
-from services.common import protocol as p  # noqa: E402
-from services.common.client import StudentClient  # noqa: E402
-from services.common.process import ServiceProcess, free_port  # noqa: E402
-from services.tasks.study import Point, curve, plot, table  # noqa: E402
-from services.trainer.config import RunConfig, build_config, deep_merge  # noqa: E402
-from services.trainer.context import with_teacher_prompts  # noqa: E402
-from services.trainer.data import load_prompts  # noqa: E402
-from services.trainer.metrics import read_records  # noqa: E402
-from services.trainer.rollouts import load_callable  # noqa: E402
-from services.up.config import EngineService, StackConfig, load_stack  # noqa: E402
-from services.up.runner import resolve_model  # noqa: E402
+from opd.common import protocol as p  # noqa: E402
+from opd.common.client import StudentClient  # noqa: E402
+from opd.common.process import ServiceProcess, free_port  # noqa: E402
+from opd.tasks.study import Point, curve, plot, table  # noqa: E402
+from opd.trainer.config import RunConfig, build_config, deep_merge  # noqa: E402
+from opd.trainer.context import with_teacher_prompts  # noqa: E402
+from opd.trainer.data import load_prompts  # noqa: E402
+from opd.trainer.metrics import read_records  # noqa: E402
+from opd.trainer.rollouts import load_callable  # noqa: E402
+from opd.up.config import EngineService, StackConfig, load_stack  # noqa: E402
+from opd.up.runner import resolve_model  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -105,7 +105,7 @@ def arm_config(stack: StackConfig, arm: str, urls: dict[str, str], student_model
 
 
 def run_arm(run: RunConfig, reuse: bool, console: Console) -> list[Point]:
-    from services.trainer.loop import Trainer
+    from opd.trainer.loop import Trainer
 
     console.print(f"[bold]{run.objective}[/bold]: {run.steps} steps, evaluation every {run.eval.every}")
     done = read_records(Path(run.output_dir) / "metrics.jsonl")

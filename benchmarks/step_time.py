@@ -146,7 +146,7 @@ def free_ports(count: int) -> list[int]:
     """Free ports below the ephemeral range, where vLLM's engines pick their own while the stack starts."""
     import random
 
-    from services.common.process import port_free
+    from opd.common.process import port_free
 
     ports: set[int] = set()
     while len(ports) < count:
@@ -173,7 +173,7 @@ def run_opd(name: str, args: argparse.Namespace, work: Path) -> Result:
     if not (workdir / "models").exists():
         (workdir / "models").symlink_to(models)
     ports = free_ports(3)
-    cmd = [sys.executable, "-m", "services", "up", str(HEAL_STACK), *sum((["--set", s] for s in [
+    cmd = [sys.executable, "-m", "opd", "up", str(HEAL_STACK), *sum((["--set", s] for s in [
         f"workdir={workdir}", f"teacher.port={ports[0]}", f"student.port={ports[1]}", f"trainer.port={ports[2]}",
         *workload_sets(args), *sets, *args.set]), [])]
     print(f"\n== {name}: {what}\n   {' '.join(cmd[2:])}", flush=True)
@@ -198,7 +198,7 @@ def run_trl(args: argparse.Namespace, work: Path) -> Result:
     python = Path(args.trl_python)
     if not python.exists():
         return Result("trl", what, [], note=f"{python} not found: `make bench-step` builds TRL's environment")
-    from services.common.models import prepare
+    from opd.common.models import prepare
 
     models = work / "models"
     teacher = prepare("smollm2-135m-instruct", models / "smollm2-135m-instruct")

@@ -29,7 +29,7 @@ def accuracy(model_dir: str, prompts: list, rows: list, verifier, *, samples: in
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from services.common.tokenizer import render_prompt
+    from opd.common.tokenizer import render_prompt
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -59,12 +59,12 @@ def main() -> int:
     import torch
     from rich.console import Console
 
-    from services.trainer.config import build_config, deep_merge
-    from services.trainer.context import with_teacher_prompts
-    from services.trainer.data import load_prompts
-    from services.trainer.rollouts import load_callable
-    from services.up.config import load_stack
-    from services.up.runner import resolve_model
+    from opd.trainer.config import build_config, deep_merge
+    from opd.trainer.context import with_teacher_prompts
+    from opd.trainer.data import load_prompts
+    from opd.trainer.rollouts import load_callable
+    from opd.up.config import load_stack
+    from opd.up.runner import resolve_model
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     console = Console()

@@ -33,9 +33,9 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from services.common.client import TeacherClient  # noqa: E402
-from services.common.process import ServiceProcess, free_port  # noqa: E402
-from services.common.settings import TeacherSettings  # noqa: E402
+from opd.common.client import TeacherClient  # noqa: E402
+from opd.common.process import ServiceProcess, free_port  # noqa: E402
+from opd.common.settings import TeacherSettings  # noqa: E402
 
 
 def make_batch(vocab: int, prompts: int, group: int, prompt_len: int, completion_len: int, seed: int = 0) -> list[dict]:
@@ -60,8 +60,8 @@ def best_of(repeats: int, fn) -> float:
 
 
 def bench_engine(settings: TeacherSettings, batch: list[dict], repeats: int) -> float:
-    from services.teacher.engine import ScoreJob
-    from services.teacher.vllm_engine import VLLMScoringEngine
+    from opd.teacher.engine import ScoreJob
+    from opd.teacher.vllm_engine import VLLMScoringEngine
 
     jobs = [ScoreJob(s["token_ids"], s["start"]) for s in batch]
 
@@ -144,7 +144,7 @@ def bench_vllm_serve(model: str, batch: list[dict], repeats: int, logs: Path) ->
 def bench_hf(model: str, batch: list[dict], repeats: int) -> float:
     import torch
 
-    from services.common.hf import load_causal_lm, token_logprobs
+    from opd.common.hf import load_causal_lm, token_logprobs
 
     lm = load_causal_lm(model, "auto", "auto")
 
@@ -178,7 +178,7 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
     if args.model is None:
-        from services.common.models import prepare
+        from opd.common.models import prepare
 
         args.model = str(prepare("smollm2-135m-instruct", args.workdir / "smollm2-135m-instruct"))
     settings = TeacherSettings(model=args.model, engine="vllm")

@@ -40,8 +40,8 @@ sys.path[:0] = [str(ROOT / "docker"), str(ROOT)]
 
 from engine import EngineError, compose_command, docker_engine, torch_wheel_server  # noqa: E402
 
-from services.common import protocol as p  # noqa: E402
-from services.common.client import SyncClient  # noqa: E402
+from opd.common import protocol as p  # noqa: E402
+from opd.common.client import SyncClient  # noqa: E402
 
 FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.host.yml"]
 PROJECT = "opd-compose-test"

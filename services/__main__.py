@@ -1,6 +1,6 @@
-"""`python -m services ...` is the `opd` command."""
+"""`python -m opd ...` is the `opd` command."""
 
-from services.cli import app
+from opd.cli import app
 
 if __name__ == "__main__":
     app()

@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from services.student.cli import app as student_app
-from services.teacher.cli import app as teacher_app
-from services.trainer.cli import app as trainer_app
-from services.trainer.cli import train as train_command
+from opd.student.cli import app as student_app
+from opd.teacher.cli import app as teacher_app
+from opd.trainer.cli import app as trainer_app
+from opd.trainer.cli import train as train_command
 
 app = typer.Typer(help="opd: on-policy distillation as a service stack.", no_args_is_help=True, pretty_exceptions_enable=False)
 models_app = typer.Typer(help="Prepare model folders.", no_args_is_help=True)
@@ -32,8 +32,8 @@ def models_prepare(
     force: Annotated[bool, typer.Option(help="Rebuild even when the folder is up to date.")] = False,
 ) -> None:
     """Build a transformers/safetensors folder that vLLM and transformers load."""
-    from services.common.errors import InvalidRequest
-    from services.common.models import prepare
+    from opd.common.errors import InvalidRequest
+    from opd.common.models import prepare
 
     try:
         path = prepare(name, out, layers=layers, drop_layers=drop_layers, dtype=dtype, force=force)
@@ -69,9 +69,9 @@ def up(
     verbose: Annotated[bool, typer.Option(help="Echo every line the services log.")] = False,
 ) -> None:
     """Start teacher, student and trainer here, run one distillation, stop everything."""
-    from services.common.errors import InvalidInput
-    from services.up.config import load_stack
-    from services.up.runner import run_up
+    from opd.common.errors import InvalidInput
+    from opd.up.config import load_stack
+    from opd.up.runner import run_up
 
     try:
         stack = load_stack(config, set_ or [])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from services.common.settings import TeacherSettings
+from opd.common.settings import TeacherSettings
 from tests.utils.tiny_models import build_llama, build_tokenizer
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -60,6 +60,6 @@ def teacher_settings(teacher_model: Path) -> TeacherSettings:
 
 @pytest.fixture(scope="session")
 def hf_engine(teacher_settings: TeacherSettings):
-    from services.teacher.engine import HFScoringEngine
+    from opd.teacher.engine import HFScoringEngine
 
     return HFScoringEngine(teacher_settings)

@@ -11,7 +11,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from pydantic import ValidationError
 
-from services.common.settings import DType, Engine, EngineSettings
+from opd.common.settings import DType, Engine, EngineSettings
 
 Model = Annotated[str | None, typer.Option(help="Local model folder or hub id.")]
 EngineOpt = Annotated[Engine | None, typer.Option("--engine", help="vllm (production) or hf (transformers).")]

@@ -1,6 +1,6 @@
 """HTTP clients for the opd services, sync and async, over httpx.
 
-    from services.common.client import TeacherClient
+    from opd import TeacherClient
     teacher = TeacherClient("http://127.0.0.1:8001", api_key="...")
     result = teacher.logprobs([{"token_ids": ids, "start": n}]).results[0].logprobs
 
@@ -37,8 +37,8 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 from pydantic import BaseModel
 
-from services.common import protocol as p
-from services.common.errors import ServiceError, ServiceUnavailable
+from opd.common import protocol as p
+from opd.common.errors import ServiceError, ServiceUnavailable
 
 R = TypeVar("R", bound=BaseModel)
 RETRY_STATUS = {502, 503, 504}
@@ -230,3 +230,39 @@ class AsyncStudentClient(AsyncClient):
 
     async def load_weights(self, request: p.WeightsRequest | dict) -> p.WeightsResponse:
         return await self.request("POST", "/weights", _as(p.WeightsRequest, request), p.WeightsResponse)
+
+
+class TrainerClient(SyncClient):
+    """Runs on a trainer service: a run's body is the run config as a dict (the YAML's content)."""
+
+    def start_run(self, config: dict) -> p.RunCreated:
+        return self.request("POST", "/runs", config, p.RunCreated)
+
+    def runs(self) -> p.RunList:
+        return self.request("GET", "/runs", model=p.RunList)
+
+    def run(self, run_id: str) -> p.RunStatus:
+        return self.request("GET", f"/runs/{run_id}", model=p.RunStatus)
+
+    def run_metrics(self, run_id: str) -> p.RunMetrics:
+        return self.request("GET", f"/runs/{run_id}/metrics", model=p.RunMetrics)
+
+    def stop_run(self, run_id: str) -> p.RunStatus:
+        return self.request("POST", f"/runs/{run_id}/stop", model=p.RunStatus)
+
+
+class AsyncTrainerClient(AsyncClient):
+    async def start_run(self, config: dict) -> p.RunCreated:
+        return await self.request("POST", "/runs", config, p.RunCreated)
+
+    async def runs(self) -> p.RunList:
+        return await self.request("GET", "/runs", model=p.RunList)
+
+    async def run(self, run_id: str) -> p.RunStatus:
+        return await self.request("GET", f"/runs/{run_id}", model=p.RunStatus)
+
+    async def run_metrics(self, run_id: str) -> p.RunMetrics:
+        return await self.request("GET", f"/runs/{run_id}/metrics", model=p.RunMetrics)
+
+    async def stop_run(self, run_id: str) -> p.RunStatus:
+        return await self.request("POST", f"/runs/{run_id}/stop", model=p.RunStatus)

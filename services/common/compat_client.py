@@ -1,6 +1,6 @@
 """Teacher clients that score through a stock vLLM or SGLang server's own protocol.
 
-    from services.common.compat_client import teacher_client
+    from opd.common.compat_client import teacher_client
     teacher = teacher_client("openai", "http://127.0.0.1:8000")   # `vllm serve`-style server
     teacher.logprobs([{"token_ids": ids, "start": n}]).results[0].logprobs
 
@@ -27,11 +27,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from services.common import openai_protocol as o
-from services.common import protocol as p
-from services.common import sglang_protocol as s
-from services.common.client import AsyncClient, AsyncTeacherClient, SyncClient, TeacherClient, _as
-from services.common.errors import InvalidRequest, ServiceError
+from opd.common import openai_protocol as o
+from opd.common import protocol as p
+from opd.common import sglang_protocol as s
+from opd.common.client import AsyncClient, AsyncTeacherClient, SyncClient, TeacherClient, _as
+from opd.common.errors import InvalidRequest, ServiceError
 
 TeacherProtocol = Literal["opd", "openai", "sglang"]
 Job = tuple[list[int], int]  # token ids, first scored position

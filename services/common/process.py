@@ -22,7 +22,7 @@ from typing import IO
 
 import httpx
 
-from services.common.errors import OPDError
+from opd.common.errors import OPDError
 
 
 class StartupFailed(OPDError):
@@ -46,7 +46,7 @@ def free_port() -> int:
 
 
 class ServiceProcess:
-    """One `python -m services ARGS...` child with a prefixed, logged output.
+    """One `python -m opd ARGS...` child with a prefixed, logged output.
 
     `module` runs another server instead (a stock vLLM server in tests), ready
     when `ready_path` answers 200.
@@ -62,7 +62,7 @@ class ServiceProcess:
         log_file: Path | None = None,
         env: dict[str, str] | None = None,
         echo: IO[str] | None = None,
-        module: str = "services",
+        module: str = "opd",
         ready_path: str = "/ready",
     ) -> None:
         self.name, self.args, self.host, self.port = name, args, host, port

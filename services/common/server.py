@@ -35,9 +35,9 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
-from services.common.errors import ClientGone, OPDError, Overloaded
-from services.common.openapi import Limits, publish
-from services.common.protocol import Health
+from opd.common.errors import ClientGone, OPDError, Overloaded
+from opd.common.openapi import Limits, publish
+from opd.common.protocol import Health
 
 log = logging.getLogger("opd")
 T = TypeVar("T")

@@ -30,8 +30,8 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
-from services.common.errors import InvalidRequest
-from services.common.protocol import MAX_TOP_K, Count, Response, StrictRequest, TokenIds
+from opd.common.errors import InvalidRequest
+from opd.common.protocol import MAX_TOP_K, Count, Response, StrictRequest, TokenIds
 
 
 

@@ -12,12 +12,12 @@ import hashlib
 import json
 from typing import TYPE_CHECKING
 
-from services.common.errors import InvalidRequest
+from opd.common.errors import InvalidRequest
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from services.common.protocol import Prompt
+    from opd.common.protocol import Prompt
 
 
 def load_tokenizer(model: str) -> PreTrainedTokenizerBase:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from services.common.settings import EngineSettings
+from opd.common.settings import EngineSettings
 
 
 def on_gpu() -> bool:

@@ -13,12 +13,12 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 
-from services.common import protocol as p
-from services.common.errors import NotReady
-from services.common.server import Authorized, install_common, until_disconnect
-from services.common.settings import StudentSettings
-from services.student.engine import RolloutEngine, build_engine
-from services.student.serving import StudentMetrics, StudentService
+from opd.common import protocol as p
+from opd.common.errors import NotReady
+from opd.common.server import Authorized, install_common, until_disconnect
+from opd.common.settings import StudentSettings
+from opd.student.engine import RolloutEngine, build_engine
+from opd.student.serving import StudentMetrics, StudentService
 
 ERRORS = {
     400: {"model": p.ErrorBody, "description": "the request cannot be served as asked"},

@@ -32,7 +32,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from services.common.errors import InvalidInput, InvalidRequest, NotFound
+from opd.common.errors import InvalidInput, InvalidRequest, NotFound
 
 Shapes = dict[str, tuple[int, ...]]
 LORA_PREFIX = "base_model.model."

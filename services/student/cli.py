@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from services.common import cli_options as o
+from opd.common import cli_options as o
 
 app = typer.Typer(help="The student rollout service.", no_args_is_help=True)
 
@@ -33,9 +33,9 @@ def serve(
     lora_mode: LoraMode = None,
 ) -> None:
     """Serve POST /rollouts and POST /weights (and /info, /health, /ready, /metrics)."""
-    from services.common.server import serve as run
-    from services.common.settings import StudentSettings
-    from services.student.app import build_app
+    from opd.common.server import serve as run
+    from opd.common.settings import StudentSettings
+    from opd.student.app import build_app
 
     settings = o.build_settings(
         StudentSettings, model=model, engine=engine, checkpoint_root=checkpoint_root, host=host, port=port,

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from services.common.protocol import MIN_TEMPERATURE, RolloutRequest
-from services.common.settings import StudentSettings
-from services.common.tokenizer import load_tokenizer, tokenizer_fingerprint
+from opd.common.protocol import MIN_TEMPERATURE, RolloutRequest
+from opd.common.settings import StudentSettings
+from opd.common.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 FinishReason = Literal["stop", "length"]
 
@@ -116,9 +116,9 @@ def cut_text(text: str, stops: tuple[str, ...]) -> str:
 
 def build_engine(settings: StudentSettings) -> RolloutEngine:
     if settings.engine == "hf":
-        from services.student.hf_engine import HFRolloutEngine
+        from opd.student.hf_engine import HFRolloutEngine
 
         return HFRolloutEngine(settings)
-    from services.student.vllm_engine import VLLMRolloutEngine
+    from opd.student.vllm_engine import VLLMRolloutEngine
 
     return VLLMRolloutEngine(settings)

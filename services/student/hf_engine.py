@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from services.common.settings import StudentSettings
-from services.common.worker import Worker
-from services.student.engine import FinishReason, RolloutEngine, Sample, Sampling, cut_text, first_stop
-from services.student.sampling import next_tokens
+from opd.common.settings import StudentSettings
+from opd.common.worker import Worker
+from opd.student.engine import FinishReason, RolloutEngine, Sample, Sampling, cut_text, first_stop
+from opd.student.sampling import next_tokens
 
 
 @dataclass
@@ -59,7 +59,7 @@ class HFRolloutEngine(RolloutEngine):
 
     def __init__(self, settings: StudentSettings) -> None:
         super().__init__(settings)
-        from services.common.hf import load_causal_lm
+        from opd.common.hf import load_causal_lm
 
         model = load_causal_lm(settings.model, settings.dtype, settings.device)
         config = model.config
@@ -79,7 +79,7 @@ class HFRolloutEngine(RolloutEngine):
         return next(self.model.parameters()).device
 
     async def sample(self, prompts_P: list[list[int]], sampling: Sampling) -> list[list[Sample]]:
-        from services.common.hf import token_budget_batches
+        from opd.common.hf import token_budget_batches
 
         rows = [i for i in range(len(prompts_P)) for _ in range(sampling.n)]
         lengths = [len(prompts_P[i]) + sampling.max_tokens for i in rows]
@@ -166,7 +166,7 @@ class HFRolloutEngine(RolloutEngine):
         await asyncio.to_thread(self._load_full_sync, folder)
 
     def _load_full_sync(self, folder: Path) -> None:
-        from services.common.hf import load_causal_lm
+        from opd.common.hf import load_causal_lm
 
         dtype = str(self.base.dtype).removeprefix("torch.")
         model = load_causal_lm(str(folder), dtype, str(self.device))

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from services.common.protocol import MIN_TEMPERATURE
+from opd.common.protocol import MIN_TEMPERATURE
 
 
 def is_greedy(temperature: float) -> bool:

@@ -30,13 +30,13 @@ from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common import protocol as p
-from services.common.errors import Conflict, InvalidInput, InvalidRequest, NotReady, OPDError, PayloadTooLarge
-from services.common.settings import StudentSettings
-from services.common.tokenizer import render_prompt
-from services.student import checkpoints
-from services.student.engine import RolloutEngine, Sample, Sampling
-from services.student.versions import VersionLock
+from opd.common import protocol as p
+from opd.common.errors import Conflict, InvalidInput, InvalidRequest, NotReady, OPDError, PayloadTooLarge
+from opd.common.settings import StudentSettings
+from opd.common.tokenizer import render_prompt
+from opd.student import checkpoints
+from opd.student.engine import RolloutEngine, Sample, Sampling
+from opd.student.versions import VersionLock
 
 log = logging.getLogger("opd.student")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)

@@ -41,12 +41,12 @@ import copy
 import itertools
 from pathlib import Path
 
-from services.common.errors import InvalidInput
-from services.common.settings import StudentSettings
-from services.student.checkpoints import local_model_folder
-from services.common.vllm_args import build_async_llm, on_gpu
-from services.student.engine import RolloutEngine, Sample, Sampling, cut_text
-from services.student.sampling import is_greedy
+from opd.common.errors import InvalidInput
+from opd.common.settings import StudentSettings
+from opd.student.checkpoints import local_model_folder
+from opd.common.vllm_args import build_async_llm, on_gpu
+from opd.student.engine import RolloutEngine, Sample, Sampling, cut_text
+from opd.student.sampling import is_greedy
 
 
 class VLLMRolloutEngine(RolloutEngine):
@@ -57,7 +57,7 @@ class VLLMRolloutEngine(RolloutEngine):
         self.merge = settings.enable_lora and settings.merge_lora
         self.lora_patterns = not self.merge  # vllm_merge.py applies one rank and alpha to every layer
         if self.merge:
-            lora = {"worker_extension_cls": "services.student.vllm_merge.MergeLoRA"}
+            lora = {"worker_extension_cls": "opd.student.vllm_merge.MergeLoRA"}
         elif settings.enable_lora:
             lora = {"enable_lora": True, "max_lora_rank": settings.max_lora_rank, "max_loras": 1}
         else:

@@ -1,6 +1,6 @@
 """The skill task shipped with opd: answer in a fixed format the teacher is told and the student is not.
 
-    eval.verifier: services.tasks.answer_format:verify
+    eval.verifier: opd.tasks.answer_format:verify
 
 The data (`services/data/questions/`, 185 train + 64 held-out short
 questions: capitals, colours, animal sounds and legs, opposites, plurals,

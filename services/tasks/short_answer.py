@@ -1,6 +1,6 @@
 """The skill task of the demo: reply with the bare answer, as the teacher is told and the student is not.
 
-    eval.verifier: services.tasks.short_answer:verify
+    eval.verifier: opd.tasks.short_answer:verify
 
 The data (`services/data/questions/`, 184 train + 64 held-out short
 questions: capitals, colours, animal sounds and legs, opposites, plurals,

@@ -15,15 +15,15 @@ from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
 
-from services.common import protocol as p
-from services.common.errors import NotReady
-from services.common.server import Authorized, install_common, until_disconnect
-from services.common.settings import TeacherSettings
-from services.teacher import compat_routes
-from services.teacher.engine import ScoringEngine, build_engine
-from services.teacher.openai_compat import OpenAICompletions
-from services.teacher.serving import TeacherMetrics, TeacherService
-from services.teacher.sglang_compat import SGLangGenerate
+from opd.common import protocol as p
+from opd.common.errors import NotReady
+from opd.common.server import Authorized, install_common, until_disconnect
+from opd.common.settings import TeacherSettings
+from opd.teacher import compat_routes
+from opd.teacher.engine import ScoringEngine, build_engine
+from opd.teacher.openai_compat import OpenAICompletions
+from opd.teacher.serving import TeacherMetrics, TeacherService
+from opd.teacher.sglang_compat import SGLangGenerate
 
 ERRORS = {
     400: {"model": p.ErrorBody, "description": "the request cannot be served as asked"},

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from services.common import cli_options as o
+from opd.common import cli_options as o
 
 app = typer.Typer(help="The teacher scoring service.", no_args_is_help=True)
 
@@ -24,9 +24,9 @@ def serve(
     device: o.Device = None,
 ) -> None:
     """Serve POST /logprobs (and /info, /health, /ready, /metrics)."""
-    from services.common.server import serve as run
-    from services.common.settings import TeacherSettings
-    from services.teacher.app import build_app
+    from opd.common.server import serve as run
+    from opd.common.settings import TeacherSettings
+    from opd.teacher.app import build_app
 
     settings = o.build_settings(
         TeacherSettings, model=model, engine=engine, host=host, port=port, dtype=dtype,
@@ -42,6 +42,6 @@ def demo(
     port: Annotated[int, typer.Option(help="Teacher port.")] = 8001,
 ) -> None:
     """Prepare SmolLM2-135M-Instruct, start the teacher, score a conversation, print per-token logprobs."""
-    from services.teacher.demo import run_demo
+    from opd.teacher.demo import run_demo
 
     run_demo(workdir, engine or "vllm", port)

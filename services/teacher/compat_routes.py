@@ -16,13 +16,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Request
 
-from services.common import openai_protocol as o
-from services.common import protocol as p
-from services.common import sglang_protocol as s
-from services.common.errors import NotReady
-from services.common.server import Authorized, until_disconnect
-from services.teacher.openai_compat import OpenAICompletions
-from services.teacher.sglang_compat import SGLangGenerate
+from opd.common import openai_protocol as o
+from opd.common import protocol as p
+from opd.common import sglang_protocol as s
+from opd.common.errors import NotReady
+from opd.common.server import Authorized, until_disconnect
+from opd.teacher.openai_compat import OpenAICompletions
+from opd.teacher.sglang_compat import SGLangGenerate
 
 PATHS = ("/v1/", "/generate")  # where error bodies also carry vLLM's `error` object
 ERRORS = {

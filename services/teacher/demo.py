@@ -13,8 +13,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from services.common.client import TeacherClient
-from services.common.process import ServiceProcess
+from opd.common.client import TeacherClient
+from opd.common.process import ServiceProcess
 
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 ANSWERS = ["The capital of France is Paris.", "The capital of France is London."]
@@ -23,7 +23,7 @@ ANSWERS = ["The capital of France is Paris.", "The capital of France is London."
 def run_demo(workdir: Path, engine: str, port: int) -> None:
     from transformers import AutoTokenizer
 
-    from services.common.models import prepare
+    from opd.common.models import prepare
 
     console = Console()
     workdir.mkdir(parents=True, exist_ok=True)

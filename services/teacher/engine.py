@@ -18,9 +18,9 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
-from services.common.settings import TeacherSettings
-from services.common.tokenizer import load_tokenizer, tokenizer_fingerprint
-from services.common.worker import Worker
+from opd.common.settings import TeacherSettings
+from opd.common.tokenizer import load_tokenizer, tokenizer_fingerprint
+from opd.common.worker import Worker
 
 
 @dataclass(frozen=True)
@@ -65,7 +65,7 @@ class HFScoringEngine(ScoringEngine):
 
     def __init__(self, settings: TeacherSettings) -> None:
         super().__init__(settings)
-        from services.common.hf import load_causal_lm
+        from opd.common.hf import load_causal_lm
 
         self.model = load_causal_lm(settings.model, settings.dtype, settings.device)
         config = self.model.config
@@ -76,7 +76,7 @@ class HFScoringEngine(ScoringEngine):
         self.worker = Worker("opd-teacher-hf")
 
     def _batches(self, jobs: list[ScoreJob]) -> list[list[int]]:
-        from services.common.hf import token_budget_batches
+        from opd.common.hf import token_budget_batches
 
         return list(token_budget_batches([len(j.token_ids) for j in jobs], self.settings.micro_batch_tokens))
 
@@ -104,7 +104,7 @@ class HFScoringEngine(ScoringEngine):
     def _score_batch(self, jobs: list[ScoreJob], top_k: int, temperature: float, ranks: bool = False) -> list[ScoreOutput]:
         import torch
 
-        from services.common.hf import token_logprobs
+        from opd.common.hf import token_logprobs
 
         with torch.inference_mode():
             scored = token_logprobs(
@@ -126,6 +126,6 @@ class HFScoringEngine(ScoringEngine):
 def build_engine(settings: TeacherSettings) -> ScoringEngine:
     if settings.engine == "hf":
         return HFScoringEngine(settings)
-    from services.teacher.vllm_engine import VLLMScoringEngine
+    from opd.teacher.vllm_engine import VLLMScoringEngine
 
     return VLLMScoringEngine(settings)

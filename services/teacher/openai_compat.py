@@ -23,10 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from services.common import openai_protocol as o
-from services.common.errors import InvalidInput, InvalidRequest, NotFound
-from services.teacher.engine import ScoreJob, ScoreOutput
-from services.teacher.serving import TeacherService
+from opd.common import openai_protocol as o
+from opd.common.errors import InvalidInput, InvalidRequest, NotFound
+from opd.teacher.engine import ScoreJob, ScoreOutput
+from opd.teacher.serving import TeacherService
 
 SCORING_ONLY = (
     "this teacher scores and does not generate: send max_tokens 0 (or 1) with prompt_logprobs, "

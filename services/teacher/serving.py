@@ -17,11 +17,11 @@ from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from services.common import protocol as p
-from services.common.errors import InvalidInput, PayloadTooLarge
-from services.common.settings import TeacherSettings
-from services.common.tokenizer import render_prompt
-from services.teacher.engine import ScoreJob, ScoreOutput, ScoringEngine
+from opd.common import protocol as p
+from opd.common.errors import InvalidInput, PayloadTooLarge
+from opd.common.settings import TeacherSettings
+from opd.common.tokenizer import render_prompt
+from opd.teacher.engine import ScoreJob, ScoreOutput, ScoringEngine
 
 
 class TeacherMetrics:

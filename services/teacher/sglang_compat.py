@@ -19,11 +19,11 @@ from __future__ import annotations
 import time
 import uuid
 
-from services.common import sglang_protocol as s
-from services.common.errors import InvalidInput, InvalidRequest
-from services.teacher.engine import ScoreJob, ScoreOutput
-from services.teacher.openai_compat import Decoder
-from services.teacher.serving import TeacherService
+from opd.common import sglang_protocol as s
+from opd.common.errors import InvalidInput, InvalidRequest
+from opd.teacher.engine import ScoreJob, ScoreOutput
+from opd.teacher.openai_compat import Decoder
+from opd.teacher.serving import TeacherService
 
 SCORING_ONLY = (
     "this teacher scores and does not generate: send sampling_params.max_new_tokens 0 with return_logprob "

@@ -33,10 +33,10 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from services.common.errors import InvalidInput, InvalidRequest
-from services.common.settings import TeacherSettings
-from services.common.vllm_args import build_async_llm
-from services.teacher.engine import ScoreJob, ScoreOutput, ScoringEngine
+from opd.common.errors import InvalidInput, InvalidRequest
+from opd.common.settings import TeacherSettings
+from opd.common.vllm_args import build_async_llm
+from opd.teacher.engine import ScoreJob, ScoreOutput, ScoringEngine
 
 
 class VLLMScoringEngine(ScoringEngine):
@@ -44,7 +44,7 @@ class VLLMScoringEngine(ScoringEngine):
 
     def __init__(self, settings: TeacherSettings) -> None:
         super().__init__(settings)
-        from services.common.protocol import MAX_TOP_K
+        from opd.common.protocol import MAX_TOP_K
 
         self.llm = build_async_llm(settings, max_logprobs=MAX_TOP_K)
         config = self.llm.model_config

@@ -19,11 +19,11 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 from prometheus_client import Gauge
 
-from services.common import protocol as p
-from services.common.server import Authorized, install_common
-from services.common.settings import TrainerSettings
-from services.trainer.config import RunConfig
-from services.trainer.runs import RunManager
+from opd.common import protocol as p
+from opd.common.server import Authorized, install_common
+from opd.common.settings import TrainerSettings
+from opd.trainer.config import RunConfig
+from opd.trainer.runs import RunManager
 
 ERRORS = {
     401: {"model": p.ErrorBody, "description": "missing or wrong API key"},

@@ -37,7 +37,7 @@ from typing import Any
 
 import torch
 
-from services.common.errors import Conflict
+from opd.common.errors import Conflict
 
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 VERSION_DIR = re.compile(r"^v(\d{6,})$")

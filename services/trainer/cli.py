@@ -16,14 +16,14 @@ from typing import Annotated
 
 import typer
 
-from services.common import cli_options as o
+from opd.common import cli_options as o
 
 
 def quiet_logging(level: str) -> None:
     """Our log lines at `level`; one line per HTTP request only when debugging."""
     import logging
 
-    from services.common.server import configure_logging
+    from opd.common.server import configure_logging
 
     configure_logging(level)
     if level.lower() != "debug":
@@ -42,9 +42,9 @@ def serve(
     """Serve POST /runs, GET /runs/{id}, GET /runs/{id}/metrics, POST /runs/{id}/stop (and /health, /ready, /metrics)."""
     from pydantic import ValidationError
 
-    from services.common.server import serve as run
-    from services.common.settings import TrainerSettings
-    from services.trainer.app import build_app
+    from opd.common.server import serve as run
+    from opd.common.settings import TrainerSettings
+    from opd.trainer.app import build_app
 
     given = {"host": host, "port": port, "max_runs": max_runs, "runs_dir": runs_dir}
     try:
@@ -65,9 +65,9 @@ def train(
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Run on-policy distillation in the foreground (resumes from output_dir's checkpoint)."""
-    from services.common.errors import OPDError
-    from services.trainer.config import load_config
-    from services.trainer.loop import Trainer
+    from opd.common.errors import OPDError
+    from opd.trainer.config import load_config
+    from opd.trainer.loop import Trainer
 
     quiet_logging(log_level)
     try:
@@ -106,9 +106,9 @@ def demo(
     plot_to: Annotated[Path | None, typer.Option(help="Also copy the teacher-KL plot here.")] = None,
 ) -> None:
     """The documented SmolLM2 run: prepare the models, start teacher and student, train, stop them."""
-    from services.common.errors import OPDError
-    from services.trainer.config import load_config
-    from services.trainer.demo import run_demo
+    from opd.common.errors import OPDError
+    from opd.trainer.config import load_config
+    from opd.trainer.demo import run_demo
 
     quiet_logging("info")
     try:

@@ -27,9 +27,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from services.common.compat_client import TeacherProtocol
-from services.common.errors import InvalidInput
-from services.common.protocol import MIN_TEMPERATURE
+from opd.common.compat_client import TeacherProtocol
+from opd.common.errors import InvalidInput
+from opd.common.protocol import MIN_TEMPERATURE
 
 ENV_PREFIX = "OPD_TRAIN_"
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -275,7 +275,7 @@ def env_overrides(environ: Mapping[str, str]) -> list[tuple[list[str], Any]]:
 
 
 def validate(data: Mapping[str, Any], environ: Mapping[str, str] | None = None) -> RunConfig:
-    from services.common.server import describe_validation_errors
+    from opd.common.server import describe_validation_errors
 
     try:
         return RunConfig.model_validate(data, context=None if environ is None else {"environ": environ})

@@ -27,9 +27,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from services.common import protocol as p
-from services.trainer.config import TeacherPromptConfig
-from services.trainer.data import DatasetError, PromptRow
+from opd.common import protocol as p
+from opd.trainer.config import TeacherPromptConfig
+from opd.trainer.data import DatasetError, PromptRow
 
 
 def row_messages(value: Any, where: str) -> list[p.ChatMessage]:

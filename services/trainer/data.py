@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from services.common import protocol as p
-from services.common.errors import InvalidInput
-from services.trainer.config import DatasetConfig
+from opd.common import protocol as p
+from opd.common.errors import InvalidInput
+from opd.trainer.config import DatasetConfig
 
 
 class DatasetError(InvalidInput):

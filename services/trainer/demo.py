@@ -15,8 +15,8 @@ from urllib.parse import urlparse
 
 from rich.console import Console
 
-from services.common.process import ServiceProcess
-from services.trainer.config import RunConfig
+from opd.common.process import ServiceProcess
+from opd.trainer.config import RunConfig
 
 
 def port_of(url: str) -> int:
@@ -35,8 +35,8 @@ def start(name: str, args: list[str], url: str, log_dir: Path, console: Console)
 
 
 def run_demo(config: RunConfig, models: Path, engine: str, plot_to: Path | None) -> str:
-    from services.common.models import prepare
-    from services.trainer.loop import Trainer
+    from opd.common.models import prepare
+    from opd.trainer.loop import Trainer
 
     console = Console()
     out = Path(config.output_dir)

@@ -52,16 +52,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from services.common import protocol as p
-from services.trainer.checkpoint import CheckpointError, PolicyStore, TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from services.trainer.config import RunConfig
-from services.trainer.context import with_teacher_prompts
-from services.trainer.data import PromptRow, PromptSampler, load_prompts
-from services.trainer.metrics import MetricsWriter, plot_teacher_kl
-from services.trainer.remote import Remote, RunStopped
-from services.trainer.rollouts import Sample, StaleRollouts, kl_summary, load_callable, sample, score
-from services.trainer.objectives import step_counts, step_rewards, teacher_samples
-from services.trainer.update import train_on
+from opd.common import protocol as p
+from opd.trainer.checkpoint import CheckpointError, PolicyStore, TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
+from opd.trainer.config import RunConfig
+from opd.trainer.context import with_teacher_prompts
+from opd.trainer.data import PromptRow, PromptSampler, load_prompts
+from opd.trainer.metrics import MetricsWriter, plot_teacher_kl
+from opd.trainer.remote import Remote, RunStopped
+from opd.trainer.rollouts import Sample, StaleRollouts, kl_summary, load_callable, sample, score
+from opd.trainer.objectives import step_counts, step_rewards, teacher_samples
+from opd.trainer.update import train_on
 
 log = logging.getLogger("opd.trainer")
 EVAL_SHOWN = 4  # evaluation completions kept as text per evaluation
@@ -103,8 +103,8 @@ class Trainer:
 
     # ------------------------------------------------------------ set-up
     def setup(self) -> None:
-        from services.common.tokenizer import load_tokenizer
-        from services.trainer.policy import Policy
+        from opd.common.tokenizer import load_tokenizer
+        from opd.trainer.policy import Policy
 
         config = self.config
         teachers, student = self.remote.check_tokenizers(load_tokenizer(config.student.model))

@@ -34,12 +34,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from services.common import protocol as p
-from services.common.tokenizer import render_prompt
-from services.trainer.data import PromptRow
-from services.trainer.remote import Remote
-from services.trainer.rollouts import ScoreMismatch, Sample
-from services.trainer.update import task_rewards
+from opd.common import protocol as p
+from opd.common.tokenizer import render_prompt
+from opd.trainer.data import PromptRow
+from opd.trainer.remote import Remote
+from opd.trainer.rollouts import ScoreMismatch, Sample
+from opd.trainer.update import task_rewards
 
 Verifier = Callable[[dict, str], Any]
 

@@ -3,7 +3,7 @@
 Choices:
 1) LoRA via peft on the configured linear layers (what vLLM hot-loads), or
    full fine-tuning of every parameter.
-2) Per-token logprobs come from `services.common.hf.token_logprobs`, the same
+2) Per-token logprobs come from `opd.common.hf.token_logprobs`, the same
    function the hf engines score with, with gradients on, at the sampling
    temperature and top-p: the distribution the student sampled from, so the
    importance ratio is 1 on-policy (with top_p < 1, the nucleus
@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from services.trainer.config import RunConfig
+from opd.trainer.config import RunConfig
 
 
 class Policy:
     def __init__(self, config: RunConfig) -> None:
-        from services.common.hf import load_causal_lm
-        from services.common.tokenizer import load_tokenizer
+        from opd.common.hf import load_causal_lm
+        from opd.common.tokenizer import load_tokenizer
 
         student = config.student
         self.config = config
@@ -75,7 +75,7 @@ class Policy:
         self, seqs: Sequence[Sequence[int]], starts: Sequence[int], temperature: float = 1.0, top_p: float = 1.0
     ) -> list[torch.Tensor]:
         """log p_theta of each token from its start on, differentiable."""
-        from services.common.hf import token_logprobs
+        from opd.common.hf import token_logprobs
 
         out = token_logprobs(self.model, seqs, starts, temperature=temperature, top_p=top_p, pad_id=self.pad_id)
         return [scores.logprobs for scores in out]

@@ -31,12 +31,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from services.common import protocol as p
-from services.common.client import StudentClient
-from services.common.compat_client import teacher_client
-from services.common.errors import OPDError, ServiceError, TokenizerMismatch
-from services.trainer.config import ConfigError, RunConfig
-from services.trainer.data import PromptRow
+from opd.common import protocol as p
+from opd.common.client import StudentClient
+from opd.common.compat_client import teacher_client
+from opd.common.errors import OPDError, ServiceError, TokenizerMismatch
+from opd.trainer.config import ConfigError, RunConfig
+from opd.trainer.data import PromptRow
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -150,7 +150,7 @@ class Remote:
 
     def check_tokenizers(self, tokenizer: PreTrainedTokenizerBase) -> tuple[list[p.ServiceInfo], p.ServiceInfo]:
         """Every teacher replica, the student service and the trainable student (`tokenizer`) share one tokenizer."""
-        from services.common.tokenizer import tokenizer_fingerprint
+        from opd.common.tokenizer import tokenizer_fingerprint
 
         student = self.student_info()
         teachers = []

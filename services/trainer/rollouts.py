@@ -27,11 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from services.common import protocol as p
-from services.common.errors import InvalidInput, OPDError
-from services.trainer.context import score_sequence
-from services.trainer.data import PromptRow
-from services.trainer.remote import Remote, ScoreLimits
+from opd.common import protocol as p
+from opd.common.errors import InvalidInput, OPDError
+from opd.trainer.context import score_sequence
+from opd.trainer.data import PromptRow
+from opd.trainer.remote import Remote, ScoreLimits
 
 
 class StaleRollouts(OPDError):

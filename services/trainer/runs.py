@@ -18,11 +18,11 @@ import time
 import uuid
 from pathlib import Path
 
-from services.common import protocol as p
-from services.common.errors import Conflict, NotFound
-from services.common.settings import TrainerSettings
-from services.trainer.config import RunConfig
-from services.trainer.loop import Trainer
+from opd.common import protocol as p
+from opd.common.errors import Conflict, NotFound
+from opd.common.settings import TrainerSettings
+from opd.trainer.config import RunConfig
+from opd.trainer.loop import Trainer
 
 log = logging.getLogger("opd.trainer")
 NUMERIC = (int, float)

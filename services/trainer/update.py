@@ -26,11 +26,11 @@ from typing import Any
 
 import torch
 
-from services.common.hf import token_budget_batches
-from services.trainer import loss as L
-from services.trainer.config import RunConfig
-from services.trainer.policy import Policy
-from services.trainer.rollouts import Sample
+from opd.common.hf import token_budget_batches
+from opd.trainer import loss as L
+from opd.trainer.config import RunConfig
+from opd.trainer.policy import Policy
+from opd.trainer.rollouts import Sample
 
 log = logging.getLogger("opd.trainer")
 

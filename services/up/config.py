@@ -22,8 +22,8 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from services.common.errors import InvalidInput
-from services.trainer.config import parse_override, set_path
+from opd.common.errors import InvalidInput
+from opd.trainer.config import parse_override, set_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "skill.yaml"
 
@@ -116,6 +116,6 @@ def load_stack(path: Path | None, overrides: list[str] | None = None) -> StackCo
     try:
         return StackConfig.model_validate(data)
     except ValidationError as exc:
-        from services.common.server import describe_validation_errors
+        from opd.common.server import describe_validation_errors
 
         raise InvalidInput(f"{path}: {describe_validation_errors(list(exc.errors()))}") from exc

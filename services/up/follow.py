@@ -27,11 +27,11 @@ from typing import Any
 
 from rich.console import Console
 
-from services.common.client import SyncClient
-from services.common.errors import OPDError
-from services.up.interrupts import Interrupts
-from services.up.report import DONE, RunWatcher
-from services.up.supervisor import Supervisor
+from opd.common.client import SyncClient
+from opd.common.errors import OPDError
+from opd.up.interrupts import Interrupts
+from opd.up.report import DONE, RunWatcher
+from opd.up.supervisor import Supervisor
 
 POLL_S = 1.0  # how often the trainer is asked
 TICK_S = 0.1  # how often a stop request is looked for

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from services.trainer.metrics import read_records
+from opd.trainer.metrics import read_records
 
 DONE = {"completed", "failed", "stopped"}
 STEP_DIR = re.compile(r"^step-(\d{6,})$")  # the trainer's checkpoint folders (trainer/checkpoint.py)

@@ -29,18 +29,21 @@ from typing import Any
 
 from rich.console import Console
 
-from services.common.client import StudentClient
-from services.common.errors import OPDError, ServiceError
-from services.common.process import ServiceProcess, StartupFailed, port_free
-from services.trainer.config import deep_merge
-from services.up.config import EngineService, StackConfig
-from services.up.follow import Outcome, RunFollower
-from services.up.interrupts import Interrupts
-from services.up.report import end_summary, samples_table
-from services.up.supervisor import Supervisor, stop_all
+from opd.common.client import StudentClient
+from opd.common.errors import OPDError, ServiceError
+from opd.common.process import ServiceProcess, StartupFailed, port_free
+from opd.trainer.config import deep_merge
+from opd.up.config import EngineService, StackConfig
+from opd.up.follow import Outcome, RunFollower
+from opd.up.interrupts import Interrupts
+from opd.up.report import end_summary, samples_table
+from opd.up.supervisor import Supervisor, stop_all
 
-SOURCE_TREE = Path(__file__).resolve().parents[2]  # the shipped stack files name their data from here
-DEFAULT_PROMPTS = SOURCE_TREE / "services" / "data" / "prompts.jsonl"
+# The shipped stack files name their data from the repository (services/data/...): the folder services/
+# is the package opd, found at PACKAGE_DIR from an editable install and a normal one alike.
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+SOURCE_FOLDER = "services"
+DEFAULT_PROMPTS = PACKAGE_DIR / "data" / "prompts.jsonl"
 ECHO_MARKERS = ("ERROR", "Error", "Traceback", "CRITICAL", "WARNING opd", "Exception")
 
 
@@ -64,7 +67,7 @@ def resolve_model(spec: EngineService, models_dir: Path, console: Console) -> st
             raise StartupFailed(f"model folder {source.path} does not exist or has no config.json: "
                                 "prepare it with `opd models prepare`, or fix the path")
         return str(path) if looks_local else source.path
-    from services.common.models import prepare
+    from opd.common.models import prepare
 
     name = source.prepare + (f"-l{source.layers}" if source.layers else "")
     name += f"-drop{source.drop_layers.replace(',', '_')}" if source.drop_layers else ""
@@ -170,11 +173,13 @@ class Stack:
 def data_path(path: str) -> str:
     """A relative dataset path as given when it exists from the working directory, else from opd's source tree.
 
-    The shipped stack files name their data relative to the repository, so `opd up` runs them from anywhere."""
+    The shipped stack files name their data relative to the repository (`services/data/...`), so `opd up`
+    runs them from anywhere, the package installed or not."""
     given = Path(path).expanduser()
-    if given.is_absolute() or given.exists() or not (SOURCE_TREE / given).exists():
+    if given.is_absolute() or given.exists() or given.parts[:1] != (SOURCE_FOLDER,):
         return path
-    return str(SOURCE_TREE / given)
+    shipped = PACKAGE_DIR.joinpath(*given.parts[1:])
+    return str(shipped) if shipped.exists() else path
 
 
 def held_out_prompts(run: dict[str, Any], count: int) -> list[dict]:

@@ -34,8 +34,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from services.common.process import ServiceProcess, StartupFailed
-from services.up.config import RestartPolicy
+from opd.common.process import ServiceProcess, StartupFailed
+from opd.up.config import RestartPolicy
 
 POLL_S = 0.2
 ACCESS_LOG = re.compile(r'"(GET|POST|PUT|DELETE) \S+ HTTP/[\d.]+" \d{3}')  # uvicorn's request lines say nothing of a crash

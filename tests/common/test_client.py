@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterator
 
 import pytest
 import uvicorn
 
-from services.common.client import TeacherClient
-from services.common.errors import ServiceError, ServiceUnavailable
-from services.common.process import free_port
-from services.teacher.app import build_app
+from opd import TeacherClient, TrainerClient
+from opd.common.errors import ServiceError, ServiceUnavailable
+from opd.common.process import free_port
+from opd.common.settings import TrainerSettings
+from opd.teacher.app import build_app
+from opd.trainer.app import build_app as build_trainer_app
 
 
-@pytest.fixture(scope="module")
-def live_url(teacher_settings, hf_engine):
+def serve(app) -> Iterator[str]:
+    """Serves an app on loopback in a thread; its base URL."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(build_app(teacher_settings, engine=hf_engine), port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(app, port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -25,6 +28,17 @@ def live_url(teacher_settings, hf_engine):
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def live_url(teacher_settings, hf_engine):
+    yield from serve(build_app(teacher_settings, engine=hf_engine))
+
+
+@pytest.fixture(scope="module")
+def trainer_url(tmp_path_factory):
+    settings = TrainerSettings(runs_dir=str(tmp_path_factory.mktemp("runs")), api_key=None)
+    yield from serve(build_trainer_app(settings))
 
 
 def test_round_robin_skips_a_dead_replica(live_url: str) -> None:
@@ -56,10 +70,21 @@ def test_request_dicts_are_validated_before_sending(live_url: str) -> None:
         TeacherClient(live_url).logprobs([{"token_ids": [1]}])
 
 
+def test_the_trainer_client_lists_runs_and_names_errors(trainer_url: str) -> None:
+    client = TrainerClient(trainer_url, retries=0)
+    assert client.runs().runs == []
+    with pytest.raises(ServiceError) as err:
+        client.run("no-such-run")
+    assert err.value.status_code == 404 and "no-such-run" in err.value.message
+    with pytest.raises(ServiceError) as err:
+        client.start_run({"steps": "many"})
+    assert err.value.status_code == 422
+
+
 def test_replica_urls_expand_only_multi_address_names(monkeypatch) -> None:
     import socket
 
-    from services.common.client import replica_urls
+    from opd.common.client import replica_urls
 
     assert replica_urls("http://127.0.0.1:8001") == ["http://127.0.0.1:8001"]
     assert replica_urls("http://localhost:8001") == ["http://localhost:8001"]

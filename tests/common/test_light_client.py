@@ -4,9 +4,12 @@ A fresh virtual environment (no pip, no system site-packages) gets the wheel
 of this project, built from a copy of the repository and installed without
 its dependencies, plus exactly the distributions its base requirements pull
 (copied from this environment, so no registry is needed). There, `import
-torch` fails, every client module imports, and the README's three-line example
-runs unchanged but for the URL against a real teacher (SmolLM2's tokenizer,
-two layers, hf engine) and prints what the full install's client gets.
+torch` fails, `from opd import TeacherClient, ...` and every client module
+import, no top-level `services` is installed (the package is `opd`, its source
+the folder services/), a user project's own `services` package imports next to
+`opd`, and the README's three-line example runs unchanged but for the URL
+against a real teacher (SmolLM2's tokenizer, two layers, hf engine) and prints
+what the full install's client gets.
 """
 
 from __future__ import annotations
@@ -24,13 +27,19 @@ from pathlib import Path
 import pytest
 from packaging.requirements import Requirement
 
-from services.common.client import TeacherClient
+from opd.common.client import TeacherClient
 from tests.utils.services import running
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-CLIENT_MODULES = ["services.common.client", "services.common.compat_client", "services.common.protocol",
-                  "services.common.openai_protocol", "services.common.sglang_protocol", "services.common.errors"]
+CLIENT_MODULES = ["opd.common.client", "opd.common.compat_client", "opd.common.protocol",
+                  "opd.common.openai_protocol", "opd.common.sglang_protocol", "opd.common.errors"]
+# What a pipeline imports from `opd` itself: the clients, the compatible-protocol clients, the models they return.
+TOP_LEVEL = ["TeacherClient", "AsyncTeacherClient", "StudentClient", "AsyncStudentClient", "TrainerClient",
+             "AsyncTrainerClient", "teacher_client", "OpenAITeacherClient", "SGLangTeacherClient",
+             "LogprobsResponse", "SequenceLogprobs", "RolloutResponse", "WeightsResponse", "ServiceInfo",
+             "RunCreated", "RunStatus", "RunMetrics", "ServiceError"]
+HEAVY = {"torch", "transformers", "vllm", "fastapi", "numpy"}
 
 
 def readme_example() -> str:
@@ -85,7 +94,7 @@ def copy_closure(reqs: list[Requirement], site: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def smollm2_teacher(tmp_path_factory):
-    from services.common.models import prepare
+    from opd.common.models import prepare
 
     model = tmp_path_factory.mktemp("models") / "smollm2-l2"
     prepare("smollm2-135m-instruct", model, layers=2)
@@ -94,12 +103,17 @@ def smollm2_teacher(tmp_path_factory):
         yield proc
 
 
-def test_light_install_runs_the_readme_example(tmp_path: Path, smollm2_teacher) -> None:
-    wheel = build_wheel(tmp_path)
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    return build_wheel(tmp_path_factory.mktemp("build"))
+
+
+@pytest.fixture(scope="module")
+def light_python(wheel: Path, tmp_path_factory) -> Path:
+    """A fresh venv with the wheel and its base requirements only; its python."""
     requirements = base_requirements(wheel)
     assert sorted(r.name for r in requirements) == ["httpx", "pydantic"]
-
-    venv = tmp_path / "light"
+    venv = tmp_path_factory.mktemp("light") / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
     python = venv / "bin" / "python"
     site = Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
@@ -108,20 +122,78 @@ def test_light_install_runs_the_readme_example(tmp_path: Path, smollm2_teacher) 
                     "--no-index", str(wheel)], check=True)
     copied = copy_closure(requirements, site)
     assert "torch" not in copied and "transformers" not in copied and "fastapi" not in copied
+    return python
 
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}  # only the light venv
+
+@pytest.fixture
+def light_run(tmp_path: Path) -> dict:
+    """subprocess.run options: only the light venv's packages, from an empty folder (not the repository)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    (tmp_path / "elsewhere").mkdir()
+    return dict(check=True, capture_output=True, text=True, cwd=tmp_path / "elsewhere", env=env)
+
+
+def test_the_wheel_installs_opd_and_every_subpackage(wheel: Path) -> None:
+    with zipfile.ZipFile(wheel) as z:
+        names = set(z.namelist())
+    tops = {n.split("/")[0] for n in names if not n.split("/")[0].endswith(".dist-info")}
+    assert tops == {"opd"}, f"the wheel installs {sorted(tops)}: only `opd` belongs on a user's path"
+    for init in (ROOT / "services").rglob("__init__.py"):
+        inside = init.relative_to(ROOT / "services").as_posix()
+        assert f"opd/{inside}" in names, f"services/{inside} is missing from the wheel: list its package in pyproject.toml"
+    for data in ("opd/configs/skill.yaml", "opd/data/prompts.jsonl", "opd/data/questions/train.jsonl"):
+        assert data in names
+
+
+def test_the_light_install_imports_opd_and_no_services(light_python: Path, light_run: dict) -> None:
     check = ("import importlib, sys\n"
              "try:\n    import torch\nexcept ModuleNotFoundError:\n    print('no torch')\n"
              f"for m in {CLIENT_MODULES!r}:\n    importlib.import_module(m)\n"
-             "heavy = {'torch', 'transformers', 'vllm', 'fastapi', 'numpy'} & set(sys.modules)\n"
-             "print('heavy:', sorted(heavy))\n"
-             "print(sys.modules['services'].__file__.startswith(sys.prefix))\n")
-    run = dict(check=True, capture_output=True, text=True, cwd=tmp_path, env=env)
-    out = subprocess.run([str(python), "-c", check], **run).stdout
-    assert out.splitlines() == ["no torch", "heavy: []", "True"]
+             f"from opd import {', '.join(TOP_LEVEL)}\n"
+             f"print('heavy:', sorted({HEAVY!r} & set(sys.modules)))\n"
+             "print(sys.modules['opd'].__file__.startswith(sys.prefix))\n"
+             "try:\n    importlib.import_module('services')\nexcept ModuleNotFoundError:\n    print('no services')\n")
+    out = subprocess.run([str(light_python), "-c", check], **light_run).stdout
+    assert out.splitlines() == ["no torch", "heavy: []", "True", "no services"]
 
+
+def test_importing_opd_loads_nothing_heavy() -> None:
+    """`import opd` (and so `python -m opd`) is cheap: the clients load on first use, the services never."""
+    check = f"import sys, opd\nprint(sorted(({HEAVY!r} | {{'httpx', 'pydantic'}}) & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", check], check=True, capture_output=True, text=True, cwd=ROOT / "tests")
+    assert out.stdout.strip() == "[]"
+
+
+USER_PROJECT = {  # a user's application with a package of its own named `services`, as many have
+    "services/__init__.py": "OWNER = 'user'\n",
+    "services/common/__init__.py": "",
+    "services/common/client.py": "class TeacherClient:\n    pass\n",
+    "app.py": ("import importlib\n"
+               "own = importlib.import_module('services.common.client')\n"  # rename: keep (the user's own package)
+               "from opd import TeacherClient\n"
+               "from opd.common.client import StudentClient\n"
+               "assert importlib.import_module('services').OWNER == 'user'\n"
+               "assert own.TeacherClient is not TeacherClient and TeacherClient.__module__ == 'opd.common.client'\n"
+               "print('both')\n"),
+}
+
+
+@pytest.mark.parametrize("install", ["light", "this environment"])
+def test_a_user_project_with_its_own_services_package_imports_opd_too(install: str, request, tmp_path: Path) -> None:
+    project = tmp_path / "project"
+    for name, text in USER_PROJECT.items():
+        (project / name).parent.mkdir(parents=True, exist_ok=True)
+        (project / name).write_text(text)
+    python = request.getfixturevalue("light_python") if install == "light" else Path(sys.executable)
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME")}
+    out = subprocess.run([str(python), "app.py"], check=True, capture_output=True, text=True, cwd=project, env=env)
+    assert out.stdout.strip() == "both"
+
+
+def test_light_install_runs_the_readme_example(light_python: Path, light_run: dict, smollm2_teacher) -> None:
     example = readme_example().replace("http://127.0.0.1:8001", smollm2_teacher.url)
-    printed = subprocess.run([str(python), "-c", example], **run).stdout
+    assert example.startswith("from opd import TeacherClient"), "the README imports from the package's top level"
+    printed = subprocess.run([str(light_python), "-c", example], **light_run).stdout
     ids = ast.literal_eval(re.search(r'"token_ids": (\[[\d, ]+\])', example).group(1))
     expected = TeacherClient(smollm2_teacher.url, api_key="secret").logprobs([{"token_ids": ids, "start": 1}])
     assert ast.literal_eval(printed.strip()) == expected.results[0].logprobs

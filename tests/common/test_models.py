@@ -9,9 +9,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from services.cli import app
-from services.common.errors import InvalidRequest
-from services.common.models import gguf_file, prepare
+from opd.cli import app
+from opd.common.errors import InvalidRequest
+from opd.common.models import gguf_file, prepare
 
 
 def test_unknown_model_names_the_known_ones(tmp_path: Path) -> None:
@@ -67,14 +67,14 @@ def test_prepare_drops_middle_layers_and_renumbers_the_rest(tmp_path: Path) -> N
     ("12-40", "outside layers 0-29"), ("a-b", "spans like"), ("0-29", "would drop all 30"), ("5-3", "outside"),
 ])
 def test_bad_drop_layer_specs_say_what_to_fix(spec: str, message: str) -> None:
-    from services.common.models import parse_layer_spans
+    from opd.common.models import parse_layer_spans
 
     with pytest.raises(InvalidRequest, match=message):
         parse_layer_spans(spec, 30)
 
 
 def test_layer_spans_parse() -> None:
-    from services.common.models import parse_layer_spans
+    from opd.common.models import parse_layer_spans
 
     assert parse_layer_spans("12-21", 30) == list(range(12, 22))
     assert parse_layer_spans("3, 7-9,3", 30) == [3, 7, 8, 9]

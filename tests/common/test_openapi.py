@@ -6,8 +6,8 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from fastapi.testclient import TestClient
 
-from services.common import protocol as p
-from services.common.server import Authorized, install_common
+from opd.common import protocol as p
+from opd.common.server import Authorized, install_common
 
 ERRORS = {401: {"model": p.ErrorBody, "description": "no key"}, 503: {"model": p.ErrorBody, "description": "busy"}}
 

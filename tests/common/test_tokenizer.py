@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from services.common.errors import InvalidRequest
-from services.common.protocol import Prompt
-from services.common.tokenizer import load_tokenizer, render_prompt, tokenizer_fingerprint
+from opd.common.errors import InvalidRequest
+from opd.common.protocol import Prompt
+from opd.common.tokenizer import load_tokenizer, render_prompt, tokenizer_fingerprint
 
 
 def test_fingerprint_same_vocab_same_print(teacher_model: Path, student_model: Path, other_tokenizer_model: Path) -> None:

@@ -23,7 +23,7 @@ import pytest
 import typer
 import yaml
 
-from services.cli import app as opd_app
+from opd.cli import app as opd_app
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.host.yml"]
@@ -100,8 +100,8 @@ def test_commands_are_valid_opd_invocations(compose: dict) -> None:
 
 
 def settings_fields() -> dict[str, set[str]]:
-    from services.common.settings import StudentSettings, TeacherSettings
-    from services.common.settings import TrainerSettings
+    from opd.common.settings import StudentSettings, TeacherSettings
+    from opd.common.settings import TrainerSettings
 
     return {
         prefix: set(cls.model_fields)
@@ -112,7 +112,7 @@ def settings_fields() -> dict[str, set[str]]:
 def run_config_has(path: list[str]) -> bool:
     from pydantic import BaseModel
 
-    from services.trainer.config import RunConfig
+    from opd.trainer.config import RunConfig
 
     model: type[BaseModel] = RunConfig
     for i, part in enumerate(path):
@@ -142,11 +142,11 @@ def test_every_environment_variable_is_read(compose: dict) -> None:
 
 
 def openapi_paths() -> dict[str, set[str]]:
-    from services.common.settings import StudentSettings, TeacherSettings
-    from services.student.app import build_app as student_app
-    from services.teacher.app import build_app as teacher_app
-    from services.trainer.app import build_app as trainer_app
-    from services.common.settings import TrainerSettings
+    from opd.common.settings import StudentSettings, TeacherSettings
+    from opd.student.app import build_app as student_app
+    from opd.teacher.app import build_app as teacher_app
+    from opd.trainer.app import build_app as trainer_app
+    from opd.common.settings import TrainerSettings
 
     return {
         "teacher": set(teacher_app(TeacherSettings(model="m")).openapi()["paths"]),

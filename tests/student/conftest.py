@@ -16,8 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.common.settings import StudentSettings
-from services.student.hf_engine import HFRolloutEngine
+from opd.common.settings import StudentSettings
+from opd.student.hf_engine import HFRolloutEngine
 from tests.utils.tiny_models import build_llama
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -141,7 +141,7 @@ class Reference:
         if version not in self._models:
             from peft import PeftModel
 
-            from services.common.hf import load_causal_lm
+            from opd.common.hf import load_causal_lm
 
             full, _, lora = version.partition("+")
             if full.startswith("lora"):
@@ -153,7 +153,7 @@ class Reference:
         return self._models[version]
 
     def logprobs(self, version: str, prompt: Sequence[int], tokens: Sequence[int], temperature: float = 1.0) -> torch.Tensor:
-        from services.common.hf import token_logprobs
+        from opd.common.hf import token_logprobs
 
         with torch.no_grad():
             seq = list(prompt) + list(tokens)

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from services.common.settings import StudentSettings
-from services.student.app import build_app
-from services.student.hf_engine import HFRolloutEngine
+from opd.common.settings import StudentSettings
+from opd.student.app import build_app
+from opd.student.hf_engine import HFRolloutEngine
 from tests.student.conftest import Reference
 
 ATOL = 1e-4
@@ -201,9 +201,9 @@ async def test_racing_swaps_to_one_version_load_it_once(student_settings: Studen
 
     from prometheus_client import CollectorRegistry
 
-    from services.common import protocol as p
-    from services.common.errors import Conflict
-    from services.student.serving import StudentMetrics, StudentService
+    from opd.common import protocol as p
+    from opd.common.errors import Conflict
+    from opd.student.serving import StudentMetrics, StudentService
 
     registry = CollectorRegistry()
     service = StudentService(HFRolloutEngine(student_settings), student_settings, StudentMetrics(registry))

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.errors import InvalidInput, InvalidRequest, NotFound
-from services.student.checkpoints import BaseModel, check_full, check_lora, resolve
+from opd.common.errors import InvalidInput, InvalidRequest, NotFound
+from opd.student.checkpoints import BaseModel, check_full, check_lora, resolve
 
 
 @pytest.fixture(scope="module")

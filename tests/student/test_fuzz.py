@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.common.client import StudentClient
+from opd.common.client import StudentClient
 from tests.utils.fuzz import FUZZ_SECONDS, fuzz
 from tests.utils.services import running
 

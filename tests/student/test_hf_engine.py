@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.common.settings import StudentSettings
-from services.student.engine import Sample, Sampling
-from services.student.hf_engine import HFRolloutEngine
+from opd.common.settings import StudentSettings
+from opd.student.engine import Sample, Sampling
+from opd.student.hf_engine import HFRolloutEngine
 from tests.student.conftest import Reference
 
 ATOL = 1e-4

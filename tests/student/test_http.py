@@ -19,10 +19,10 @@ import httpx
 import pytest
 import torch
 
-from services.common.client import AsyncStudentClient, StudentClient
-from services.common.errors import ServiceError
-from services.student.engine import Sampling
-from services.student.hf_engine import HFRolloutEngine
+from opd.common.client import AsyncStudentClient, StudentClient
+from opd.common.errors import ServiceError
+from opd.student.engine import Sampling
+from opd.student.hf_engine import HFRolloutEngine
 from tests.student.conftest import Reference
 from tests.utils.services import assert_idle, hang_up, running, wait_for_metric
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from services.common import protocol as p
-from services.common.settings import StudentSettings
-from services.student.app import build_app
-from services.student.engine import Sampling
-from services.student.hf_engine import HFRolloutEngine
-from services.student.sampling import next_tokens
+from opd.common import protocol as p
+from opd.common.settings import StudentSettings
+from opd.student.app import build_app
+from opd.student.engine import Sampling
+from opd.student.hf_engine import HFRolloutEngine
+from opd.student.sampling import next_tokens
 from tests.student.conftest import Reference
 from tests.student.test_hf_engine import as_rollouts
 

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from services.student.versions import VersionLock
+from opd.student.versions import VersionLock
 
 
 async def settle() -> None:

@@ -16,11 +16,11 @@ import pytest
 import pytest_asyncio
 from prometheus_client import CollectorRegistry
 
-from services.common import protocol as p
-from services.common.errors import InvalidInput, OPDError
-from services.common.settings import StudentSettings
-from services.student.engine import Sampling
-from services.student.serving import StudentMetrics, StudentService
+from opd.common import protocol as p
+from opd.common.errors import InvalidInput, OPDError
+from opd.common.settings import StudentSettings
+from opd.student.engine import Sampling
+from opd.student.serving import StudentMetrics, StudentService
 from tests.student.conftest import Reference
 from tests.student.test_hf_engine import as_rollouts
 
@@ -36,7 +36,7 @@ def vllm_settings(student_settings: StudentSettings) -> StudentSettings:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(vllm_settings: StudentSettings):
-    from services.student.vllm_engine import VLLMRolloutEngine
+    from opd.student.vllm_engine import VLLMRolloutEngine
 
     eng = VLLMRolloutEngine(vllm_settings)
     yield eng
@@ -156,7 +156,7 @@ async def test_swaps_change_outputs_and_match_the_new_weights(
 async def test_adapter_swaps_through_vllms_lora_kernels(
     vllm_settings: StudentSettings, checkpoint_root: Path, student_model: Path, prompts, reference: Reference
 ) -> None:
-    from services.student.vllm_engine import VLLMRolloutEngine
+    from opd.student.vllm_engine import VLLMRolloutEngine
 
     engine = VLLMRolloutEngine(vllm_settings.model_copy(update={"lora_mode": "adapter"}))
     try:

@@ -5,11 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from services.trainer.config import build_config, deep_merge
-from services.trainer.context import with_teacher_prompts
-from services.trainer.data import load_prompts
-from services.trainer.rollouts import load_callable
-from services.up.config import load_stack
+from opd.trainer.config import build_config, deep_merge
+from opd.trainer.context import with_teacher_prompts
+from opd.trainer.data import load_prompts
+from opd.trainer.rollouts import load_callable
+from opd.up.config import load_stack
 
 REPO = Path(__file__).resolve().parents[2]
 

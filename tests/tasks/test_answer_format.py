@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.tasks.answer_format import verify
-from services.up.config import DEFAULT_CONFIG
+from opd.tasks.answer_format import verify
+from opd.up.config import DEFAULT_CONFIG
 from tests.tasks.stacks import held_out_conversations
 
 SKILL = DEFAULT_CONFIG.parent / "answer_format.yaml"

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from services.tasks.short_answer import verify
-from services.up.config import DEFAULT_CONFIG
+from opd.tasks.short_answer import verify
+from opd.up.config import DEFAULT_CONFIG
 from tests.tasks.stacks import held_out_conversations
 
 SKILL = DEFAULT_CONFIG.parent / "skill.yaml"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.tasks.study import Point, curve, first_reaching, plot, table
+from opd.tasks.study import Point, curve, first_reaching, plot, table
 
 
 def records(accuracy_by_step: dict[int, float], *, seconds: float, tokens: int, scored: bool) -> list[dict]:

@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from services.teacher.engine import HFScoringEngine, ScoreJob
+from opd.teacher.engine import HFScoringEngine, ScoreJob
 
 
 @pytest.fixture(scope="session")

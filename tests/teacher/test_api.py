@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from services.common.settings import TeacherSettings
-from services.teacher.app import build_app
-from services.teacher.engine import HFScoringEngine
+from opd.common.settings import TeacherSettings
+from opd.teacher.app import build_app
+from opd.teacher.engine import HFScoringEngine
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from services.common.settings import TeacherSettings
-from services.teacher.app import build_app
-from services.teacher.engine import HFScoringEngine, ScoreJob
+from opd.common.settings import TeacherSettings
+from opd.teacher.app import build_app
+from opd.teacher.engine import HFScoringEngine, ScoreJob
 
 IDS = [[5, 6, 7, 8, 9, 10], [40, 41, 42]]
 

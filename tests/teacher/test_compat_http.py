@@ -19,8 +19,8 @@ import openai
 import pytest
 import torch
 
-from services.common.client import TeacherClient
-from services.common.compat_client import async_teacher_client, teacher_client
+from opd.common.client import TeacherClient
+from opd.common.compat_client import async_teacher_client, teacher_client
 from tests.utils.services import running
 
 pytestmark = pytest.mark.slow

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.common.client import TeacherClient
+from opd.common.client import TeacherClient
 from tests.utils.fuzz import FUZZ_SECONDS, fuzz
 from tests.utils.services import running
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from services.common.settings import TeacherSettings
-from services.teacher.engine import HFScoringEngine, ScoreJob
+from opd.common.settings import TeacherSettings
+from opd.teacher.engine import HFScoringEngine, ScoreJob
 
 # Batched (padded) and single-sequence forwards differ only by float32 rounding.
 ATOL = 1e-5

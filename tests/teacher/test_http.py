@@ -16,9 +16,9 @@ import httpx
 import pytest
 import torch
 
-from services.common.client import AsyncTeacherClient, TeacherClient
-from services.common.errors import ServiceError
-from services.teacher.engine import HFScoringEngine, ScoreJob
+from opd.common.client import AsyncTeacherClient, TeacherClient
+from opd.common.errors import ServiceError
+from opd.teacher.engine import HFScoringEngine, ScoreJob
 from tests.utils.services import assert_idle, hang_up, running, wait_for_metric
 
 pytestmark = pytest.mark.slow
@@ -125,7 +125,7 @@ def test_vllm_bad_input_and_auth(vllm_teacher) -> None:
 
 def test_client_waits_for_a_service_that_is_starting(teacher_model: Path, tmp_path) -> None:
     """The client retries connection errors with backoff until the service is up."""
-    from services.common.process import ServiceProcess, free_port
+    from opd.common.process import ServiceProcess, free_port
 
     port = free_port()
     proc = ServiceProcess("late", ["teacher", "serve", "--model", str(teacher_model), "--engine", "hf", "--port", str(port)],

@@ -14,9 +14,9 @@ import pytest
 import pytest_asyncio
 import torch
 
-from services.common.errors import InvalidInput
-from services.common.settings import TeacherSettings
-from services.teacher.engine import HFScoringEngine, ScoreJob
+from opd.common.errors import InvalidInput
+from opd.common.settings import TeacherSettings
+from opd.teacher.engine import HFScoringEngine, ScoreJob
 
 pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 VLLM_ATOL = 2e-3
@@ -25,7 +25,7 @@ BLOCK = 128  # vLLM-CPU's cache block
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def engine(teacher_settings: TeacherSettings):
-    from services.teacher.vllm_engine import VLLMScoringEngine
+    from opd.teacher.vllm_engine import VLLMScoringEngine
 
     eng = VLLMScoringEngine(teacher_settings.model_copy(update={"engine": "vllm"}))
     yield eng

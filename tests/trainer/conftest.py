@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from services.common.process import ServiceProcess, free_port
-from services.trainer.config import RunConfig, build_config
+from opd.common.process import ServiceProcess, free_port
+from opd.trainer.config import RunConfig, build_config
 from tests.utils.tiny_models import WORDS
 
 ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}

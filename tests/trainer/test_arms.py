@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pytest
 
-from services.common.process import ServiceProcess
-from services.trainer.config import RunConfig, build_config
-from services.trainer.loop import Trainer
-from services.trainer.metrics import read_records
+from opd.common.process import ServiceProcess
+from opd.trainer.config import RunConfig, build_config
+from opd.trainer.loop import Trainer
+from opd.trainer.metrics import read_records
 from tests.trainer.conftest import start_service, wait_all
 from tests.utils.skill_model import SKILL_CONTEXT, build_skill_model
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.trainer.config import ConfigError, RunConfig, build_config, load_config
+from opd.trainer.config import ConfigError, RunConfig, build_config, load_config
 
 REPO = Path(__file__).resolve().parents[2]
 BASE = {
@@ -96,7 +96,7 @@ def test_bad_override_syntax_and_files(tmp_path: Path) -> None:
 
 
 def test_shipped_example_config_and_prompts_load() -> None:
-    from services.trainer.data import load_prompts
+    from opd.trainer.data import load_prompts
 
     config = load_config(REPO / "services/configs/smollm2.yaml", environ={})
     assert config.student.finetune == "lora" and config.steps >= 30

@@ -16,12 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.common import protocol as p
-from services.trainer.config import ConfigError, TeacherPromptConfig, build_config
-from services.trainer.context import teacher_prompt, with_teacher_prompts
-from services.trainer.data import DatasetError, PromptRow, to_prompts
-from services.trainer.remote import Remote
-from services.trainer.rollouts import Sample, score
+from opd.common import protocol as p
+from opd.trainer.config import ConfigError, TeacherPromptConfig, build_config
+from opd.trainer.context import teacher_prompt, with_teacher_prompts
+from opd.trainer.data import DatasetError, PromptRow, to_prompts
+from opd.trainer.remote import Remote
+from opd.trainer.rollouts import Sample, score
 from tests.utils.services import running
 
 OTHER_TEMPLATE = (  # the teacher's own format: nothing like the student's ChatML

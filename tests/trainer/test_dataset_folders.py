@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from services.trainer.config import DatasetConfig
-from services.trainer.data import load_prompts, read_rows
+from opd.trainer.config import DatasetConfig
+from opd.trainer.data import load_prompts, read_rows
 
 
 def test_save_to_disk_folder_with_splits(tmp_path: Path) -> None:

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from services.trainer.loop import Trainer
-from services.trainer.metrics import read_records
+from opd.trainer.loop import Trainer
+from opd.trainer.metrics import read_records
 
 pytestmark = pytest.mark.slow
 STEPS = 12

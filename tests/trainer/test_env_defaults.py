@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from services.common.settings import TrainerSettings
-from services.trainer.app import build_app
-from services.trainer.config import RunConfig
+from opd.common.settings import TrainerSettings
+from opd.trainer.app import build_app
+from opd.trainer.config import RunConfig
 
 
 def test_environment_fills_gaps_and_the_config_wins(monkeypatch: pytest.MonkeyPatch) -> None:

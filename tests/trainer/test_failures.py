@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from services.common.errors import TokenizerMismatch
-from services.common.process import ServiceProcess
-from services.trainer.loop import Trainer
-from services.trainer.metrics import read_records
+from opd.common.errors import TokenizerMismatch
+from opd.common.process import ServiceProcess
+from opd.trainer.loop import Trainer
+from opd.trainer.metrics import read_records
 from tests.trainer.conftest import start_service, teacher_args, wait_all
 
 pytestmark = pytest.mark.slow
@@ -70,7 +70,7 @@ def test_student_restart_mid_run_reloads_the_policy_and_stays_on_policy(
     """A restarted student serves its base model at version 0. Restarted right before step 3 samples, it
     answers with version 0: the trainer detects it, loads its own weights again as a new version, samples
     again, and every step stays on-policy."""
-    from services.common.client import StudentClient
+    from opd.common.client import StudentClient
 
     steps, expected = 5, []
 
@@ -125,8 +125,8 @@ def test_trainable_student_must_match_the_student_service(make_config, other_tok
 def test_a_non_finite_step_is_skipped_and_never_published(make_config, services: dict[str, ServiceProcess], monkeypatch) -> None:
     """Step 2's loss is NaN (one teacher logprob made NaN on its way into the update): the step takes no
     optimizer step and publishes nothing, so the student keeps step 1's version; step 3 trains on."""
-    from services.common.client import StudentClient
-    from services.trainer import loop
+    from opd.common.client import StudentClient
+    from opd.trainer import loop
 
     real, calls = loop.train_on, []
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.common.process import free_port
+from opd.common.process import free_port
 from tests.utils.fuzz import FUZZ_SECONDS, fuzz
 from tests.utils.services import running
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.common import protocol as p
-from services.common.tokenizer import load_tokenizer, render_prompt
-from services.trainer.config import ConfigError, DatasetConfig
-from services.trainer.data import load_prompts
-from services.trainer.loop import Trainer
-from services.trainer.metrics import read_records
+from opd.common import protocol as p
+from opd.common.tokenizer import load_tokenizer, render_prompt
+from opd.trainer.config import ConfigError, DatasetConfig
+from opd.trainer.data import load_prompts
+from opd.trainer.loop import Trainer
+from opd.trainer.metrics import read_records
 from tests.utils.services import running
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from services.trainer import loss as L
+from opd.trainer import loss as L
 
 GARBAGE = [float("nan"), float("inf"), -float("inf"), 123.0]
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.trainer import loss as L
-from services.trainer.config import ConfigError, build_config
-from services.trainer.objectives import step_counts, step_rewards
-from services.trainer.rollouts import Sample, kl_summary
-from services.trainer.update import advantages, chunk_loss
+from opd.trainer import loss as L
+from opd.trainer.config import ConfigError, build_config
+from opd.trainer.objectives import step_counts, step_rewards
+from opd.trainer.rollouts import Sample, kl_summary
+from opd.trainer.update import advantages, chunk_loss
 from tests.trainer.test_loss import completion, loop_loss, make_batch
 
 
@@ -82,7 +82,7 @@ def test_each_arm_takes_its_own_rewards() -> None:
 
 @pytest.fixture(scope="module")
 def policy_of(student_model: Path):
-    from services.trainer.policy import Policy
+    from opd.trainer.policy import Policy
 
     made = {}
 

@@ -8,15 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.common import protocol as p
-from services.common.errors import InvalidInput
-from services.trainer import checkpoint as ck
-from services.trainer.config import DatasetConfig, build_config
-from services.trainer.data import DatasetError, PromptSampler, load_prompts, read_rows
-from services.trainer.metrics import MetricsWriter, plot_teacher_kl, read_records
-from services.trainer.remote import ScoreLimits
-from services.trainer.rollouts import Sample, chunks, fit
-from services.trainer.update import advantages, task_rewards
+from opd.common import protocol as p
+from opd.common.errors import InvalidInput
+from opd.trainer import checkpoint as ck
+from opd.trainer.config import DatasetConfig, build_config
+from opd.trainer.data import DatasetError, PromptSampler, load_prompts, read_rows
+from opd.trainer.metrics import MetricsWriter, plot_teacher_kl, read_records
+from opd.trainer.remote import ScoreLimits
+from opd.trainer.rollouts import Sample, chunks, fit
+from opd.trainer.update import advantages, task_rewards
 
 
 def jsonl(path: Path, rows: list[dict]) -> Path:

@@ -28,8 +28,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from services.trainer.loop import Trainer
-from services.trainer.metrics import read_records
+from opd.trainer.loop import Trainer
+from opd.trainer.metrics import read_records
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[2]
@@ -39,7 +39,7 @@ COMPARED = ("teacher_kl", "entropy", "loss", "grad_norm", "ratio_mean")
 
 def train_process(config_file: Path) -> subprocess.Popen:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
-    return subprocess.Popen([sys.executable, "-m", "services", "train", str(config_file), "--no-progress"],
+    return subprocess.Popen([sys.executable, "-m", "opd", "train", str(config_file), "--no-progress"],
                             cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -56,7 +56,7 @@ def kill_after(proc: subprocess.Popen, metrics: Path, step: int, timeout: float 
 
 
 def test_kill_and_resume_equals_the_straight_run(make_config, services, tmp_path: Path) -> None:
-    from services.common.client import StudentClient
+    from opd.common.client import StudentClient
 
     common = dict(steps=STEPS, save_every=HALF, eval__every=HALF, student__lora__dropout=0.1)
     straight = make_config(name="straight", output_dir=str(tmp_path / "straight"), **common)
@@ -96,7 +96,7 @@ def test_kill_and_resume_equals_the_straight_run(make_config, services, tmp_path
 
 
 def test_resume_refuses_a_different_config(make_config, tmp_path: Path) -> None:
-    from services.trainer.checkpoint import CheckpointError
+    from opd.trainer.checkpoint import CheckpointError
 
     first = make_config(name="refuse", steps=1, save_every=1, eval__every=0, output_dir=str(tmp_path / "r"))
     assert Trainer(first).run() == "completed"
@@ -111,7 +111,7 @@ def test_resume_refuses_a_different_config(make_config, tmp_path: Path) -> None:
 def test_a_stop_during_an_evaluation_keeps_its_record(make_config, tmp_path: Path) -> None:
     """The stop request comes while step 2's evaluation waits for a student that is down: the run ends,
     checkpointing step 2; resumed, it evaluates step 2 first, so no evaluation is lost."""
-    from services.common.errors import ServiceError
+    from opd.common.errors import ServiceError
 
     config = make_config(name="stop-eval", steps=3, eval__every=2, save_every=3, output_dir=str(tmp_path / "r"))
 
@@ -140,7 +140,7 @@ def test_a_stop_during_an_evaluation_keeps_its_record(make_config, tmp_path: Pat
 def test_a_missing_config_json_keeps_the_checkpoints(make_config, tmp_path: Path) -> None:
     """Each checkpoint carries its run's config: without output_dir/config.json a run still resumes (and
     still refuses other settings); with no config at all it refuses instead of deleting the checkpoints."""
-    from services.trainer.checkpoint import CheckpointError
+    from opd.trainer.checkpoint import CheckpointError
 
     out = tmp_path / "r"
     make = lambda **kw: make_config(name="no-config", save_every=1, eval__every=0, output_dir=str(out), **kw)  # noqa: E731

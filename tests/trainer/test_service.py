@@ -10,8 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.common.process import ServiceProcess, free_port
-from services.trainer.checkpoint import latest_checkpoint
+from opd.common.process import ServiceProcess, free_port
+from opd.trainer.checkpoint import latest_checkpoint
 
 pytestmark = pytest.mark.slow
 KEY = "trainer-key"

@@ -22,12 +22,12 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from services.common import protocol as p
-from services.common.errors import TokenizerMismatch
-from services.common.process import ServiceProcess, free_port
-from services.trainer.loop import Trainer
-from services.trainer.metrics import read_records
-from services.trainer.remote import Remote
+from opd.common import protocol as p
+from opd.common.errors import TokenizerMismatch
+from opd.common.process import ServiceProcess, free_port
+from opd.trainer.loop import Trainer
+from opd.trainer.metrics import read_records
+from opd.trainer.remote import Remote
 from tests.trainer.conftest import ENV, wait_all
 
 pytestmark = pytest.mark.slow

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from services.common.settings import StudentSettings
-from services.student.engine import Sampling
-from services.student.hf_engine import HFRolloutEngine
-from services.trainer.config import RunConfig, build_config
-from services.trainer.policy import Policy
-from services.trainer.rollouts import Sample
-from services.trainer.update import accumulate, advantages, train_on
+from opd.common.settings import StudentSettings
+from opd.student.engine import Sampling
+from opd.student.hf_engine import HFRolloutEngine
+from opd.trainer.config import RunConfig, build_config
+from opd.trainer.policy import Policy
+from opd.trainer.rollouts import Sample
+from opd.trainer.update import accumulate, advantages, train_on
 
 PROMPTS = [[5, 6, 7, 8], [40, 41, 42], [100, 7, 200, 9, 31, 2], [300, 301]]
 

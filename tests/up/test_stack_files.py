@@ -6,8 +6,8 @@ from pathlib import Path
 
 from rich.console import Console
 
-from services.up.config import DEFAULT_CONFIG, load_stack
-from services.up.runner import SOURCE_TREE, Stack, data_path
+from opd.up.config import DEFAULT_CONFIG, load_stack
+from opd.up.runner import PACKAGE_DIR, Stack, data_path
 
 
 def test_the_default_stack_is_the_skill_demo() -> None:
@@ -25,7 +25,7 @@ def test_every_shipped_stack_file_validates() -> None:
 def test_a_relative_dataset_path_is_found_from_any_folder(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     shipped = "services/data/questions/train.jsonl"
-    assert Path(data_path(shipped)) == SOURCE_TREE / shipped and Path(data_path(shipped)).is_file()
+    assert Path(data_path(shipped)) == PACKAGE_DIR / "data/questions/train.jsonl" and Path(data_path(shipped)).is_file()
     (tmp_path / "services/data/questions").mkdir(parents=True)
     (tmp_path / shipped).write_text('{"prompt": "mine"}\n')
     assert data_path(shipped) == shipped, "a file in the working folder wins over the shipped one"

@@ -21,8 +21,8 @@ import pytest
 import yaml
 from safetensors.torch import load_file
 
-from services.common.process import port_free
-from services.trainer.metrics import read_records
+from opd.common.process import port_free
+from opd.trainer.metrics import read_records
 from tests.up.test_up import marked_processes, stack_yaml
 
 pytestmark = pytest.mark.slow
@@ -42,7 +42,7 @@ class Up:
         self.stack = yaml.safe_load(config.read_text())
         env = {**os.environ, "OPD_TEST_MARK": self.mark, "COLUMNS": "200"}
         with out.open("w") as sink:
-            self.proc = subprocess.Popen([sys.executable, "-m", "services", "up", str(config)], stdout=sink,
+            self.proc = subprocess.Popen([sys.executable, "-m", "opd", "up", str(config)], stdout=sink,
                                          stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
     @property
@@ -64,7 +64,7 @@ class Up:
             time.sleep(0.1)
 
     def service_pid(self, name: str) -> int:
-        command = f"services\0{name}\0serve".encode()
+        command = f"opd\0{name}\0serve".encode()
         for pid in marked_processes(self.mark):
             try:
                 if command in Path(f"/proc/{pid}/cmdline").read_bytes():

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.common.process import free_port, port_free
+from opd.common.process import free_port, port_free
 
 pytestmark = pytest.mark.slow
 
@@ -59,7 +59,7 @@ def stack_yaml(tmp_path: Path, teacher: Path, student: Path, steps: int = 2, por
 
 def opd(*args: str, mark: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "OPD_TEST_MARK": mark, "COLUMNS": "160"}
-    return subprocess.run([sys.executable, "-m", "services", *args], capture_output=True, text=True, env=env,
+    return subprocess.run([sys.executable, "-m", "opd", *args], capture_output=True, text=True, env=env,
                           timeout=timeout, check=False)
 
 
@@ -123,7 +123,7 @@ def test_swapping_the_teacher_touches_only_the_teacher(tmp_path, teacher_model, 
 def test_stack_model_sources_are_validated() -> None:
     from pydantic import ValidationError
 
-    from services.up.config import ModelSource
+    from opd.up.config import ModelSource
 
     assert ModelSource(prepare="smollm2-135m-instruct", drop_layers="12-21").drop_layers == "12-21"
     for bad in ({"prepare": "smollm2-135m-instruct", "layers": 12, "drop_layers": "12-21"},

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.common.process import ServiceProcess, free_port
+from opd.common.process import ServiceProcess, free_port
 
 
 @contextmanager
