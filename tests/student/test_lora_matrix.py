@@ -17,11 +17,11 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from services.common import protocol as p
-from services.common.errors import InvalidInput
-from services.common.settings import StudentSettings
-from services.student.engine import Sampling
-from services.student.serving import BrokenPolicy, StudentMetrics, StudentService
+from opd.common import protocol as p
+from opd.common.errors import InvalidInput
+from opd.common.settings import StudentSettings
+from opd.student.engine import Sampling
+from opd.student.serving import BrokenPolicy, StudentMetrics, StudentService
 from tests.student.conftest import LORA_TARGETS, save_lora
 from tests.student.test_hf_engine import as_rollouts
 
@@ -72,7 +72,7 @@ def save_broken(base: Path, out: Path) -> Path:
 def peft_logprobs(base: Path, adapter: Path, rollouts: list[dict]) -> list[torch.Tensor]:
     from peft import PeftModel
 
-    from services.common.hf import load_causal_lm, token_logprobs
+    from opd.common.hf import load_causal_lm, token_logprobs
 
     model = PeftModel.from_pretrained(load_causal_lm(str(base), "float32", "cpu"), str(adapter)).eval()
     with torch.no_grad():
@@ -90,10 +90,10 @@ async def served_error(engine, base: Path, adapter: Path, version: int, prompts)
 def make_engine(settings: StudentSettings, engine: str, mode: str):
     settings = settings.model_copy(update={"engine": engine, "lora_mode": mode, "max_lora_rank": 16})
     if engine == "hf":
-        from services.student.hf_engine import HFRolloutEngine
+        from opd.student.hf_engine import HFRolloutEngine
 
         return HFRolloutEngine(settings)
-    from services.student.vllm_engine import VLLMRolloutEngine
+    from opd.student.vllm_engine import VLLMRolloutEngine
 
     return VLLMRolloutEngine(settings)
 
@@ -153,7 +153,7 @@ async def test_a_merging_vllm_student_refuses_what_it_cannot_merge(
 
 async def test_the_real_smollm2_serves_partial_adapters_exactly(tmp_path_factory: pytest.TempPathFactory) -> None:
     """SmolLM2-135M-Instruct on vLLM, merging: q+v and MLP-only adapters (13-21 nats off before the fix)."""
-    from services.common.models import prepare
+    from opd.common.models import prepare
 
     root = tmp_path_factory.mktemp("smollm2-lora")
     model = root / "smollm2"

@@ -153,10 +153,10 @@ def test_a_student_serving_broken_weights_fails_the_call_at_once_naming_the_vers
 ) -> None:
     """A student whose weights give NaN answers 500 naming the version; the trainer does not wait on it
     (services.max_wait_s is 180 s here) and reports one line, not a validation dump of every logprob."""
-    from services.common import protocol as p
-    from services.common.client import StudentClient
-    from services.common.errors import ServiceError
-    from services.trainer.remote import Remote
+    from opd.common import protocol as p
+    from opd.common.client import StudentClient
+    from opd.common.errors import ServiceError
+    from opd.trainer.remote import Remote
     from tests.student.test_lora_matrix import save_broken
 
     root = tmp_path / "checkpoints"
