@@ -126,27 +126,30 @@ CPU_BATCH_TOKENS = 8192  # padded tokens per forward on a CPU, where memory is n
 CUDA_MEMORY_SHARE = 0.5  # of the memory free when a request starts: the stack's other processes share the device
 
 
-def batch_token_budget(model: torch.nn.Module, configured: int | None, bytes_per_token: int) -> int:
-    """Padded tokens per forward: `configured` where given; else CPU_BATCH_TOKENS on a CPU, and on CUDA as many
-    as CUDA_MEMORY_SHARE of the device's free memory holds at `bytes_per_token` (a whole request, where it fits)."""
+def batch_token_budget(
+    model: torch.nn.Module, configured: int | None, bytes_per_token: int, cpu: int = CPU_BATCH_TOKENS
+) -> int:
+    """Padded tokens per forward: `configured` where given; else `cpu` on a CPU, and on CUDA as many as
+    CUDA_MEMORY_SHARE of the device's free memory holds at `bytes_per_token` (a whole request, where it fits)."""
     if configured is not None:
         return configured
     device = next(model.parameters()).device
     if device.type != "cuda":
-        return CPU_BATCH_TOKENS
+        return cpu
     free, _ = torch.cuda.mem_get_info(device)
-    return max(CPU_BATCH_TOKENS, int(free * CUDA_MEMORY_SHARE) // bytes_per_token)
+    return max(cpu, int(free * CUDA_MEMORY_SHARE) // bytes_per_token)
 
 
-def bytes_per_token(model: torch.nn.Module, *, kv_cache: bool = False, vocab_rows: int = 1) -> int:
-    """A forward's memory per token, roughly: a few layers' activations (the widest of hidden and MLP sizes),
-    `vocab_rows` rows of vocabulary-sized logits (the model's dtype and a float32 copy), and with `kv_cache`
-    every layer's keys and values."""
+def bytes_per_token(model: torch.nn.Module, *, kv_cache: bool = False, vocab_rows: int = 1, training: bool = False) -> int:
+    """A forward's memory per token, roughly: a few layers' activations (the widest of hidden and MLP sizes;
+    with `training`, every layer's, kept for the backward pass), `vocab_rows` rows of vocabulary-sized logits
+    (the model's dtype and float32 copies), and with `kv_cache` every layer's keys and values."""
     c = model.config
     size = next(model.parameters()).element_size()
     hidden = c.hidden_size
     width = max(hidden, getattr(c, "intermediate_size", 0) or 4 * hidden)
-    per_token = 16 * width * size + vocab_rows * c.vocab_size * (size + 4)
+    layers = c.num_hidden_layers if training else 1
+    per_token = 16 * width * size * layers + vocab_rows * c.vocab_size * (size + 4 * (3 if training else 1))
     if kv_cache:
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or hidden // heads
