@@ -21,7 +21,10 @@ captured CUDA graph replays them all in one launch. Choices:
    request after a swap. A request keeps its graph (and the weights it was
    captured with) until it finishes: a graph serves one request at a time.
 5) Capture runs on the engine's worker thread in thread-local mode, so a
-   weight swap loading on another thread meanwhile is no error.
+   weight swap loading on another thread meanwhile is no error. Each graph
+   has its own memory pool: a pool shared by graphs cannot be captured into
+   again once its graphs are gone while its tensors live (torch 2.11 stops
+   at an internal assert), and one step's pool is small.
 """
 
 from __future__ import annotations
@@ -58,9 +61,9 @@ class StaticKV:
 class GraphDecoder:
     """One batch shape's cache, inputs, outputs and captured decode step."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, length: int, pool=None, *, capture: bool = True) -> None:
+    def __init__(self, model: torch.nn.Module, batch: int, length: int, *, capture: bool = True) -> None:
         p = next(model.parameters())
-        self.batch, self.length, self.pool, self.capture = batch, length, pool, capture
+        self.batch, self.length, self.capture = batch, length, capture
         self.kv = StaticKV(model.config, batch, length, p.dtype, p.device)
         self.ids_B1 = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
         self.pos_B1 = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
@@ -115,7 +118,7 @@ class GraphDecoder:
     @torch.inference_mode()
     def _capture(self, model: torch.nn.Module) -> None:
         """Warms up on a side stream, captures one step, and puts the decoding state back as it was."""
-        self.model, self.graph = model, None
+        self.model, self.graph, self.logits_BV = model, None, None  # the old graph and its memory go
         saved = self.at_1.clone(), self.pos_B1.clone(), self.attend_BL.clone()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -124,7 +127,7 @@ class GraphDecoder:
                 self._forward()
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"):
             self.logits_BV = self._forward()
         self.graph = graph
         for buffer, value in zip((self.at_1, self.pos_B1, self.attend_BL), saved, strict=True):
@@ -137,7 +140,6 @@ class GraphPool:
     def __init__(self, size: int = 4, *, capture: bool = True) -> None:
         self.size, self.capture = size, capture
         self.idle: list[GraphDecoder] = []
-        self.mempool = torch.cuda.graph_pool_handle() if capture else None
         self.failed = False  # a capture failed: the engine decodes without graphs from then on
 
     @staticmethod
@@ -151,7 +153,7 @@ class GraphPool:
                 return self.idle.pop(i)
         while len(self.idle) >= self.size:
             self.idle.pop(0)
-        return GraphDecoder(model, batch, length, self.mempool, capture=self.capture)
+        return GraphDecoder(model, batch, length, capture=self.capture)
 
     def give_back(self, decoder: GraphDecoder) -> None:
         self.idle.append(decoder)

@@ -75,16 +75,21 @@ def test_student_samples_on_cuda_what_the_cpu_scores(student, student_model: Pat
     assert [[s.token_ids for s in g] for g in again] == [[s.token_ids for s in g] for g in groups]
 
 
-def test_lora_swap_on_cuda(student, student_model: Path, lora_root: Path) -> None:
+def test_lora_swap_on_cuda(student_model: Path, lora_root: Path) -> None:
+    """One engine, one batch shape: the swap makes its one decoder capture its graph again."""
     import asyncio
 
+    from services.student.hf_engine import HFRolloutEngine
+
+    student = HFRolloutEngine(StudentSettings(model=str(student_model), engine="hf", dtype="float32", device="cuda",
+                                              checkpoint_root=str(lora_root), max_lora_rank=16))
     prompts = prompts_of(student.tokenizer)
     before = student.sample_sync(prompts, Sampling(n=2, max_tokens=12, temperature=0.0))
     asyncio.run(student.load_lora(lora_root / "lora-a", 1))
     after = student.sample_sync(prompts, Sampling(n=2, max_tokens=12, temperature=0.0))
     assert [s.token_ids for g in after for s in g] != [s.token_ids for g in before for s in g]
     assert max_error(Reference(student_model, lora_root), "lora-a", prompts, after) < ATOL
-    assert not student.graphs.failed
+    assert student.graphs is not None and not student.graphs.failed and len(student.graphs.idle) == 1
 
 
 def test_tiny_opd_up_on_cuda(tmp_path: Path, teacher_model: Path, student_model: Path) -> None:
