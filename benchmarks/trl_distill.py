@@ -18,7 +18,7 @@ TRL samples one completion per prompt, so opd's `prompts x samples` sequences
 become as many distinct prompts here. Everything else matches opd's demo run:
 LoRA rank 16 (alpha 32) on every linear layer, AdamW at the same rate with the
 same warm-up, gradient clipping at 1, float32 student and teacher (as the
-demo serves them), temperature 1, top-p 1, no top-k. TRL's own defaults
+demo serves them; `--dtype bfloat16` for step_time.py's GPU preset), temperature 1, top-p 1, no top-k. TRL's own defaults
 stand where opd has no counterpart (gradient checkpointing on).
 
 Prints one JSON line per optimizer step: {"step": n, "seconds": s, "loss": l}.
@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--alpha", type=float, default=32.0)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="student and teacher weights")
     ap.add_argument("--out", default="trl-out")
     args = ap.parse_args()
 
@@ -75,8 +76,8 @@ def main() -> None:
         top_p=1.0,
         top_k=0,
         beta=1.0,
-        model_init_kwargs={"dtype": "float32"},
-        teacher_model_init_kwargs={"dtype": "float32"},
+        model_init_kwargs={"dtype": args.dtype},
+        teacher_model_init_kwargs={"dtype": args.dtype},
         shuffle_dataset=False,
         logging_steps=1,
         save_strategy="no",

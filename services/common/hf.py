@@ -16,6 +16,9 @@ through it. Choices:
    without gradient (it is piecewise constant); the scored token always
    counts as inside it, so a token sampled at the nucleus' edge never gets
    log 0 from a last-bit difference between engines.
+5) Batches are sized for the device (`batch_token_budget`): a fixed token
+   budget on a CPU; on CUDA from the memory free when a request starts, so a
+   whole rollout or scoring request runs as one batch where it fits.
 """
 
 from __future__ import annotations
@@ -117,6 +120,42 @@ def outside_nucleus(rows_TV: torch.Tensor, top_p: float, keep_T: torch.Tensor) -
     drop_TV = torch.zeros_like(drop_sorted_TV).scatter(-1, order_TV, drop_sorted_TV)
     drop_TV[torch.arange(len(keep_T), device=drop_TV.device), keep_T] = False
     return drop_TV
+
+
+CPU_BATCH_TOKENS = 8192  # padded tokens per forward on a CPU, where memory is not what limits a batch
+CUDA_MEMORY_SHARE = 0.5  # of the memory free when a request starts: the stack's other processes share the device
+
+
+def batch_token_budget(
+    model: torch.nn.Module, configured: int | None, bytes_per_token: int, cpu: int = CPU_BATCH_TOKENS
+) -> int:
+    """Padded tokens per forward: `configured` where given; else `cpu` on a CPU, and on CUDA as many as
+    CUDA_MEMORY_SHARE of the device's free memory holds at `bytes_per_token` (a whole request, where it fits)."""
+    if configured is not None:
+        return configured
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return cpu
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(cpu, int(free * CUDA_MEMORY_SHARE) // bytes_per_token)
+
+
+def bytes_per_token(model: torch.nn.Module, *, kv_cache: bool = False, vocab_rows: int = 1, training: bool = False) -> int:
+    """A forward's memory per token, roughly: a few layers' activations (the widest of hidden and MLP sizes;
+    with `training`, every layer's, kept for the backward pass), `vocab_rows` rows of vocabulary-sized logits
+    (the model's dtype and float32 copies), and with `kv_cache` every layer's keys and values."""
+    c = model.config
+    size = next(model.parameters()).element_size()
+    hidden = c.hidden_size
+    width = max(hidden, getattr(c, "intermediate_size", 0) or 4 * hidden)
+    layers = c.num_hidden_layers if training else 1
+    per_token = 16 * width * size * layers + vocab_rows * c.vocab_size * (size + 4 * (3 if training else 1))
+    if kv_cache:
+        heads = c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or hidden // heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or heads
+        per_token += 2 * c.num_hidden_layers * kv_heads * head_dim * size
+    return per_token
 
 
 def token_budget_batches(lengths: Sequence[int], budget: int) -> Iterator[list[int]]:

@@ -47,7 +47,10 @@ class EngineSettings(ServiceSettings):
     gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
     tensor_parallel_size: int = Field(default=1, ge=1)
     # hf only.
-    micro_batch_tokens: int = Field(default=8192, ge=16, description="Padded tokens per forward.")
+    micro_batch_tokens: int | None = Field(
+        default=None, ge=16,
+        description="Padded tokens per forward; default: 8192 on a CPU, from the free memory on CUDA.",
+    )
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]' (hf engine).")
 
 
@@ -73,21 +76,24 @@ class StudentSettings(EngineSettings):
     turn_tokens: int = Field(
         default=16, ge=1, description="hf engine: tokens one micro-batch decodes before the next request takes a turn.",
     )
+    cuda_graphs: bool = Field(
+        default=True, description="hf engine on CUDA: each decode step one CUDA graph replay (a fixed-size KV cache).",
+    )
     max_lora_rank: int = Field(default=64, ge=1)
     enable_lora: bool = True
     lora_mode: Literal["auto", "adapter", "merge"] = Field(
         default="auto",
         description="How a LoRA version is served: 'adapter' (vLLM's LoRA kernels, peft in the hf engine), 'merge' "
-        "(merged into the serving weights in place: plain-weight speed), 'auto': merge on a machine without a GPU, "
-        "where vLLM's LoRA kernels are slow, adapter otherwise.",
+        "(merged into the serving weights in place: plain-weight speed), 'auto': merge in the hf engine and on a "
+        "machine without a GPU, where vLLM's LoRA kernels are slow; adapter otherwise.",
     )
 
     @property
     def merge_lora(self) -> bool:
-        if self.lora_mode == "auto":
+        if self.lora_mode == "auto":  # the hf engine's merged weights sample faster on any device
             import torch
 
-            return not torch.cuda.is_available()
+            return self.engine == "hf" or not torch.cuda.is_available()
         return self.lora_mode == "merge"
 
 

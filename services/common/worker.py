@@ -33,5 +33,10 @@ class Worker:
         """`fn(*args)` on the worker thread, after every turn asked for before it."""
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
 
+    def later(self, fn: Callable[..., object], *args: Any) -> None:
+        """`fn(*args)` on the worker thread after every turn asked for before it, without waiting for it
+        (clean-up that must not overlap a turn still running, even when its request was cancelled)."""
+        self._pool.submit(fn, *args)
+
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -14,7 +14,7 @@ CheckpointRoot = Annotated[str | None, typer.Option(help="Folder that POST /weig
 MaxLoraRank = Annotated[int | None, typer.Option(help="Largest LoRA rank a weight swap may bring.")]
 EnableLora = Annotated[bool | None, typer.Option("--enable-lora/--no-lora", help="Accept LoRA versions.")]
 LoraMode = Annotated[str | None, typer.Option(
-    help="auto | adapter | merge: serve LoRA versions as adapters, or merged into the weights (auto: merge without a GPU).")]
+    help="auto | adapter | merge: serve LoRA versions as adapters, or merged into the weights (auto: merge in the hf engine and without a GPU).")]
 
 
 @app.command()

@@ -18,13 +18,20 @@ Choices:
 5) A swap builds the new policy beside the old one and then switches to it:
    a failed load leaves the old version serving.
 6) Memory: each request in flight holds the KV cache of one micro-batch at
-   most (`micro_batch_tokens` tokens), so `max_pending` bounds the total.
+   most (`micro_batch_tokens` tokens; on CUDA by default as many as half the
+   free memory holds: a whole request where it fits), so `max_pending`
+   bounds the total.
+7) On CUDA, decoding checks whether every row has finished once per turn,
+   not once per token (the check waits for the device), and each decode
+   step is one CUDA graph replay (services/student/cuda_graphs.py; off with
+   `cuda_graphs=False`). On a CPU every step runs as it always has.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,9 +39,11 @@ import torch
 
 from opd.common.settings import StudentSettings
 from opd.common.worker import Worker
+from opd.student.cuda_graphs import GraphDecoder, GraphPool
 from opd.student.engine import FinishReason, RolloutEngine, Sample, Sampling, cut_text, first_stop
 from opd.student.sampling import next_tokens
 
+log = logging.getLogger("opd.student")
 
 @dataclass
 class Decoding:
@@ -46,6 +55,7 @@ class Decoding:
     mask: torch.Tensor  # [B, prompt width + generated]
     logits: torch.Tensor  # [B, V]: the next token's
     finished: torch.Tensor  # [B] bool
+    graph: GraphDecoder | None = None  # CUDA: the decoder whose graph runs each step
     tokens: list[torch.Tensor] = field(default_factory=list)  # per step, [B]
     logprobs: list[torch.Tensor] = field(default_factory=list)
 
@@ -59,9 +69,10 @@ class HFRolloutEngine(RolloutEngine):
 
     def __init__(self, settings: StudentSettings) -> None:
         super().__init__(settings)
-        from opd.common.hf import load_causal_lm
+        from opd.common.hf import bytes_per_token, load_causal_lm
 
         model = load_causal_lm(settings.model, settings.dtype, settings.device)
+        self.bytes_per_token = bytes_per_token(model, kv_cache=True, vocab_rows=0)
         config = model.config
         self.vocab_size = min(config.vocab_size, len(self.tokenizer))
         limit = getattr(config, "max_position_embeddings", None) or 2048
@@ -73,13 +84,15 @@ class HFRolloutEngine(RolloutEngine):
         self.pad_id = pad if pad is not None else min(self.eos_ids, default=0)
         self.model = self.base = model.eval()  # base: the weights a LoRA version applies to
         self.worker = Worker("opd-student-hf")
+        self.on_cuda = self.device.type == "cuda"
+        self.graphs = GraphPool() if self.on_cuda and settings.cuda_graphs else None
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
     async def sample(self, prompts_P: list[list[int]], sampling: Sampling) -> list[list[Sample]]:
-        from opd.common.hf import token_budget_batches
+        from opd.common.hf import batch_token_budget, token_budget_batches
 
         rows = [i for i in range(len(prompts_P)) for _ in range(sampling.n)]
         lengths = [len(prompts_P[i]) + sampling.max_tokens for i in rows]
@@ -89,10 +102,15 @@ class HFRolloutEngine(RolloutEngine):
         else:
             generator.manual_seed(sampling.seed)
         out: list[Sample | None] = [None] * len(rows)
-        for batch in token_budget_batches(lengths, self.settings.micro_batch_tokens):
+        budget = batch_token_budget(self.model, self.settings.micro_batch_tokens, self.bytes_per_token)
+        for batch in token_budget_batches(lengths, budget):
             d = await self.worker.run(self._prefill, [prompts_P[rows[r]] for r in batch], sampling, generator)
-            while not d.done:
-                await self.worker.run(self._decode, d, self.settings.turn_tokens)
+            try:
+                while not d.done:
+                    await self.worker.run(self._decode, d, self.settings.turn_tokens)
+            finally:
+                if d.graph is not None and self.graphs is not None:  # after any turn still running
+                    self.worker.later(self.graphs.give_back, d.graph)
             for r, sample in zip(batch, self._samples(d), strict=True):
                 out[r] = sample
         n = sampling.n
@@ -111,12 +129,28 @@ class HFRolloutEngine(RolloutEngine):
             ids[b, width - len(p) :] = torch.as_tensor(p)
             mask[b, width - len(p) :] = 1
         ids, mask = ids.to(self.device), mask.to(self.device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
-        d = Decoding(sampling, generator, out.past_key_values, mask, out.logits[:, -1], finished)
+        graph = self._graph_prefill(ids, mask, sampling.max_tokens)
+        if graph is not None:
+            d = Decoding(sampling, generator, None, mask, graph[1], finished, graph[0])
+        else:
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+            d = Decoding(sampling, generator, out.past_key_values, mask, out.logits[:, -1], finished)
         self._decode(d, self.settings.turn_tokens)
         return d
+
+    def _graph_prefill(self, ids: torch.Tensor, mask: torch.Tensor, max_tokens: int) -> tuple[GraphDecoder, torch.Tensor] | None:
+        """On CUDA: the prompts prefilled into a graph decoder's cache, and their next-token logits."""
+        if self.graphs is None or self.graphs.failed:
+            return None
+        decoder = self.graphs.take(self.model, ids.shape[0], GraphPool.length(ids.shape[1], max_tokens))
+        try:
+            return decoder, decoder.prefill(self.model, ids, mask)
+        except Exception:  # a model transformers runs some other way: decode without graphs from now on
+            log.warning("CUDA graph decoding failed; the student decodes without graphs", exc_info=True)
+            self.graphs.failed = True
+            return None
 
     @torch.inference_mode()
     def _decode(self, d: Decoding, steps: int) -> None:
@@ -130,8 +164,11 @@ class HFRolloutEngine(RolloutEngine):
             d.finished |= torch.isin(token_B, eos)
             if d.sampling.stop:
                 self._stop_rows(d)
-            if d.done:
-                return
+            if len(d.tokens) >= d.sampling.max_tokens or (not self.on_cuda and d.done):
+                return  # on CUDA, whether all rows finished is asked once per turn (sample), not per token
+            if d.graph is not None:
+                d.logits = d.graph.step(token_B)
+                continue
             d.mask = torch.cat([d.mask, torch.ones_like(d.mask[:, :1])], dim=1)
             positions = d.mask.sum(-1, keepdim=True) - 1
             out = self.model(

@@ -5,7 +5,7 @@ starts at and returns the log-probability of every token from there on (and
 optionally the top-k alternatives and each token's rank in the vocabulary,
 which vLLM's OpenAI-compatible answers carry). Two implementations:
 - `HFScoringEngine` here: transformers + torch, micro-batched by a token
-  budget; the reference the vLLM engine is tested against. Each micro-batch
+  budget (on CUDA sized from free memory: services/common/hf.py); the reference the vLLM engine is tested against. Each micro-batch
   is one turn on the engine's worker thread (services/common/worker.py), so
   requests in flight take turns round robin: a request of many sequences
   cannot hold back a small one until it is done, and a cancelled request
@@ -65,9 +65,10 @@ class HFScoringEngine(ScoringEngine):
 
     def __init__(self, settings: TeacherSettings) -> None:
         super().__init__(settings)
-        from opd.common.hf import load_causal_lm
+        from opd.common.hf import bytes_per_token, load_causal_lm
 
         self.model = load_causal_lm(settings.model, settings.dtype, settings.device)
+        self.bytes_per_token = bytes_per_token(self.model)  # logits for every token
         config = self.model.config
         self.vocab_size = min(config.vocab_size, len(self.tokenizer))
         limit = getattr(config, "max_position_embeddings", None) or 2048
@@ -76,9 +77,10 @@ class HFScoringEngine(ScoringEngine):
         self.worker = Worker("opd-teacher-hf")
 
     def _batches(self, jobs: list[ScoreJob]) -> list[list[int]]:
-        from opd.common.hf import token_budget_batches
+        from opd.common.hf import batch_token_budget, token_budget_batches
 
-        return list(token_budget_batches([len(j.token_ids) for j in jobs], self.settings.micro_batch_tokens))
+        budget = batch_token_budget(self.model, self.settings.micro_batch_tokens, self.bytes_per_token)
+        return list(token_budget_batches([len(j.token_ids) for j in jobs], budget))
 
     async def score(
         self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0, ranks: bool = False

@@ -58,7 +58,9 @@ class StudentConfig(Section):
     lora: LoraSettings = LoraSettings()
     dtype: Literal["float32", "bfloat16"] = "float32"
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]'.")
-    micro_batch_tokens: PositiveInt = Field(default=4096, description="Padded tokens per training forward.")
+    micro_batch_tokens: PositiveInt | None = Field(
+        default=None, description="Padded tokens per training forward; default: 4096 on a CPU, from the free memory on CUDA.",
+    )
     # None: torch's default (every core). Idle vLLM engines spin for only a second
     # after their last step, so a trainer beside them can use every core.
     torch_threads: PositiveInt | None = None

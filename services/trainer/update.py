@@ -9,8 +9,9 @@ Choices:
    log-likelihood of the (teacher's) tokens (objectives.py).
 2) The step's samples are split into `substeps` contiguous chunks, one
    optimizer step each; each chunk is run in micro-batches of at most
-   `micro_batch_tokens` padded tokens with gradients accumulated, and its loss
-   is normalised by the chunk's completion tokens.
+   `micro_batch_tokens` padded tokens (by default 4096 on a CPU; on CUDA
+   sized from free memory) with gradients accumulated, and its loss is
+   normalised by the chunk's completion tokens.
 3) A chunk whose loss or gradient norm is NaN or infinite takes no optimizer
    step (policy.py): its gradient is dropped, the weights, the optimizer
    state and the schedule stay as they were, and the step reports it in
@@ -26,13 +27,14 @@ from typing import Any
 
 import torch
 
-from opd.common.hf import token_budget_batches
+from opd.common.hf import batch_token_budget, bytes_per_token, token_budget_batches
 from opd.trainer import loss as L
 from opd.trainer.config import RunConfig
 from opd.trainer.policy import Policy
 from opd.trainer.rollouts import Sample
 
 log = logging.getLogger("opd.trainer")
+CPU_BATCH_TOKENS = 4096  # padded tokens per training forward on a CPU (on CUDA: from free memory)
 
 
 def task_rewards(samples: list[Sample], reward_fn: Callable[[dict, str], float]) -> tuple[list[float], list[float]]:
@@ -101,7 +103,9 @@ def accumulate(
     num_tokens = sum(len(s.token_ids) for s in samples)
     total, stats = 0.0, []
     lengths = [len(s.prompt_ids) + len(s.token_ids) for s in samples]
-    for batch in token_budget_batches(lengths, config.student.micro_batch_tokens):
+    budget = batch_token_budget(policy.model, config.student.micro_batch_tokens,
+                                bytes_per_token(policy.model, training=True), cpu=CPU_BATCH_TOKENS)
+    for batch in token_budget_batches(lengths, budget):
         loss, batch_stats = chunk_loss(policy, [samples[i] for i in batch], [adv_B[i] for i in batch], config, num_tokens)
         loss.backward()
         total += loss.item()

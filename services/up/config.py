@@ -61,7 +61,7 @@ class EngineService(_Section):
 
 class StudentService(EngineService):
     lora_mode: Literal["auto", "adapter", "merge"] = Field(
-        default="auto", description="LoRA versions as adapters or merged into the weights (auto: merged without a GPU)."
+        default="auto", description="LoRA versions as adapters or merged into the weights (auto: merged in the hf engine and without a GPU)."
     )
 
 

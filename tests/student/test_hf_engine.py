@@ -162,3 +162,18 @@ async def test_a_long_request_does_not_hold_back_a_short_one(student_settings: S
     assert len(short[0][0].token_ids) in range(1, 5) and len(groups) == 3
     assert short_done - began < 0.5 * long_seconds
     await engine.close()
+
+
+def test_the_fixed_size_cache_decodes_what_the_growing_one_does(
+    fresh: HFRolloutEngine, hf_engine: HFRolloutEngine, prompts, reference: Reference
+) -> None:
+    """The CUDA graph path's cache and masks (services/student/cuda_graphs.py), run eagerly on the CPU."""
+    from opd.student.cuda_graphs import GraphPool
+
+    fresh.graphs = GraphPool(capture=False)
+    sampling = Sampling(n=3, max_tokens=12, temperature=1.0, seed=3)
+    fixed = fresh.sample_sync(prompts, sampling)
+    growing = hf_engine.sample_sync(prompts, sampling)
+    assert [[s.token_ids for s in g] for g in fixed] == [[s.token_ids for s in g] for g in growing]
+    assert reference.max_error("base", as_rollouts(prompts, fixed)) < ATOL
+    assert len(fresh.graphs.idle) == 1  # the decoder came back for the next request
