@@ -20,6 +20,7 @@ Choices:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -34,6 +35,7 @@ from opd.common.protocol import MIN_TEMPERATURE
 ENV_PREFIX = "OPD_TRAIN_"
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PositiveInt = Annotated[int, Field(ge=1)]
+MEASURE_NAME = re.compile(r"[a-z][a-z0-9_]*")  # a metric name's suffix: accuracy_<name>
 
 
 class ConfigError(InvalidInput):
@@ -112,6 +114,10 @@ class EvalConfig(Section):
     samples_per_prompt: Annotated[int, Field(ge=1, le=64)] = 1
     max_tokens: PositiveInt | None = Field(default=None, description="Default: sampling.max_tokens.")
     verifier: str | None = Field(default=None, description="'module:function' (row, completion_text) -> bool: eval accuracy.")
+    measures: dict[str, str] = Field(
+        default_factory=dict,
+        description="More verdicts beside the verifier, name -> 'module:function' (row, completion_text) -> bool: "
+                    "each recorded as accuracy_<name> (held out) and train_accuracy_<name> (each step).")
 
 
 class ChatTurn(Section):
@@ -214,6 +220,10 @@ class RunConfig(Section):
     def _consistent(self) -> RunConfig:
         if self.eval.verifier is not None and self.eval.verifier.count(":") != 1:
             raise ValueError("eval.verifier: write it as 'package.module:function'")
+        for name, spec in self.eval.measures.items():
+            if not MEASURE_NAME.fullmatch(name) or spec.count(":") != 1:
+                raise ValueError(f"eval.measures.{name}: name it in lower case, a-z 0-9 _, "
+                                 "and write it as 'package.module:function'")
         if self.objective == "sft" and not self.teacher_sampler_url:
             raise ValueError("objective sft: give teacher_sampler_url, a student service serving the teacher's model")
         if self.objective == "rl" and not (self.reward_fn or self.eval.verifier):

@@ -60,7 +60,7 @@ from opd.trainer.data import PromptRow, PromptSampler, load_prompts
 from opd.trainer.metrics import MetricsWriter, plot_teacher_kl
 from opd.trainer.remote import Remote, RunStopped
 from opd.trainer.rollouts import Sample, StaleRollouts, kl_summary, load_callable, sample, score
-from opd.trainer.objectives import step_counts, step_rewards, teacher_samples
+from opd.trainer.objectives import accuracies, step_counts, step_rewards, teacher_samples
 from opd.trainer.update import train_on
 
 log = logging.getLogger("opd.trainer")
@@ -116,6 +116,8 @@ class Trainer:
         self.sampler = PromptSampler(len(self.train_rows), config.seed)
         self.reward_fn = load_callable(config.reward_fn, "reward_fn") if config.reward_fn else None
         self.verifier = load_callable(config.eval.verifier, "eval.verifier") if config.eval.verifier else None
+        self.measures = {name: load_callable(spec, f"eval.measures.{name}")
+                         for name, spec in config.eval.measures.items()}
         self.policy = Policy(config)
         self.store = PolicyStore(config.checkpoint_root, config.name, config.keep_versions)
         resumed = self.resume()
@@ -240,7 +242,7 @@ class Trainer:
             log.warning("step %d: no update (loss or gradient not finite); the student keeps version %d", step, self.version)
         synced = time.perf_counter()
         record = {
-            **kl_summary(samples), **update, **step_counts(c.objective, samples, self.verifier),
+            **kl_summary(samples), **update, **step_counts(c.objective, samples, self.verifier, self.measures),
             "policy_version": self.version,
             # optimizer steps between the weights that sampled this step and those it trained
             "staleness": (step - 1) - self.made_at.get(sampled_by, step - 1),
@@ -258,7 +260,7 @@ class Trainer:
         return self.metrics.write("train", step, record)
 
     def evaluate(self) -> dict[str, Any]:
-        """Teacher KL of the student's samples on the held-out prompts (and accuracy with a verifier)."""
+        """Teacher KL of the student's samples on the held-out prompts (and accuracies with a verifier or measures)."""
         c = self.config
         began = time.perf_counter()
         samples = self.sample_on_policy(
@@ -267,8 +269,7 @@ class Trainer:
         )
         score(self.remote, samples)
         record: dict[str, Any] = kl_summary(samples)
-        if self.verifier is not None:
-            record["accuracy"] = sum(bool(self.verifier(x.row, x.text)) for x in samples) / max(1, len(samples))
+        record.update(accuracies(samples, self.verifier, self.measures))
         record["time_eval"] = time.perf_counter() - began
         log.info("eval at step %d: teacher_kl %.4f", self.step, record["teacher_kl"])
         assert self.metrics is not None

@@ -26,7 +26,10 @@ Choices:
    the files the student service renders with, so the tokens trained on are
    those the student would see.
 3) With a verifier, every arm reports `train_accuracy`, the verifier's mean
-   over the step's training completions (for sft: the teacher's).
+   over the step's training completions (for sft: the teacher's), and
+   `train_accuracy_<name>` for each of `eval.measures` (a task's further
+   verdicts: is the answer right, say); evaluations record the same without
+   the `train_` prefix. `accuracy` stays the verifier's, the reward rl learns.
 """
 
 from __future__ import annotations
@@ -68,6 +71,14 @@ def verified(samples: list[Sample], verifier: Verifier) -> list[float]:
     return [1.0 if verifier(s.row, s.text) else 0.0 for s in samples]
 
 
+def accuracies(samples: list[Sample], verifier: Verifier | None, measures: dict[str, Verifier],
+               prefix: str = "") -> dict[str, float]:
+    """{prefix}accuracy (the verifier's mean verdict) and {prefix}accuracy_<name> per measure (0 without samples)."""
+    judges = {"accuracy": verifier} if verifier is not None else {}
+    judges |= {f"accuracy_{name}": measure for name, measure in measures.items()}
+    return {prefix + key: sum(verified(samples, judge)) / max(1, len(samples)) for key, judge in judges.items()}
+
+
 def step_rewards(
     objective: str, samples: list[Sample], reward_fn: Verifier | None, verifier: Verifier | None
 ) -> tuple[list[float] | None, list[float] | None]:
@@ -81,13 +92,13 @@ def step_rewards(
     return task_rewards(samples, reward_fn)
 
 
-def step_counts(objective: str, samples: list[Sample], verifier: Verifier | None) -> dict[str, float]:
+def step_counts(
+    objective: str, samples: list[Sample], verifier: Verifier | None, measures: dict[str, Verifier] | None = None
+) -> dict[str, float]:
     tokens = sum(len(s.token_ids) for s in samples)
     out: dict[str, float] = {
         "tokens_sampled": tokens,
         "tokens_scored": tokens if objective == "opd" else 0,
         "tokens_trained": tokens,
     }
-    if verifier is not None and samples:
-        out["train_accuracy"] = sum(verified(samples, verifier)) / len(samples)
-    return out
+    return out | (accuracies(samples, verifier, measures or {}, prefix="train_") if samples else {})

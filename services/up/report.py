@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -31,7 +32,10 @@ def step_line(record: dict[str, Any]) -> str:
 
 
 def eval_line(record: dict[str, Any]) -> str:
+    """Teacher KL, the verifier's `accuracy`, and each further measure by its name (`accuracy_correct`: correct)."""
     accuracy = f", accuracy {record['accuracy']:.3f}" if "accuracy" in record else ""
+    accuracy += "".join(f", {key.removeprefix('accuracy_')} {value:.3f}" for key, value in record.items()
+                        if key.startswith("accuracy_") and isinstance(value, (int, float)))
     return (f"[cyan]eval    teacher KL on held-out prompts {record.get('teacher_kl', float('nan')):.4f}{accuracy}"
             f" (step {record['step']})[/cyan]")
 
@@ -97,11 +101,39 @@ def end_summary(output_dir: Path, steps: int, restarts: dict[str, int]) -> list[
     ]
 
 
-def samples_table(prompts: list[dict], before: list[str], after: list[str]) -> Table:
+def verdicts(row: dict[str, Any], reply: str, judges: dict[str, Callable[[dict, str], Any]]) -> str:
+    """'verifier ✓  correct ✗  content ✓': each judge's verdict on one reply, a judge that fails marked '?'."""
+    marks = []
+    for name, judge in judges.items():
+        try:
+            mark = "[green]✓[/green]" if judge(row, reply) else "[red]✗[/red]"
+        except (ValueError, KeyError, TypeError):  # a row the judge cannot read (no `answer`): shown, not fatal
+            mark = "?"
+        marks.append(f"{name} {mark}")
+    return "  ".join(marks)
+
+
+def samples_table(
+    rows: list[dict], before: list[str], after: list[str], judges: dict[str, Callable[[dict, str], Any]] | None = None
+) -> Table:
+    """The held-out rows' questions, reference answers (when the rows have them) and replies before and after;
+    under each reply, every judge's verdict (the run's verifier and measures)."""
     table = Table(title="the student on held-out prompts, before and after distillation", show_lines=True)
-    table.add_column("prompt", ratio=1)
-    table.add_column("before", ratio=2)
-    table.add_column("after", ratio=2)
-    for prompt, b, a in zip(prompts, before, after, strict=True):
-        table.add_row(prompt["messages"][-1]["content"], b.strip(), a.strip())
+    table.add_column("prompt", ratio=2)
+    answers = any("answer" in row for row in rows)
+    if answers:
+        table.add_column("answer", ratio=1)
+    table.add_column("before", ratio=3)
+    table.add_column("after", ratio=3)
+    for row, b, a in zip(rows, before, after, strict=True):
+        cells = [prompt_text(row)] + ([str(row.get("answer", ""))] if answers else [])
+        for reply in (b, a):
+            marks = verdicts(row, reply, judges) if judges else ""
+            cells.append(escape(reply.strip()) + (f"\n[dim]{marks}[/dim]" if marks else ""))
+        table.add_row(*cells)
     return table
+
+
+def prompt_text(row: dict[str, Any]) -> str:
+    """A row's question: its `prompt`, else the last message of its `messages`."""
+    return escape(str(row["prompt"] if "prompt" in row else row["messages"][-1]["content"]))

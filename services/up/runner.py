@@ -30,9 +30,10 @@ from typing import Any
 from rich.console import Console
 
 from opd.common.client import StudentClient
-from opd.common.errors import OPDError, ServiceError
+from opd.common.errors import InvalidInput, OPDError, ServiceError
 from opd.common.process import ServiceProcess, StartupFailed, port_free
 from opd.trainer.config import deep_merge
+from opd.trainer.rollouts import load_callable
 from opd.up.config import EngineService, StackConfig
 from opd.up.follow import Outcome, RunFollower
 from opd.up.interrupts import Interrupts
@@ -182,12 +183,30 @@ def data_path(path: str) -> str:
     return str(shipped) if shipped.exists() else path
 
 
-def held_out_prompts(run: dict[str, Any], count: int) -> list[dict]:
+def held_out_rows(run: dict[str, Any], count: int) -> list[dict]:
+    """The last `count` rows of the held-out JSONL file, every field kept (a reference `answer`, say)."""
     path = Path(run["dataset"].get("eval_path") or run["dataset"]["path"])
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.suffix == ".jsonl" else []
-    picked = rows[-count:] if count else []
-    return [{"messages": r["messages"]} if "messages" in r else {"messages": [{"role": "user", "content": r["prompt"]}]}
-            for r in picked]
+    return rows[-count:] if count else []
+
+
+def as_prompt(row: dict) -> dict:
+    return {"messages": row["messages"] if "messages" in row else [{"role": "user", "content": row["prompt"]}]}
+
+
+def judges(run: dict[str, Any]) -> dict[str, Callable[[dict, str], Any]]:
+    """The run's verifier (shown as 'verifier') and its named measures, to mark the samples shown; one that
+    only the trainer can import is left out."""
+    evaluation = run.get("eval", {})
+    specs = {"verifier": evaluation["verifier"]} if evaluation.get("verifier") else {}
+    specs |= evaluation.get("measures", {})
+    out = {}
+    for name, spec in specs.items():
+        try:
+            out[name] = load_callable(spec, name)
+        except InvalidInput:
+            continue
+    return out
 
 
 def sample(student: StudentClient, prompts: list[dict], max_tokens: int, console: Console) -> list[str] | None:
@@ -236,7 +255,8 @@ def distill(stack: Stack, interrupts: Interrupts) -> tuple[int, bool]:
     supervisor = stack.supervise()
     run = stack.run_config(student_model)
     student = StudentClient(stack.url("student"), api_key=stack.api_key)
-    prompts = held_out_prompts(run, config.samples_to_show)
+    rows = held_out_rows(run, config.samples_to_show)
+    prompts = [as_prompt(row) for row in rows]
     max_tokens = int(run.get("sampling", {}).get("max_tokens", 64))
     before = sample(student, prompts, max_tokens, console)
     follower = RunFollower(stack.url("trainer"), stack.api_key, run, supervisor, interrupts, console, config.stop_grace_s)
@@ -246,7 +266,7 @@ def distill(stack: Stack, interrupts: Interrupts) -> tuple[int, bool]:
     outcome = follower.follow()
     after = sample(student, prompts, max_tokens, console) if outcome.state == "completed" else None
     if prompts and before is not None and after is not None:
-        console.print(samples_table(prompts, before, after))
+        console.print(samples_table(rows, before, after, judges(run)))
     return report(stack, outcome, time.monotonic() - began, interrupts), outcome.state == "interrupted"
 
 

@@ -1,12 +1,27 @@
-"""The demo's skill task: its verifier, its data and its stack file fit together."""
+"""The demo's skill task: its three measures, its data with their reference answers, and its stack file."""
 
 from __future__ import annotations
 
-from opd.tasks.short_answer import verify
-from opd.up.config import DEFAULT_CONFIG
-from tests.tasks.stacks import held_out_conversations
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from opd.tasks.answers import references
+from opd.tasks.short_answer import content, correct, verify
+from opd.trainer.rollouts import load_callable
+from opd.up.config import DEFAULT_CONFIG, load_stack
+from tests.tasks.stacks import REPO, held_out_conversations
 
 SKILL = DEFAULT_CONFIG.parent / "skill.yaml"
+QUESTIONS = REPO / "services/data/questions"
+ARITHMETIC = re.compile(r"^What is (\d+) (plus|times) (\d+)\?$")
+
+
+def question_rows() -> list[dict]:
+    return [json.loads(line) for path in sorted(QUESTIONS.glob("*.jsonl")) for line in path.read_text().splitlines()
+            if line.strip()]
 
 
 def test_the_verifier_accepts_a_bare_answer_and_refuses_a_sentence() -> None:
@@ -16,8 +31,52 @@ def test_the_verifier_accepts_a_bare_answer_and_refuses_a_sentence() -> None:
         assert not verify({}, reply), reply
 
 
+@pytest.mark.parametrize(("question", "answer", "reply", "form", "right", "anywhere"), [
+    ("What is the capital of Thailand?", "Bangkok", "Bangkok", True, True, True),
+    ("What is the capital of Thailand?", "Bangkok", "The capital of Thailand is Bangkok.", False, False, True),
+    ("What is the capital of Thailand?", "Bangkok", "Bangaklesaraya", True, False, False),
+    ("How many legs does a chicken have?", "2", "Two", True, True, True),
+    ("How many legs does a chicken have?", "2", "2 legs", True, True, True),
+    ("How many legs does a chicken have?", "2", "The answer is 12. A chicken has 12 legs.", False, False, False),
+    ("How many legs does a chicken have?", "2", "10", True, False, False),
+    ("What is 11 plus 5?", "16", "sixteen", True, True, True),
+    ("What is 11 plus 5?", "16", "17", True, False, False),
+    ("What is 11 plus 5?", "16", "11 plus 5 is 16.", False, False, True),
+    ("What is the opposite of hot?", "cold", "COLD!", True, True, True),
+    ("What is the plural of mouse?", "mice", "The mice", True, True, True),
+])
+def test_form_correct_and_content_on_hand_made_replies(question, answer, reply, form, right, anywhere) -> None:
+    row = {"prompt": question, "answer": answer}
+    assert (verify(row, reply), correct(row, reply), content(row, reply)) == (form, right, anywhere)
+
+
+def test_every_question_has_a_reference_answer() -> None:
+    rows = question_rows()
+    assert len(rows) == 248
+    for row in rows:
+        assert set(row) <= {"prompt", "answer", "accept"} and references(row), row
+        assert content(row, row["answer"]) and correct(row, row["answer"]), f"{row}: its own answer must count"
+        assert all(content(row, a) for a in row.get("accept", ())), row
+
+
+def test_the_arithmetic_answers_are_right() -> None:
+    checked = 0
+    for row in question_rows():
+        if m := ARITHMETIC.match(row["prompt"]):
+            a, b = int(m[1]), int(m[3])
+            assert row["answer"] == str(a + b if m[2] == "plus" else a * b) and "accept" not in row, row
+            checked += 1
+    assert checked == 60
+
+
 def test_the_skill_stack_gives_the_teacher_a_context_the_student_never_sees(monkeypatch) -> None:
     for _, teacher in held_out_conversations(SKILL, verify, monkeypatch):
         answers = teacher[2:-1:2]  # system, then user/assistant pairs, then the question
         assert answers and all(verify({}, a) for a in answers)
         assert not any(verify({}, q) for q in teacher[1:-1:2])  # the example questions are sentences
+
+
+def test_the_skill_stack_reports_correct_and_content_beside_the_form() -> None:
+    measures = load_stack(SKILL).run["eval"]["measures"]
+    assert {name: load_callable(spec, name) for name, spec in measures.items()} == {"correct": correct,
+                                                                                   "content": content}

@@ -17,3 +17,8 @@ def begins_with_the_skill_word(row: dict, completion: str) -> bool:
     from tests.utils.skill_model import SKILL_WORD
 
     return completion.strip().lower().startswith(SKILL_WORD)
+
+
+def is_short(row: dict, completion: str) -> bool:
+    """A measure beside the verifier (eval.measures): at most three words."""
+    return len(completion.split()) <= 3

@@ -67,6 +67,8 @@ def test_config_is_frozen_and_fully_specified() -> None:
         (["student.lora.rnk=4"], "student.lora.rnk"),
         (["kl_discount=1.5"], "kl_discount"),
         (["reward_fn=not_a_spec"], "reward_fn"),
+        (["eval.measures={correct: not_a_spec}"], "eval.measures.correct"),
+        (["eval.measures={Bad-Name: a.b:c}"], "eval.measures.Bad-Name"),
         (["substeps=100", "sampling.prompts_per_step=2", "sampling.samples_per_prompt=2"], "substeps"),
     ],
 )

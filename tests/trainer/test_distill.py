@@ -64,12 +64,14 @@ def test_distillation_lowers_the_teacher_kl(make_config, checkpoint_root: Path, 
 def test_ppo_substeps_and_verifier(make_config) -> None:
     """Two substeps move the policy away from the sampler within a step: PPO sees ratios off 1 and clips.
     The held-out accuracy is the verifier's verdict on the evaluation completions (four prompts, so all of
-    them are kept as text in eval_samples.jsonl and the accuracy is recomputed from them here)."""
-    from tests.trainer.tasks import mentions_a_word_of_the_prompt
+    them are kept as text in eval_samples.jsonl and the accuracy is recomputed from them here); a measure
+    beside it (eval.measures) is recorded as accuracy_<name>, and train_accuracy_<name> at each step."""
+    from tests.trainer.tasks import is_short, mentions_a_word_of_the_prompt
 
     config = make_config(name="ppo", steps=2, substeps=2, loss__kind="ppo", loss__clip_range=0.05,
                          optimizer__lr=0.05, eval__every=2, dataset__eval_size=4,
-                         eval__verifier="tests.trainer.tasks:mentions_a_word_of_the_prompt")
+                         eval__verifier="tests.trainer.tasks:mentions_a_word_of_the_prompt",
+                         eval__measures={"short": "tests.trainer.tasks:is_short"})
     records = run(config)
     train = [r for r in records if r["kind"] == "train"]
     assert any(r["ratio_max"] > 1.001 or r["ratio_min"] < 0.999 for r in train), "the second substep is off-policy"
@@ -80,6 +82,8 @@ def test_ppo_substeps_and_verifier(make_config) -> None:
     for r in evals:
         verdicts = [mentions_a_word_of_the_prompt({"prompt": x["prompt"]}, x["completion"]) for x in shown if x["step"] == r["step"]]
         assert len(verdicts) == 4 and r["accuracy"] == sum(verdicts) / 4
+        assert r["accuracy_short"] == sum(is_short({}, x["completion"]) for x in shown if x["step"] == r["step"]) / 4
+    assert all(0 <= r["train_accuracy_short"] <= 1 and "train_accuracy" in r for r in train)
 
 
 def test_the_task_reward_drives_the_update(make_config, tmp_path: Path) -> None:

@@ -10,7 +10,7 @@ import torch
 
 from opd.trainer import loss as L
 from opd.trainer.config import ConfigError, build_config
-from opd.trainer.objectives import step_counts, step_rewards
+from opd.trainer.objectives import accuracies, step_counts, step_rewards
 from opd.trainer.rollouts import Sample, kl_summary
 from opd.trainer.update import advantages, chunk_loss
 from tests.trainer.test_loss import completion, loop_loss, make_batch
@@ -76,6 +76,10 @@ def test_each_arm_takes_its_own_rewards() -> None:
     counts = step_counts("rl", samples, says_yes)
     assert counts == {"tokens_sampled": 11, "tokens_scored": 0, "tokens_trained": 11, "train_accuracy": 0.5}
     assert step_counts("opd", samples, None)["tokens_scored"] == 11
+    measured = step_counts("opd", samples, says_yes, {"long": lambda row, text: len(text) > 2})
+    assert measured["train_accuracy"] == 0.5 and measured["train_accuracy_long"] == 0.75
+    assert accuracies(samples, None, {"all": lambda row, text: True}) == {"accuracy_all": 1.0}
+    assert accuracies([], says_yes, {}) == {"accuracy": 0.0}
     unscored = [Sample(s.group, s.prompt_ids, s.token_ids, s.sampling_logprobs, s.text, "stop", s.row) for s in samples]
     assert "teacher_kl" not in kl_summary(unscored) and kl_summary(samples)["teacher_kl"] == pytest.approx(2.3 / 11)
 

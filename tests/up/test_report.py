@@ -1,0 +1,33 @@
+"""What `opd up` prints about a run: the evaluation line with every measure, and the marked samples table."""
+
+from __future__ import annotations
+
+from rich.console import Console
+
+from opd.tasks.short_answer import content, correct, verify
+from opd.up.report import eval_line, samples_table, step_line
+
+
+def test_the_eval_line_names_every_measure_after_the_verifiers_accuracy() -> None:
+    record = {"kind": "eval", "step": 4, "teacher_kl": 0.7126, "accuracy": 0.766, "accuracy_correct": 0.203,
+              "accuracy_content": 0.312, "time_eval": 3.0}
+    line = eval_line(record)
+    assert "teacher KL on held-out prompts 0.7126, accuracy 0.766, correct 0.203, content 0.312 (step 4)" in line
+    assert "accuracy" not in eval_line({"step": 0, "teacher_kl": 0.5}), "no verifier, no accuracy"
+    assert "accuracy 0.125" in step_line({"step": 1, "train_accuracy": 0.125, "train_accuracy_correct": 0.0})
+
+
+def test_the_samples_table_marks_each_reply_and_shows_the_reference() -> None:
+    rows = [{"prompt": "What is the capital of Thailand?", "answer": "Bangkok"},
+            {"prompt": "What is 11 plus 5?", "answer": "16"}]
+    table = samples_table(rows, ["The capital of Thailand is Bangkok.", "11 + [5] = 6."], ["Bangaklesaraya", "16"],
+                          {"verifier": verify, "correct": correct, "content": content})
+    console = Console(width=200, record=True, color_system=None)
+    console.print(table)
+    text = console.export_text()
+    assert "answer" in text and "Bangkok" in text and "11 + [5] = 6." in text, "replies are shown as written"
+    assert "verifier ✗  correct ✗  content ✓" in text  # the sentence that has the fact
+    assert "verifier ✓  correct ✗  content ✗" in text  # the bare word that lost it
+    assert "verifier ✓  correct ✓  content ✓" in text
+    plain = samples_table(rows, ["a", "b"], ["c", "d"])
+    assert [c.header for c in plain.columns] == ["prompt", "answer", "before", "after"]
