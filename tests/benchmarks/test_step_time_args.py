@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,8 +15,10 @@ ROOT = Path(__file__).resolve().parents[2]
 def step_time():
     spec = importlib.util.spec_from_file_location("step_time", ROOT / "benchmarks" / "step_time.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
     spec.loader.exec_module(module)
-    return module
+    yield module
+    del sys.modules[spec.name]
 
 
 def test_relative_paths_are_made_absolute_from_the_starting_folder(step_time, tmp_path, monkeypatch) -> None:
