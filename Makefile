@@ -61,8 +61,9 @@ $(TRL_STAMP): pyproject.toml
 	$(TRL_VENV)/bin/pip install --quiet -e ".[trl-bench]"
 	touch $(TRL_STAMP)
 
+# BENCH_ARGS: more options, e.g. `make bench-step BENCH_ARGS="--steps 3 --rows default,trl"`.
 bench-step: venv $(TRL_STAMP)
-	$(BIN)/python benchmarks/step_time.py --trl-python $(TRL_VENV)/bin/python
+	$(BIN)/python benchmarks/step_time.py --trl-python $(TRL_VENV)/bin/python $(BENCH_ARGS)
 
 task-gap: venv
 	$(BIN)/python benchmarks/task_gap.py --samples 4

