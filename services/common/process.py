@@ -6,6 +6,10 @@ service name and kept in a log file, and `stop()` ends the whole group:
 SIGTERM, then SIGKILL after a grace period. Ports are checked before start.
 A stopped (or crashed) child can be started again with the same arguments;
 `exit_description()` and `log_tail()` say how it ended.
+
+Ctrl-C and SIGTERM wait while a child is spawned (`signals_deferred`): a
+handler that raises (opd up's) would otherwise cut `Popen` short after the
+fork, and the child would run on with nobody holding its pid to stop it.
 """
 
 from __future__ import annotations
@@ -17,12 +21,18 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import IO
 
 import httpx
 
 from opd.common.errors import OPDError
+
+
+DEFERRED = (signal.SIGINT, signal.SIGTERM)
 
 
 class StartupFailed(OPDError):
@@ -43,6 +53,45 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive inside the block reach their handlers when it ends (main thread only).
+
+    Once the block ends, a deferring handler forwards at once: a signal arriving while the handlers are
+    swapped back still reaches its own handler, and none is left swapped."""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python runs signal handlers in the main thread: nothing interrupts this one
+        return
+    previous = {sig: signal.getsignal(sig) for sig in DEFERRED}
+    caught: list[int] = []
+    done = False
+
+    def defer(signum: int, frame: FrameType | None) -> None:
+        if done:
+            deliver(previous[signum], signum, frame)
+        else:
+            caught.append(signum)
+
+    try:
+        for sig in DEFERRED:
+            signal.signal(sig, defer)
+        yield
+    finally:
+        done = True
+        for sig in DEFERRED:
+            signal.signal(sig, previous[sig])  # type: ignore[arg-type]
+        for sig in caught:
+            deliver(previous[sig], sig, None)
+
+
+def deliver(handler: object, signum: int, frame: FrameType | None) -> None:
+    """Runs a Python handler, or lets the default action happen; an ignored signal stays ignored."""
+    if callable(handler):
+        handler(signum, frame)
+    elif handler != signal.SIG_IGN:
+        signal.raise_signal(signum)
 
 
 class ServiceProcess:
@@ -80,12 +129,13 @@ class ServiceProcess:
         if not port_free(self.host, self.port):
             raise StartupFailed(f"{self.name}: port {self.port} on {self.host} is taken: stop what uses it or pick another port")
         cmd = [sys.executable, "-m", self.module, *self.args]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            env=self.env, start_new_session=True,
-        )
-        self._pump = threading.Thread(target=self._copy_output, daemon=True)
-        self._pump.start()
+        with signals_deferred():  # once Popen has forked, self.proc must hold the child
+            self.proc = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+                env=self.env, start_new_session=True,
+            )
+            self._pump = threading.Thread(target=self._copy_output, daemon=True)
+            self._pump.start()
         return self
 
     def _copy_output(self) -> None:

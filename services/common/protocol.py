@@ -264,6 +264,7 @@ class RunStatus(Response):
     latest: dict[str, float] | None = Field(default=None, description="The latest training step's metrics.")
     latest_eval: dict[str, float] | None = Field(default=None, description="The latest evaluation's metrics.")
     error: str | None = None
+    waiting_for: str | None = Field(default=None, description="The service call the run is waiting out (that service is down).")
     created_at: float
     finished_at: float | None = None
 

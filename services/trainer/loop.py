@@ -58,6 +58,7 @@ from opd.trainer.config import RunConfig
 from opd.trainer.context import with_teacher_prompts
 from opd.trainer.data import PromptRow, PromptSampler, load_prompts
 from opd.trainer.metrics import MetricsWriter, plot_teacher_kl
+from opd.trainer.pause import pause_point
 from opd.trainer.remote import Remote, RunStopped
 from opd.trainer.rollouts import Sample, StaleRollouts, kl_summary, load_callable, sample, score
 from opd.trainer.objectives import accuracies, step_counts, step_rewards, teacher_samples
@@ -227,15 +228,19 @@ class Trainer:
         c = self.config
         began, waited = time.perf_counter(), self.remote.waited_s
         self.in_step, self.drawn_from = True, self.sampler.state_dict()
+        pause_point("sample", step)
         rows, samples, sampled_by = self.rollouts_for(step)
         sampled = time.perf_counter()
+        pause_point("score", step)
         if c.objective == "opd":
             score(self.remote, samples)  # waits out a teacher outage; the samples stay
         scored = time.perf_counter()
         raw, rewards = step_rewards(c.objective, samples, self.reward_fn, self.verifier)
+        pause_point("train", step)
         self.drawn_from = None  # the weights move: an interruption from here on loses the step
         update = train_on(self.policy, samples, c, rewards)
         trained = time.perf_counter()
+        pause_point("sync", step)
         if update["skipped_updates"] < c.substeps:
             self.publish(made_at=step)
         else:  # the weights did not change: nothing new to serve

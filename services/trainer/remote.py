@@ -3,12 +3,12 @@
 Choices:
 1) The clients retry connection errors, timeouts and 502/503/504 with
    backoff; on top of that, a call that still fails with such an error (or
-   another 5xx but 500) WAITS: it logs that it is waiting, sleeps with
-   backoff and tries again, up to `services.max_wait_s` in all, then raises
-   `ServiceDown`. A 4xx is a bug in the request and fails at once; so does a
-   500, a service that is up and says it failed (a student whose weights
-   give non-finite logprobs, an engine that died loading a version), which
-   waiting does not mend.
+   another 5xx but 500) WAITS: it logs that it is waiting (the run's status
+   says which call: `waiting_for`), sleeps with backoff and tries again, up
+   to `services.max_wait_s` in all, then raises `ServiceDown`. A 4xx is a
+   bug in the request and fails at once; so does a 500, a service that is up
+   and says it failed (a student whose weights give non-finite logprobs, an
+   engine that died loading a version), which waiting does not mend.
 2) The caller keeps whatever it already has (a step's rollouts) and repeats
    only the call that failed, so nothing is resampled, skipped or counted twice.
 3) At start every teacher replica and the student are asked for `/info`;
@@ -95,10 +95,17 @@ class Remote:
         self.teacher_sampler = StudentClient(config.teacher_sampler_url, **kwargs) if config.teacher_sampler_url else None
         self.replicas = [teacher_client(protocol, url, **kwargs) for url in config.teacher_urls]
         self.waited_s = 0.0
+        self.waiting_for: str | None = None  # the call now waiting out an outage (reported in the run's status)
         self.score_limits = ScoreLimits()
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """fn(), waiting through outages of up to max_wait_s; `what` names the call in logs and errors."""
+        try:
+            return self._wait_out(what, fn)
+        finally:
+            self.waiting_for = None
+
+    def _wait_out(self, what: str, fn: Callable[[], T]) -> T:
         began = time.monotonic()
         delay = 1.0
         while True:
@@ -115,6 +122,7 @@ class Remote:
                         "Start the service again and resume the run (it continues from its last checkpoint)"
                     ) from exc
                 log.warning("%s: service unavailable (%s); waiting (%.0fs of %.0fs)", what, exc.message[:200], waited, limit)
+                self.waiting_for = what
                 pause = min(delay, max(0.1, limit - waited))
                 if self.stop.wait(pause):
                     raise RunStopped(f"{what}: the run was stopped while waiting for the service") from exc

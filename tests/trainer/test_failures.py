@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -28,38 +26,35 @@ def wait_for(condition, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
-@contextmanager
-def run_in_background(config, outcome: list[str]) -> Iterator[Path]:
-    """Runs `config` in a thread and yields its metrics file once two steps are done;
-    on exit waits for the run and appends its final state to `outcome`."""
-    trainer = Trainer(config)
+def test_teacher_restart_mid_run_completes_every_step(
+    make_config, services: dict[str, ServiceProcess], teacher_model: Path, service_logs: Path, caplog, tmp_path: Path,
+    monkeypatch,
+) -> None:
+    """The trainer's test pause holds step 3 with its rollouts in hand; the teacher stops, the step goes on and
+    waits for it (the run's `waiting_for` says so), and the teacher comes back."""
+    steps = 8
+    pauses = tmp_path / "pause"
+    pauses.mkdir()
+    monkeypatch.setenv("OPD_TEST_PAUSE", "score:3")
+    monkeypatch.setenv("OPD_TEST_PAUSE_DIR", str(pauses))
+    config = make_config(name="restart", steps=steps, eval__every=0, save_every=steps)
+    trainer, outcome = Trainer(config), []
     thread = threading.Thread(target=lambda: outcome.append(trainer.run()))
     thread.start()
     try:
-        metrics = Path(config.output_dir) / "metrics.jsonl"
-        wait_for(lambda: len(read_records(metrics)) >= 2, 120, "two steps")
-        yield metrics
-    finally:
-        thread.join(300)
-
-
-def test_teacher_restart_mid_run_completes_every_step(
-    make_config, services: dict[str, ServiceProcess], teacher_model: Path, service_logs: Path, caplog
-) -> None:
-    steps = 8
-    config = make_config(name="restart", steps=steps, eval__every=0, save_every=steps)
-    outcome: list[str] = []
-    with run_in_background(config, outcome) as metrics:
+        wait_for((pauses / "score-3.paused").is_file, 120, "step 3 to hold before scoring")
         old = services["teacher"]
         old.stop()
-        time.sleep(3)  # the run meets a dead teacher: connection refused, retried, then waiting
-        assert len(read_records(metrics)) < steps, "the run must still be going when the teacher comes back"
+        (pauses / "score-3.release").touch()
+        wait_for(lambda: trainer.remote.waiting_for is not None, 120, "the run to wait for the teacher")
         services["teacher"] = start_service("teacher", teacher_args(teacher_model), service_logs, port=old.port)
         wait_all(services["teacher"])
+    finally:
+        thread.join(300)
     assert outcome == ["completed"]
     records = read_records(Path(config.output_dir) / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, steps + 1)), "no step skipped or counted twice"
-    assert sum(r["time_waiting"] for r in records) > 3
+    assert records[2]["time_waiting"] > 0 and trainer.remote.waiting_for is None
     assert any("waiting" in m for m in caplog.messages)
     assert all(r["sequences"] == 32 for r in records), "a waiting step keeps and scores its own rollouts"
 

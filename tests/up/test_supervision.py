@@ -1,13 +1,15 @@
 """`opd up` supervises its services: SIGKILLed services come back and the run ends as if
-nothing happened; Ctrl-C during an outage stops everything at once; a crash loop is named.
+nothing happened; Ctrl-C during start-up or an outage stops everything at once; a crash loop is named.
 
-Every test runs real `opd up` processes on the tiny models with hf engines in float32.
+Every test runs real `opd up` processes on the tiny models with hf engines in float32. A fault
+lands at a known point: the trainer's test pause (services/trainer/pause.py) holds the run at a
+phase of a step until the test releases it, and the tests wait only on states the stack reports
+(pause markers, /ready, the run's status, the metrics file, the process table), each with a deadline.
 """
 
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 import signal
@@ -17,6 +19,7 @@ import time
 import uuid
 from pathlib import Path
 
+import httpx
 import pytest
 import yaml
 from safetensors.torch import load_file
@@ -31,16 +34,22 @@ pytestmark = pytest.mark.slow
 # after every restart), so they agree bit for bit; the tolerance only allows for a
 # kernel that sums in another order between processes, which moves float32 by ~1e-7.
 WEIGHT_ATOL = 1e-6
+RESTART_S = 180  # the most a tiny hf service takes to come back, on a loaded machine
 
 
 class Up:
-    """One `opd up` in the background, its output in a file."""
+    """One `opd up` in the background, its output in a file; `pause`: the trainer's test pause points."""
 
-    def __init__(self, config: Path, out: Path) -> None:
+    def __init__(self, config: Path, out: Path, pause: str = "") -> None:
         self.mark = uuid.uuid4().hex
         self.out = out
         self.stack = yaml.safe_load(config.read_text())
+        self.pauses = out.with_name(out.stem + "-pause")
+        self.pauses.mkdir()
         env = {**os.environ, "OPD_TEST_MARK": self.mark, "COLUMNS": "200"}
+        if pause:
+            env.update(OPD_TEST_PAUSE=pause, OPD_TEST_PAUSE_DIR=str(self.pauses))
+        self._key: str | None = None
         with out.open("w") as sink:
             self.proc = subprocess.Popen([sys.executable, "-m", "opd", "up", str(config)], stdout=sink,
                                          stderr=subprocess.STDOUT, env=env, start_new_session=True)
@@ -63,7 +72,17 @@ class Up:
             assert time.monotonic() < deadline, f"timed out waiting for {what}:\n{self.text[-4000:]}"
             time.sleep(0.1)
 
-    def service_pid(self, name: str) -> int:
+    # ------------------------------------------------------------ the trainer's test pause
+    def wait_paused(self, point: str) -> None:
+        """Waits until the run holds at `point` ("phase:step")."""
+        marker = self.pauses / f"{point.replace(':', '-')}.paused"
+        self.wait_for(marker.is_file, f"the run to pause at {point}")
+
+    def release(self, point: str) -> None:
+        (self.pauses / f"{point.replace(':', '-')}.release").touch()
+
+    # ------------------------------------------------------------ the services
+    def find_pid(self, name: str) -> int | None:
         command = f"opd\0{name}\0serve".encode()
         for pid in marked_processes(self.mark):
             try:
@@ -71,7 +90,54 @@ class Up:
                     return pid
             except OSError:
                 continue
-        raise AssertionError(f"no {name} process")
+        return None
+
+    def service_pid(self, name: str) -> int:
+        pid = self.find_pid(name)
+        assert pid is not None, f"no {name} process"
+        return pid
+
+    def api_key(self) -> str:
+        """The key opd up gave its services (they hold it in their environment)."""
+        for pid in marked_processes(self.mark) if self._key is None else []:
+            try:
+                environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            self._key = next((v[len(b"OPD_API_KEY="):].decode() for v in environ if v.startswith(b"OPD_API_KEY=")), None)
+            if self._key:
+                break
+        assert self._key, "no service of this opd up holds an API key"
+        return self._key
+
+    def get(self, name: str, path: str) -> httpx.Response | None:
+        url = f"http://127.0.0.1:{self.stack[name]['port']}{path}"
+        try:
+            return httpx.get(url, headers={"Authorization": f"Bearer {self.api_key()}"}, timeout=5)
+        except httpx.TransportError:
+            return None
+
+    def ready(self, name: str) -> bool:
+        answer = self.get(name, "/ready")
+        return answer is not None and answer.status_code == 200
+
+    def run_status(self) -> dict:
+        """The run's status as the trainer reports it ({} while the trainer does not answer)."""
+        answer = self.get("trainer", "/runs")
+        runs = answer.json()["runs"] if answer is not None and answer.status_code == 200 else []
+        return runs[-1] if runs else {}
+
+    def kill(self, name: str) -> int:
+        """SIGKILLs the service; returns once it is gone (or a zombie), with its pid."""
+        pid = self.service_pid(name)
+        os.kill(pid, signal.SIGKILL)
+        self.wait_for(lambda: gone(pid), f"{name} (pid {pid}) to die", timeout=30)
+        return pid
+
+    def wait_back(self, name: str, killed: int) -> None:
+        """Waits until another process of `name` than `killed` answers /ready."""
+        self.wait_for(lambda: self.find_pid(name) not in (None, killed) and self.ready(name),
+                      f"{name} to come back", timeout=RESTART_S)
 
     def finish(self, timeout: float = 600) -> str:
         try:
@@ -86,6 +152,14 @@ class Up:
         assert marked_processes(self.mark) == [], "opd up left processes running"
         for name in ("teacher", "student", "trainer"):
             assert port_free("127.0.0.1", self.stack[name]["port"]), f"{name}'s port is still held"
+
+
+def gone(pid: int) -> bool:
+    """The process has ended: no such pid, or a zombie its parent has not reaped yet."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
 
 
 def hf_stack(tmp_path: Path, teacher: Path, student: Path, steps: int, **extra) -> Path:
@@ -111,18 +185,22 @@ def final_weights(run_dir: Path, steps: int) -> dict:
 
 
 def test_killed_services_come_back_and_the_run_ends_as_if_uninterrupted(tmp_path, teacher_model, student_model) -> None:
-    """The student, then the teacher, then the trainer are SIGKILLed at seeded random points of a run."""
-    steps = 14  # tiny hf steps take well under a second: the run must outlast the last kill
+    """The student, then the teacher, then the trainer are SIGKILLed while the trainer's test pause holds
+    the run at a known point: the student before a step's rollouts (restarted, it serves its base model,
+    and the trainer must not train on that), the teacher with a step's rollouts in hand (scoring waits for
+    it), the trainer before an update (it resumes from the step before). Each pause is released once
+    the service is dead, so the run also waits out each outage."""
+    steps = 6
+    kills = (("student", "sample:2"), ("teacher", "score:3"), ("trainer", "train:5"))
     reference = Up(hf_stack(tmp_path / "reference", teacher_model, student_model, steps), tmp_path / "reference.out")
-    chaos = Up(hf_stack(tmp_path / "chaos", teacher_model, student_model, steps), tmp_path / "chaos.out")
-    rng = random.Random(14)
+    chaos = Up(hf_stack(tmp_path / "chaos", teacher_model, student_model, steps), tmp_path / "chaos.out",
+               pause=" ".join(point for _, point in kills))
     try:
-        for name, after_step in (("student", 1), ("teacher", 3), ("trainer", 5)):
-            chaos.wait_for(lambda n=after_step: chaos.steps_done() >= n, f"step {after_step}")
-            time.sleep(rng.uniform(0.0, 1.5))  # somewhere in the next step: sampling, scoring, training or sync
-            os.kill(chaos.service_pid(name), signal.SIGKILL)
-            assert chaos.steps_done() < steps, "the run must still be going when a service is killed"
-            chaos.wait_for(lambda n=name: f"{n} is ready again" in chaos.text, f"{name} to come back")
+        for name, point in kills:
+            chaos.wait_paused(point)
+            killed = chaos.kill(name)
+            chaos.release(point)
+            chaos.wait_back(name, killed)
         out, reference_out = chaos.finish(), reference.finish()
     finally:
         for up in (chaos, reference):
@@ -152,17 +230,16 @@ def test_killed_services_come_back_and_the_run_ends_as_if_uninterrupted(tmp_path
 
 
 def test_ctrl_c_during_a_service_outage_stops_everything_within_15s(tmp_path, teacher_model, student_model) -> None:
-    """The student is down (its restart is far off) and the trainer waits for it: one SIGINT ends it all,
-    and the trainer checkpoints the last whole step on its way out."""
-    config = hf_stack(tmp_path, teacher_model, student_model, steps=50, restart={"backoff_s": 300, "max_backoff_s": 300},
+    """The student is killed before step 3's rollouts, its restart is far off, and the run's status says the
+    trainer waits for it: one SIGINT ends it all, and the trainer checkpoints step 2 on its way out."""
+    config = hf_stack(tmp_path, teacher_model, student_model, steps=5, restart={"backoff_s": 300, "max_backoff_s": 300},
                       run={"save_every": 1000})
-    up = Up(config, tmp_path / "up.out")
+    up = Up(config, tmp_path / "up.out", pause="sample:3")
     try:
-        up.wait_for(lambda: up.steps_done() >= 2, "two steps")
-        os.kill(up.service_pid("student"), signal.SIGKILL)
-        trainer_log = Path(up.stack["workdir"]) / "logs" / "trainer.log"
-        up.wait_for(lambda: "student /rollouts: service unavailable" in trainer_log.read_text(), "the trainer to wait")
-        done = up.steps_done()
+        up.wait_paused("sample:3")
+        up.kill("student")
+        up.release("sample:3")
+        up.wait_for(lambda: up.run_status().get("waiting_for") == "student /rollouts", "the trainer to wait for the student")
         began = time.monotonic()
         up.proc.send_signal(signal.SIGINT)
         up.proc.wait(30)
@@ -172,15 +249,19 @@ def test_ctrl_c_during_a_service_outage_stops_everything_within_15s(tmp_path, te
     assert took < 15, f"opd up took {took:.1f}s to stop:\n{out[-4000:]}"
     assert up.proc.returncode == 130, out[-4000:]
     assert "restarting student in 300.0s" in out and "stopping: the trainer ends the run at its next safe point" in out
-    assert f"steps completed: {done} of 50" in out
-    assert re.search(rf"last checkpoint: .*step-{done:06d} \(step {done}\)", out), out[-3000:]
+    assert "steps completed: 2 of 5" in out, out[-3000:]
+    assert re.search(r"last checkpoint: .*step-000002 \(step 2\)", out), out[-3000:]
     up.assert_nothing_left()
 
 
-def test_ctrl_c_while_the_services_start_stops_them_at_once(tmp_path, teacher_model, student_model) -> None:
+@pytest.mark.parametrize("when", ["teacher and student spawn", "the trainer spawns"])
+def test_ctrl_c_while_the_services_start_stops_them_at_once(tmp_path, teacher_model, student_model, when) -> None:
+    """SIGINT as soon as the first services' processes exist (not yet ready), or the trainer's (the others
+    are ready): nothing is left behind, not even a child that was being spawned."""
     up = Up(hf_stack(tmp_path, teacher_model, student_model, steps=2), tmp_path / "up.out")
+    spawned = {"teacher and student spawn": ("teacher", "student"), "the trainer spawns": ("trainer",)}[when]
     try:
-        up.wait_for(lambda: len(marked_processes(up.mark)) >= 3, "opd up and two services")
+        up.wait_for(lambda: all(up.find_pid(name) for name in spawned), when, timeout=RESTART_S)
         began = time.monotonic()
         up.proc.send_signal(signal.SIGINT)
         up.proc.wait(30)
@@ -188,18 +269,19 @@ def test_ctrl_c_while_the_services_start_stops_them_at_once(tmp_path, teacher_mo
     finally:
         out = up.finish(30)
     assert up.proc.returncode == 130 and "interrupted: stopping every service at once" in out, out[-3000:]
+    assert not re.search(r"^run \S+ started", out, re.M), "the run had started: the interrupt came after start-up"
     assert took < 15, f"{took:.1f}s"
     up.assert_nothing_left()
 
 
 def test_a_second_ctrl_c_during_a_step_stops_everything_at_once(tmp_path, teacher_model, student_model) -> None:
-    """The first Ctrl-C lets the trainer finish its step; a second one does not wait for it, nor for anything."""
-    up = Up(hf_stack(tmp_path, teacher_model, student_model, steps=50, run={"sampling": {
-        "prompts_per_step": 4, "samples_per_prompt": 4, "max_tokens": 64}}), tmp_path / "up.out")
+    """The pause holds step 2 before its update: the first Ctrl-C asks the trainer to end the run after the
+    step (the run's status says "stopping"); a second one does not wait for the step, nor for anything."""
+    up = Up(hf_stack(tmp_path, teacher_model, student_model, steps=5), tmp_path / "up.out", pause="train:2")
     try:
-        up.wait_for(lambda: up.steps_done() >= 1, "a step")
+        up.wait_paused("train:2")
         up.proc.send_signal(signal.SIGINT)
-        up.wait_for(lambda: "stopping: the trainer ends the run" in up.text, "the first Ctrl-C to be heard", timeout=30)
+        up.wait_for(lambda: up.run_status().get("state") == "stopping", "the first Ctrl-C to reach the trainer", timeout=30)
         began = time.monotonic()
         up.proc.send_signal(signal.SIGINT)
         up.proc.wait(30)
@@ -212,16 +294,18 @@ def test_a_second_ctrl_c_during_a_step_stops_everything_at_once(tmp_path, teache
 
 
 def test_a_service_that_keeps_crashing_stops_everything_and_is_named(tmp_path, teacher_model, student_model) -> None:
-    """The teacher's weights vanish and it is killed: each restart fails to load; beyond the limit opd up stops."""
+    """With step 2's rollouts in hand, the teacher's weights vanish and it is killed: each restart fails to
+    load; beyond the limit opd up stops."""
     teacher = shutil.copytree(teacher_model, tmp_path / "teacher-copy")
-    config = hf_stack(tmp_path, teacher, student_model, steps=50, restart={"max_restarts": 1, "backoff_s": 0.5})
-    up = Up(config, tmp_path / "up.out")
+    config = hf_stack(tmp_path, teacher, student_model, steps=5, restart={"max_restarts": 1, "backoff_s": 0.5})
+    up = Up(config, tmp_path / "up.out", pause="score:2")
     try:
-        up.wait_for(lambda: up.steps_done() >= 1, "a step")
+        up.wait_paused("score:2")
         for weights in teacher.glob("*.safetensors"):
             weights.unlink()
-        os.kill(up.service_pid("teacher"), signal.SIGKILL)
         began = time.monotonic()
+        up.kill("teacher")
+        up.release("score:2")
         up.proc.wait(120)
         took = time.monotonic() - began
     finally:

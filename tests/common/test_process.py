@@ -1,0 +1,53 @@
+"""ServiceProcess keeps hold of a child whatever signal lands while it is spawned."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+
+import pytest
+
+from opd.common.process import ServiceProcess, free_port, signals_deferred
+
+SLEEPER = ["-n", "1", "-r", "1", "import time; time.sleep(60)"]  # python -m timeit: a child that just waits
+
+
+def test_ctrl_c_while_a_child_spawns_leaves_it_held_and_stoppable(monkeypatch) -> None:
+    """Ctrl-C right after Popen forked: opd up's handler raises, and a child start() has not yet
+    recorded would run on with nobody to stop it. The handler must run once the child is held."""
+    real, spawned = subprocess.Popen, []
+
+    def popen(*args, **kwargs):
+        child = real(*args, **kwargs)
+        spawned.append(child)
+        signal.raise_signal(signal.SIGINT)  # inside Popen, after the fork: the real race's window
+        return child
+
+    monkeypatch.setattr(subprocess, "Popen", popen)
+    proc = ServiceProcess("sleeper", SLEEPER, free_port(), module="timeit")
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            proc.start()
+        assert len(spawned) == 1 and proc.proc is spawned[0], "the child was spawned, then lost by start()"
+        proc.stop(grace=0)
+        assert spawned[0].poll() is not None
+        assert signal.getsignal(signal.SIGINT) is before
+    finally:
+        for child in spawned:
+            child.kill()
+            child.wait()
+
+
+def test_signals_are_deferred_to_the_end_of_the_block_and_handled_once() -> None:
+    heard: list[int] = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: heard.append(signum))
+    try:
+        with signals_deferred():
+            signal.raise_signal(signal.SIGTERM)
+            assert heard == []
+        assert heard == [signal.SIGTERM]
+        signal.raise_signal(signal.SIGTERM)  # the handler is back in place
+        assert heard == [signal.SIGTERM, signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
