@@ -102,7 +102,8 @@ def test_generate_text_input_uses_the_teacher_tokenizer(client: TestClient, hf_e
         ids = hf_engine.tokenizer.encode(text)
         entries = out["meta_info"]["input_token_logprobs"]
         assert [e[1] for e in entries] == ids and [e[2] for e in entries] == [hf_engine.tokenizer.decode([t]) for t in ids]
-        assert [e[0] for e in entries[1:]] == reference(client, [ids])[0]["logprobs"]
+        # Scored in a batch of two here and alone in the reference: padding moves float32 sums by ~5e-7.
+        assert [e[0] for e in entries[1:]] == pytest.approx(reference(client, [ids])[0]["logprobs"], abs=1e-5)
 
 
 GENERATION = [
