@@ -103,3 +103,4 @@ class TrainerSettings(ServiceSettings):
     port: int = 8003
     max_runs: int = Field(default=1, ge=1, description="Runs at once; POST /runs answers 409 above.")
     runs_dir: str = Field(default="runs", description="Where a run without an output_dir writes (runs_dir/<id>).")
+    nproc: int = Field(default=1, ge=1, description="Trainer processes on this machine (FSDP2 under torchrun; one run at a time above 1).")

@@ -15,9 +15,15 @@ Choices:
    position, the policy version and every RNG state: enough to continue
    exactly as if the run had never stopped. The newest complete one wins.
    Each also holds the run's config.json, so a resume can check that it
-   belongs to the same run. Tensors are loaded onto the CPU and the
-   optimizer moves its state to the parameters' device, so a run may resume
-   on another device (student.device) than the one that saved it.
+   belongs to the same run.
+4) Weights and optimizer state go through torch.distributed.checkpoint
+   (`trainable/`, keyed by parameter name): one process or N sharded ones
+   write the same thing, and a run saved on N processes resumes on M, on
+   another device too (student.device may change on resume). `state.pt`
+   (rank 0) holds the step, the sampler, the schedule and rank 0's RNG
+   state, `rng-<rank>.pt` each other rank's. `read_trainable` gives the
+   weights as one plain dict. Checkpoints of older versions
+   (`trainable.safetensors`) still resume on one process.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ import random
 import re
 import shutil
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -151,38 +158,113 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().cpu().contiguous().clone() for name, p in model.named_parameters() if p.requires_grad}
+TRAINABLE = "trainable"  # the torch.distributed.checkpoint folder inside a checkpoint
+# torch.distributed.checkpoint on one process says so each time: it is what we mean.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+# Loading: only the trainable weights, and the checkpoint may hold what this model lacks (caught by the key check).
+LOAD_OPTIONS = dict(ignore_frozen_params=True, strict=False)
+
+
+def save_training_state(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0,
+) -> None:
+    """Trainable weights and optimizer state (every rank its shard), the schedule and this rank's RNG state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    dcp.save({"model": weights, "optim": optim}, checkpoint_id=folder / TRAINABLE)
+    torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, folder / f"rng-{rank}.pt")
+
+
+def load_training_state(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0,
+) -> None:
+    """Restores what `save_training_state` wrote, whatever the number of processes that wrote it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+    if (folder / "trainable.safetensors").is_file():
+        return load_legacy(folder, model, optimizer, scheduler, rank)
+    saved = set(dcp.FileSystemReader(folder / TRAINABLE).read_metadata().state_dict_metadata)
+    weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    missing = sorted(k for k in weights if f"model.{k}" not in saved)
+    unknown = sorted(k[len("model."):] for k in saved if k.startswith("model.") and k[len("model."):] not in weights)
+    if missing or unknown:
+        raise CheckpointError(
+            f"{folder} does not fit this model (missing tensors: {missing[:3]}, unknown tensors: {unknown[:3]}): "
+            "resume with the config that wrote it, or start a new run in another output_dir"
+        )
+    state = {"model": weights, "optim": optim}
+    dcp.load(state, checkpoint_id=folder / TRAINABLE)
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                   options=StateDictOptions(**LOAD_OPTIONS))
+    mine = folder / f"rng-{rank}.pt"
+    # map_location: RNG states must be CPU tensors, whatever device saved them
+    saved_state = torch.load(mine if mine.is_file() else folder / "rng-0.pt", map_location="cpu", weights_only=False)
+    scheduler.load_state_dict(saved_state["scheduler"])
+    set_rng_state(saved_state["rng"])
+
+
+def load_legacy(
+    folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int,
+) -> None:
+    """A checkpoint of opd before torch.distributed.checkpoint: whole tensors, on one process."""
+    from safetensors.torch import load_file
+
+    if torch.distributed.is_initialized():
+        raise CheckpointError(f"{folder} was written by an older opd on one process: resume it on one process once")
+    weights = load_file(str(folder / "trainable.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [name for name in weights if name not in params]
+    if missing or len(weights) != sum(p.requires_grad for p in params.values()):
+        raise CheckpointError(
+            f"{folder} does not fit this model (unknown tensors: {missing[:3]}): "
+            "resume with the config that wrote it, or start a new run in another output_dir"
+        )
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value)
+    saved = torch.load(folder / "state.pt", map_location="cpu", weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    set_rng_state(saved["rng"])
+
+
+def read_trainable(folder: Path) -> dict[str, torch.Tensor]:
+    """A checkpoint's trainable weights as whole tensors by parameter name, on one process, without a model."""
+    if (folder / "trainable.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        return load_file(str(folder / "trainable.safetensors"))
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(folder / TRAINABLE, Path(tmp) / "all.pt")
+        everything = torch.load(Path(tmp) / "all.pt", map_location="cpu", weights_only=False)
+    return dict(everything["model"])
 
 
 def save_checkpoint(
     output_dir: str | Path,
     state: TrainerState,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    policy: Any,
     keep: int = 2,
     config_json: str | None = None,
 ) -> Path:
-    from safetensors.torch import save_file
-
+    """Rank 0: a complete checkpoint folder; `policy.save_state` writes the weights (on every rank under torchrun)."""
     folder = Path(output_dir) / "checkpoints"
     final = folder / f"step-{state.step:06d}"
     with atomic_dir(final) as tmp:
         if config_json is not None:
             (tmp / "config.json").write_text(config_json)
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(
-            {
-                "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(),
-                "step": state.step,
-                "policy_version": state.policy_version,
-                "sampler": state.sampler,
-                "rng": rng_state(),
-            },
-            tmp / "state.pt",
-        )
+        policy.save_state(tmp)
+        torch.save({"step": state.step, "policy_version": state.policy_version, "sampler": state.sampler}, tmp / "state.pt")
     for _, old in numbered(folder, STEP_DIR)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -193,28 +275,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def load_checkpoint(
-    path: Path,
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-) -> TrainerState:
-    """Restores weights, optimizer, scheduler and RNG states in place; returns the loop's counters."""
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "trainable.safetensors"))
-    params = dict(model.named_parameters())
-    missing = [name for name in weights if name not in params]
-    if missing or len(weights) != sum(p.requires_grad for p in params.values()):
-        raise CheckpointError(
-            f"{path} does not fit this model (unknown tensors: {missing[:3]}): "
-            "resume with the config that wrote it, or start a new run in another output_dir"
-        )
-    with torch.no_grad():
-        for name, value in weights.items():
-            params[name].copy_(value)
-    saved = torch.load(path / "state.pt", map_location="cpu", weights_only=False)  # RNG states must be CPU tensors
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    set_rng_state(saved["rng"])
+def load_checkpoint(path: Path, policy: Any) -> TrainerState:
+    """Restores weights, optimizer, scheduler and RNG states in place (every rank); returns the loop's counters."""
+    policy.load_state(path)
+    saved = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
     return TrainerState(saved["step"], saved["policy_version"], saved["sampler"])

@@ -30,6 +30,8 @@ def quiet_logging(level: str) -> None:
         logging.getLogger("httpx").setLevel(logging.WARNING)
 
 app = typer.Typer(help="The trainer: on-policy distillation runs.", no_args_is_help=True)
+NPROC_HELP = ("Trainer processes on this machine: above 1 the student is sharded with FSDP2 under torchrun "
+              "(env OPD_TRAINER_NPROC); several nodes: start `torchrun ... -m opd trainer serve` yourself.")
 
 
 @app.command()
@@ -38,24 +40,37 @@ def serve(
     port: o.Port = None,
     max_runs: Annotated[int | None, typer.Option(help="Runs at once (409 above).")] = None,
     runs_dir: Annotated[str | None, typer.Option(help="Where runs without an output_dir write.")] = None,
+    nproc: Annotated[int | None, typer.Option(help=NPROC_HELP)] = None,
 ) -> None:
     """Serve POST /runs, GET /runs/{id}, GET /runs/{id}/metrics, POST /runs/{id}/stop (and /health, /ready, /metrics)."""
     from pydantic import ValidationError
 
     from opd.common.server import serve as run
     from opd.common.settings import TrainerSettings
+    from opd.trainer import distributed
     from opd.trainer.app import build_app
 
-    given = {"host": host, "port": port, "max_runs": max_runs, "runs_dir": runs_dir}
+    given = {"host": host, "port": port, "max_runs": max_runs, "runs_dir": runs_dir, "nproc": nproc}
     try:
         settings = TrainerSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    distributed.relaunch(settings.nproc)
+    group = distributed.init()
+    if group is not None and group.world > 1 and settings.max_runs > 1:
+        raise typer.BadParameter(f"max_runs {settings.max_runs}: a trainer on {group.world} processes trains one run at a time")
+    if group is not None and not group.leader:  # a worker: rank 0 serves HTTP and sends the work
+        quiet_logging("warning")
+        distributed.follow(group)
+        return
     if settings.log_level.lower() != "debug":  # the runs' calls to teacher and student: one line each otherwise
         import logging
 
         logging.getLogger("httpx").setLevel(logging.WARNING)
-    run(build_app(settings), settings.host, settings.port, settings.log_level)
+    try:
+        run(build_app(settings), settings.host, settings.port, settings.log_level)
+    finally:
+        distributed.shutdown()
 
 
 def train(
@@ -63,9 +78,11 @@ def train(
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a field: section.field=value (repeatable).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar with ETA.")] = True,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
+    nproc: Annotated[int, typer.Option(min=1, help=NPROC_HELP)] = 1,
 ) -> None:
     """Run on-policy distillation in the foreground (resumes from output_dir's checkpoint)."""
     from opd.common.errors import OPDError
+    from opd.trainer import distributed
     from opd.trainer.config import load_config
     from opd.trainer.loop import Trainer
 
@@ -75,6 +92,12 @@ def train(
     except OPDError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    distributed.relaunch(nproc)
+    group = distributed.init()
+    if group is not None and not group.leader:
+        quiet_logging("warning")
+        distributed.follow(group)
+        return
     stop = threading.Event()
 
     def interrupt(*_: object) -> None:
@@ -84,13 +107,18 @@ def train(
         stop.set()
 
     previous = signal.signal(signal.SIGINT, interrupt)
+    # Under torchrun the launcher passes Ctrl-C (SIGINT) or SIGTERM on to the ranks: rank 0 stops the run cleanly.
+    previous_term = signal.signal(signal.SIGTERM, interrupt) if group is not None else None
     try:
-        outcome = Trainer(run_config, stop=stop, progress=progress).run()
+        outcome = Trainer(run_config, stop=stop, progress=progress and (group is None or group.leader)).run()
     except OPDError as exc:
         typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
         raise typer.Exit(1) from exc
     finally:
         signal.signal(signal.SIGINT, previous)
+        if previous_term is not None:
+            signal.signal(signal.SIGTERM, previous_term)
+        distributed.shutdown()
     out = Path(run_config.output_dir)
     typer.echo(f"{outcome}: metrics {out / 'metrics.jsonl'}, plot {out / 'teacher_kl.png'}")
     if outcome != "completed":

@@ -62,7 +62,6 @@ from opd.trainer.pause import pause_point
 from opd.trainer.remote import Remote, RunStopped
 from opd.trainer.rollouts import Sample, StaleRollouts, kl_summary, load_callable, sample, score
 from opd.trainer.objectives import accuracies, step_counts, step_rewards, teacher_samples
-from opd.trainer.update import train_on
 
 log = logging.getLogger("opd.trainer")
 EVAL_SHOWN = 4  # evaluation completions kept as text per evaluation
@@ -105,7 +104,7 @@ class Trainer:
     # ------------------------------------------------------------ set-up
     def setup(self) -> None:
         from opd.common.tokenizer import load_tokenizer
-        from opd.trainer.policy import Policy
+        from opd.trainer.distributed import open_policy
 
         config = self.config
         teachers, student = self.remote.check_tokenizers(load_tokenizer(config.student.model))
@@ -119,7 +118,7 @@ class Trainer:
         self.verifier = load_callable(config.eval.verifier, "eval.verifier") if config.eval.verifier else None
         self.measures = {name: load_callable(spec, f"eval.measures.{name}")
                          for name, spec in config.eval.measures.items()}
-        self.policy = Policy(config)
+        self.policy = open_policy(config)  # under torchrun: every rank's shard (distributed.py)
         self.store = PolicyStore(config.checkpoint_root, config.name, config.keep_versions)
         resumed = self.resume()
         self.metrics = MetricsWriter(self.out, resume_step=self.step if resumed else None)
@@ -142,7 +141,7 @@ class Trainer:
                     "put that config.json back, or start afresh with resume=false (which drops the checkpoints)"
                 )
             self.check_same_run(json.loads(before.read_text()))
-            state = load_checkpoint(ckpt, self.policy.model, self.policy.optimizer, self.policy.scheduler)
+            state = load_checkpoint(ckpt, self.policy)
             self.step, self.version, self.saved_step = state.step, state.policy_version, state.step
             self.sampler.load_state_dict(state.sampler)
             log.info("resuming from %s (step %d)", ckpt, state.step)
@@ -238,7 +237,7 @@ class Trainer:
         raw, rewards = step_rewards(c.objective, samples, self.reward_fn, self.verifier)
         pause_point("train", step)
         self.drawn_from = None  # the weights move: an interruption from here on loses the step
-        update = train_on(self.policy, samples, c, rewards)
+        update = self.policy.train(samples, rewards)
         trained = time.perf_counter()
         pause_point("sync", step)
         if update["skipped_updates"] < c.substeps:
@@ -290,8 +289,7 @@ class Trainer:
 
     def checkpoint(self) -> None:
         state = TrainerState(self.step, self.version, self.sampler.state_dict())
-        save_checkpoint(self.out, state, self.policy.model, self.policy.optimizer, self.policy.scheduler,
-                        config_json=self.config_json())
+        save_checkpoint(self.out, state, self.policy, config_json=self.config_json())
         self.saved_step = self.step
 
     def eval_due(self) -> bool:
@@ -335,6 +333,7 @@ class Trainer:
             self.prefetch = None
         self.pool.shutdown(wait=True)
         if self.metrics is None:
+            self.close_policy()
             return
         self.metrics.close()
         plot_teacher_kl(self.metrics.records, self.out / "teacher_kl.png", f"{self.config.name}: teacher reverse KL")
@@ -343,6 +342,13 @@ class Trainer:
         # self.step: the last whole step's checkpoint is what stands then.
         if not self.in_step and self.saved_step != self.step:
             self.checkpoint()
+        self.close_policy()
+
+    def close_policy(self) -> None:
+        policy = getattr(self, "policy", None)
+        if policy is not None:
+            policy.close()  # under torchrun the other ranks let their shards go
+            self.policy = None
 
     @contextmanager
     def progress(self) -> Iterator[Callable[[dict[str, Any]], None]]:

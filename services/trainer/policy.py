@@ -15,6 +15,11 @@ Choices:
 5) The student applies an adapter to whatever full weights it serves, so a
    LoRA run first publishes the untouched base model (`save_base`: its files
    hard-linked, no copy) as a full version.
+6) Under torchrun (`group`, distributed.py) the model is sharded with FSDP2
+   on this rank's device; `save_version` gathers the whole model (or the
+   adapter) to rank 0, which alone writes it; `save_state` and `load_state`
+   go through torch.distributed.checkpoint on one process as on N, so a run
+   saved on N processes resumes on M.
 """
 
 from __future__ import annotations
@@ -22,27 +27,37 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from opd.trainer.config import RunConfig
 
+if TYPE_CHECKING:
+    from opd.trainer.distributed import Group
+    from opd.trainer.rollouts import Sample
+
 
 class Policy:
-    def __init__(self, config: RunConfig) -> None:
+    def __init__(self, config: RunConfig, group: Group | None = None) -> None:
         from opd.common.hf import load_causal_lm
         from opd.common.tokenizer import load_tokenizer
 
         student = config.student
         self.config = config
+        self.group = group
         self.finetune = student.finetune
         self.tokenizer = load_tokenizer(student.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         if student.torch_threads:
             torch.set_num_threads(student.torch_threads)
         torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here
-        model = load_causal_lm(student.model, student.dtype, student.device)
+        model = load_causal_lm(student.model, student.dtype, group.device if group else student.device)
         self.model = self._wrap(model) if student.finetune == "lora" else model
+        if group is not None:
+            from opd.trainer.distributed import shard
+
+            shard(self.model)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         opt = config.optimizer
@@ -84,7 +99,8 @@ class Policy:
         """Clips, steps, schedules, zeroes; returns the gradient norm before clipping. With a non-finite
         loss or gradient norm it only zeroes: weights, optimizer state and schedule stay as they were."""
         clip = self.config.optimizer.grad_clip
-        norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf")))
+        norm = torch.nn.utils.clip_grad_norm_(self.params, clip if clip > 0 else float("inf"))
+        norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # sharded: a DTensor
         if finite_loss and math.isfinite(norm):
             self.optimizer.step()
             self.scheduler.step()
@@ -109,9 +125,38 @@ class Policy:
 
     def save_version(self, folder: Path) -> None:
         """What the student service loads: an adapter folder, or a whole model with its tokenizer."""
-        self.model.save_pretrained(folder, safe_serialization=True)
+        if self.group is None:
+            self.model.save_pretrained(folder, safe_serialization=True)
+        else:  # every rank gives its shards; rank 0 writes
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.finetune == "lora")
+            whole = get_model_state_dict(self.model, options=options)
+            if not self.group.leader:
+                return
+            self.model.save_pretrained(folder, state_dict=whole, safe_serialization=True)
         if self.finetune == "full":
             self.tokenizer.save_pretrained(folder)
+
+    def train(self, samples: list[Sample], rewards: list[float] | None = None) -> dict[str, Any]:
+        """One step's update (update.py); under torchrun every rank calls it with the whole step's samples."""
+        from opd.trainer.update import train_on
+
+        return train_on(self, samples, self.config, rewards)
+
+    def save_state(self, folder: Path) -> None:
+        """The trainer state of the weights into a checkpoint folder: trainable weights, optimizer, schedule, RNG."""
+        from opd.trainer.checkpoint import save_training_state
+
+        save_training_state(Path(folder), self.model, self.optimizer, self.scheduler, self.group.rank if self.group else 0)
+
+    def load_state(self, folder: Path) -> None:
+        from opd.trainer.checkpoint import load_training_state
+
+        load_training_state(Path(folder), self.model, self.optimizer, self.scheduler, self.group.rank if self.group else 0)
+
+    def close(self) -> None:
+        """The run is over (under torchrun the workers drop their shards)."""
 
 
 def model_folder(model: str) -> Path:

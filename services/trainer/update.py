@@ -16,6 +16,14 @@ Choices:
    step (policy.py): its gradient is dropped, the weights, the optimizer
    state and the schedule stay as they were, and the step reports it in
    `skipped_updates`, so a NaN never reaches the weights the student serves.
+4) Under torchrun (distributed.py) every rank gets the whole step and trains
+   its share of each chunk: sequences dealt longest first to the rank with
+   the fewest tokens so far (`shares`). The loss is still normalised by the
+   whole chunk's tokens and multiplied by the number of ranks, because FSDP
+   averages the ranks' gradients: the update is one process's. Every rank
+   runs as many micro-batches as the busiest (FSDP's collectives pair up),
+   the idle ones on a one-token stand-in whose loss is 0; losses and ratio
+   statistics are gathered, so every rank takes the same skip decision.
 """
 
 from __future__ import annotations
@@ -87,6 +95,8 @@ def chunk_loss(
 
 
 def merge(stats: list[dict[str, float]]) -> dict[str, float]:
+    if not stats:
+        return {"ratio_mean": 1.0, "ratio_min": 1.0, "ratio_max": 1.0, "clip_fraction": 0.0}
     tokens = sum(s["tokens"] for s in stats) or 1.0
     return {
         "ratio_mean": sum(s["ratio_mean"] * s["tokens"] for s in stats) / tokens,
@@ -96,20 +106,49 @@ def merge(stats: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
+def shares(lengths: list[int], ranks: int) -> list[list[int]]:
+    """Sequence indices per rank, balanced by tokens: longest first to the rank with the fewest so far; each in order."""
+    out: list[list[int]] = [[] for _ in range(ranks)]
+    load = [0] * ranks
+    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
+        r = min(range(ranks), key=lambda r: (load[r], r))
+        out[r].append(i)
+        load[r] += lengths[i]
+    return [sorted(share) for share in out]
+
+
+def idle_loss(policy: Policy) -> torch.Tensor:
+    """A rank with no sequences left still runs forward and backward (FSDP's collectives pair up): loss 0."""
+    return policy.logprobs([[policy.pad_id, policy.pad_id]], [1])[0].sum() * 0.0
+
+
 def accumulate(
     policy: Policy, samples: list[Sample], adv_B: list[torch.Tensor], config: RunConfig
 ) -> tuple[float, list[dict[str, float]]]:
-    """Gradients of one optimizer step's loss, summed over micro-batches; returns the loss and each micro-batch's stats."""
+    """Gradients of one optimizer step's loss, summed over micro-batches; returns the loss and each micro-batch's stats.
+    Under torchrun: this rank's share of the chunk, and the loss and stats of every rank."""
     num_tokens = sum(len(s.token_ids) for s in samples)
-    total, stats = 0.0, []
+    group = policy.group
     lengths = [len(s.prompt_ids) + len(s.token_ids) for s in samples]
+    mine = list(range(len(samples))) if group is None else shares(lengths, group.world)[group.rank]
     budget = batch_token_budget(policy.model, config.student.micro_batch_tokens,
                                 bytes_per_token(policy.model, training=True), cpu=CPU_BATCH_TOKENS)
-    for batch in token_budget_batches(lengths, budget):
+    batches = [[mine[i] for i in batch] for batch in token_budget_batches([lengths[i] for i in mine], budget)]
+    if group is not None:
+        batches += [[]] * (group.most(len(batches)) - len(batches))
+    scale = 1 if group is None else group.world  # FSDP averages over ranks; the loss is already a share of the whole
+    total, stats = 0.0, []
+    for batch in batches:
+        if not batch:
+            idle_loss(policy).backward()
+            continue
         loss, batch_stats = chunk_loss(policy, [samples[i] for i in batch], [adv_B[i] for i in batch], config, num_tokens)
-        loss.backward()
+        (loss * scale if scale != 1 else loss).backward()
         total += loss.item()
         stats.append(batch_stats)
+    if group is not None:
+        every = group.gather((total, stats))
+        total, stats = sum(t for t, _ in every), [s for _, rank_stats in every for s in rank_stats]
     return total, stats
 
 

@@ -4,7 +4,7 @@ and the distillation run to submit to the trainer.
     workdir: runs/demo
     teacher: {model: {prepare: smollm2-135m-instruct}, engine: vllm, port: 8001}
     student: {model: {prepare: smollm2-135m-instruct, layers: 12}, engine: vllm, port: 8002}
-    trainer: {port: 8003}
+    trainer: {port: 8003, nproc: 1}                      # nproc > 1: FSDP2 under torchrun
     run: {steps: 30, sampling: {max_tokens: 48}, ...}     # a trainer run config
     restart: {policy: on-failure, max_restarts: 3, backoff_s: 1, max_backoff_s: 30}
     stop_grace_s: 10
@@ -81,6 +81,7 @@ class StudentService(EngineService):
 
 class TrainerService(_Section):
     port: Annotated[int, Field(ge=1, le=65535)] = 8003
+    nproc: Annotated[int, Field(ge=1, description="Trainer processes (FSDP2 under torchrun); rank 0 serves the port.")] = 1
 
 
 class RestartPolicy(_Section):

@@ -121,7 +121,7 @@ class Stack:
         with self.console.status(f"loading the teacher and the student (logs: {self.logs})"):
             for proc in self.procs:
                 proc.wait_ready(c.startup_timeout_s, api_key=self.api_key)
-        trainer = self._process("trainer", ["trainer", "serve"], c.trainer.port).start()
+        trainer = self._process("trainer", ["trainer", "serve", "--nproc", str(c.trainer.nproc)], c.trainer.port).start()
         with self.console.status("starting the trainer"):
             trainer.wait_ready(c.startup_timeout_s, api_key=self.api_key)
         for proc in self.procs:

@@ -192,6 +192,7 @@ def test_models_and_key_come_from_the_environment(compose: dict) -> None:
     assert env_of(services(compose)["student"])["OPD_STUDENT_MODEL"].startswith("${STUDENT_MODEL:?")
     trainer = env_of(services(compose)["trainer"])
     assert not any("TEACHER_MODEL" in v for v in trainer.values()), "the trainer must not know the teacher's model"
+    assert trainer["OPD_TRAINER_NPROC"] == "${TRAINER_NPROC:-1}", "the trainer's process count from the environment"
     for spec in services(compose).values():
         assert env_of(spec)["OPD_API_KEY"].startswith("${OPD_API_KEY:?")
         assert any(v.endswith(":/data") for v in spec["volumes"])

@@ -204,31 +204,39 @@ def test_replacing_a_folder_never_leaves_neither(tmp_path: Path, monkeypatch: py
 
 
 def test_a_checkpoint_saved_on_a_gpu_resumes_on_a_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """student.device may change on resume: tensors saved from CUDA (here: tagged so by torch.save) load on
-    the CPU, and the optimizer takes its state to its parameters' device."""
+    """student.device may change on resume: RNG and schedule states saved from CUDA (here: tagged so by
+    torch.save) load on the CPU; weights and optimizer moments load into the parameters' own tensors."""
     import torch.serialization as ts
 
-    def trained() -> tuple[torch.nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]:
-        torch.manual_seed(0)
-        model = torch.nn.Linear(4, 3)
-        opt = torch.optim.AdamW(model.parameters(), lr=0.1)
-        model(torch.randn(2, 4)).sum().backward()
-        opt.step()
-        return model, opt, torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 1.0)
+    class Trained:
+        def __init__(self) -> None:
+            torch.manual_seed(0)
+            self.model = torch.nn.Linear(4, 3)
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.1)
+            self.model(torch.randn(2, 4)).sum().backward()
+            self.optimizer.step()
+            self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda n: 1.0)
 
-    model, opt, sched = trained()
+        def save_state(self, folder: Path) -> None:
+            ck.save_training_state(folder, self.model, self.optimizer, self.scheduler)
+
+        def load_state(self, folder: Path) -> None:
+            ck.load_training_state(folder, self.model, self.optimizer, self.scheduler)
+
+    policy = Trained()
     state = ck.TrainerState(step=5, policy_version=7, sampler={"drawn": 3})
     as_cuda = [(0, lambda obj: "cuda:0", lambda obj, location: None)]
     with monkeypatch.context() as patch:
         patch.setattr(ts, "_package_registry", as_cuda + ts._package_registry)
-        saved = ck.save_checkpoint(tmp_path, state, model, opt, sched)
+        saved = ck.save_checkpoint(tmp_path, state, policy)
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="CUDA"):
-            torch.load(saved / "state.pt", weights_only=False)  # what load_checkpoint did without map_location
-    fresh, fresh_opt, fresh_sched = trained()
+            torch.load(saved / "rng-0.pt", weights_only=False)  # what loading did without map_location
+    fresh = Trained()
     with torch.no_grad():
-        fresh.weight.zero_()
-    assert ck.load_checkpoint(saved, fresh, fresh_opt, fresh_sched) == state
-    assert torch.equal(fresh.weight, model.weight)
-    moments = fresh_opt.state_dict()["state"][0]["exp_avg"]
-    assert moments.device.type == "cpu" and torch.equal(moments, opt.state_dict()["state"][0]["exp_avg"])
+        fresh.model.weight.zero_()
+    assert ck.load_checkpoint(saved, fresh) == state
+    assert torch.equal(fresh.model.weight, policy.model.weight)
+    assert torch.equal(ck.read_trainable(saved)["weight"], policy.model.weight)
+    moments = fresh.optimizer.state_dict()["state"][0]["exp_avg"]
+    assert moments.device.type == "cpu" and torch.equal(moments, policy.optimizer.state_dict()["state"][0]["exp_avg"])

@@ -26,8 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
 
+from opd.trainer.checkpoint import read_trainable
 from opd.trainer.loop import Trainer
 from opd.trainer.metrics import read_records
 
@@ -88,8 +88,8 @@ def test_kill_and_resume_equals_the_straight_run(make_config, services, tmp_path
             if key in ra:
                 assert rb[key] == pytest.approx(ra[key], abs=1e-4), (ra["kind"], ra["step"], key)
     final = f"step-{STEPS:06d}"
-    wa = load_file(str(Path(straight.output_dir) / "checkpoints" / final / "trainable.safetensors"))
-    wb = load_file(str(out / "checkpoints" / final / "trainable.safetensors"))
+    wa = read_trainable(Path(straight.output_dir) / "checkpoints" / final)
+    wb = read_trainable(out / "checkpoints" / final)
     assert wa.keys() == wb.keys()
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
     assert any(not torch.equal(wa[k], torch.zeros_like(wa[k])) for k in wa if "lora_B" in k), "the adapter trained"

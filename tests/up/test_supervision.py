@@ -25,6 +25,7 @@ import yaml
 from safetensors.torch import load_file
 
 from opd.common.process import port_free
+from opd.trainer.checkpoint import read_trainable
 from opd.trainer.metrics import read_records
 from tests.up.test_up import marked_processes, stack_yaml
 
@@ -181,7 +182,7 @@ def hf_stack(tmp_path: Path, teacher: Path, student: Path, steps: int, **extra) 
 
 
 def final_weights(run_dir: Path, steps: int) -> dict:
-    return load_file(str(run_dir / "checkpoints" / f"step-{steps:06d}" / "trainable.safetensors"))
+    return read_trainable(run_dir / "checkpoints" / f"step-{steps:06d}")
 
 
 def test_killed_services_come_back_and_the_run_ends_as_if_uninterrupted(tmp_path, teacher_model, student_model) -> None:

@@ -131,3 +131,27 @@ def test_stack_model_sources_are_validated() -> None:
                 {"prepare": "smollm2-135m-instruct", "drop_layers": "twelve"}):
         with pytest.raises(ValidationError):
             ModelSource(**bad)
+
+
+def test_up_trains_on_two_trainer_processes(tmp_path, teacher_model, student_model) -> None:
+    """`trainer: {nproc: 2}`: the trainer service runs under torchrun (FSDP2, gloo) and the run completes;
+    opd up's stop reaches every rank (torchrun gives each a session of its own): nothing is left behind."""
+    mark = uuid.uuid4().hex
+    config = stack_yaml(tmp_path, teacher_model, student_model, steps=3)
+    stack = yaml.safe_load(config.read_text())
+    for service in ("teacher", "student"):
+        stack[service]["engine"] = "hf"
+    stack["trainer"]["nproc"] = 2
+    stack["run"].update({"student": {"finetune": "full"}, "eval": {"every": 0}})
+    config.write_text(yaml.safe_dump(stack))
+    result = opd("up", str(config), mark=mark)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0, out[-5000:]
+    assert "state: completed after 3 steps" in out
+    log = (Path(stack["workdir"]) / "logs" / "trainer.log").read_text()
+    assert "trainer process 0 of 2" in log and "starting 2 trainer processes" in log, log[-3000:]
+    records = [json.loads(line) for line in (Path(stack["workdir"]) / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "train"] == [1, 2, 3]
+    assert all(r["skipped_updates"] == 0 and r["grad_norm"] > 0 for r in records if r["kind"] == "train")
+    assert marked_processes(mark) == [], "opd up left processes running"
+    assert port_free("127.0.0.1", stack["trainer"]["port"])
