@@ -70,8 +70,8 @@ EVAL_SHOWN = 4  # evaluation completions kept as text per evaluation
 EVAL_STEP = -1  # the evaluation seed's "step": the same prompts and seed at every evaluation
 # Fields (and sections) a resumed run may change: they do not alter what it computes.
 RESUMABLE = ("steps", "eval", "save_every", "keep_versions", "resume", "services", "api_key", "teacher_urls",
-             "teacher_protocol", "student_url", "student_urls", "teacher_sampler_url", "output_dir", "checkpoint_root", "name", "student.torch_threads",
-             "student.device")
+             "teacher_protocol", "student_url", "student_urls", "teacher_sampler_url", "output_dir", "checkpoint_root",
+             "name", "student.torch_threads", "student.device")
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -35,6 +35,7 @@ Choices:
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -93,7 +94,7 @@ def blocks(count: int, parts: int) -> list[tuple[int, int]]:
     """[start, end) of `parts` contiguous blocks of range(count), as even as possible (the first ones larger)."""
     size, extra = divmod(count, parts)
     starts = [i * size + min(i, extra) for i in range(parts + 1)]
-    return list(zip(starts, starts[1:]))
+    return list(itertools.pairwise(starts))
 
 
 class ServiceDown(OPDError):
@@ -118,17 +119,17 @@ class Remote:
         # A scaled compose service resolves to one address per replica: spread over all.
         protocol = config.teacher_protocol
         self.teacher = teacher_client(protocol, list(config.teacher_urls), expand_dns=True, **kwargs)
-        self.student_urls = [u.rstrip("/") for url in config.student_replicas for u in replica_urls(url.rstrip("/"))]
+        self.student_urls = [u for url in config.student_replicas for u in replica_urls(url.rstrip("/"))]
         self.students = [StudentClient(url, **kwargs) for url in self.student_urls]
         self.student = self.students[0]
         # objective sft: the teacher's model served by a student service, sampling the teacher's completions.
         self.teacher_sampler = StudentClient(config.teacher_sampler_url, **kwargs) if config.teacher_sampler_url else None
         self.replicas = [teacher_client(protocol, url, **kwargs) for url in config.teacher_urls]
-        self.waited_s = 0.0  # time during which some call waited out an outage
+        self.waited_s = 0.0  # time during which some call paused for an outage (replicas' pauses at once count once)
         self.score_limits = ScoreLimits()
         self._lock = threading.Lock()
         self._waiting: dict[object, str] = {}  # call -> what it waits for; replicas' calls wait at once
-        self._waiting_since = 0.0
+        self._pausing, self._pauses_began = 0, 0.0
 
     @property
     def waiting_for(self) -> str | None:
@@ -143,8 +144,7 @@ class Remote:
             return self._wait_out(what, fn, key)
         finally:
             with self._lock:
-                if self._waiting.pop(key, None) is not None and not self._waiting:
-                    self.waited_s += time.monotonic() - self._waiting_since
+                self._waiting.pop(key, None)
 
     def _wait_out(self, what: str, fn: Callable[[], T], key: object) -> T:
         began = time.monotonic()
@@ -164,13 +164,24 @@ class Remote:
                     ) from exc
                 log.warning("%s: service unavailable (%s); waiting (%.0fs of %.0fs)", what, exc.message[:200], waited, limit)
                 with self._lock:
-                    if not self._waiting:
-                        self._waiting_since = time.monotonic()
                     self._waiting[key] = what
-                pause = min(delay, max(0.1, limit - waited))
-                if self.stop.wait(pause):
+                if self._pause(min(delay, max(0.1, limit - waited))):
                     raise RunStopped(f"{what}: the run was stopped while waiting for the service") from exc
                 delay = min(delay * 2, self.config.services.max_backoff_s)
+
+    def _pause(self, seconds: float) -> bool:
+        """Sleeps unless the run is stopped (then True); counts the time in waited_s once, however many pause."""
+        with self._lock:
+            if not self._pausing:
+                self._pauses_began = time.monotonic()
+            self._pausing += 1
+        try:
+            return self.stop.wait(seconds)
+        finally:
+            with self._lock:
+                self._pausing -= 1
+                if not self._pausing:
+                    self.waited_s += time.monotonic() - self._pauses_began
 
     def each(self, calls: list[Callable[[], T]]) -> list[T]:
         """Every call at once, one thread each (a single one in this thread); their results in order.

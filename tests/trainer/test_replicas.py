@@ -146,7 +146,7 @@ def test_two_replicas_sample_what_one_does(make, stack: dict[str, ServiceProcess
     assert [w.policy_version for w in loaded] == [version, version] and versions(stack) == [version, version]
     rows = [PromptRow({"text": t}, {}) for t in ("The boy", "A big dog ran", "Where", "She said that the",
                                                  "It", "One two", "The old man and the sea")]
-    args = dict(n=3, max_tokens=10, temperature=1.0, top_p=1.0, seed=123_456, version=version)
+    args = {"n": 3, "max_tokens": 10, "temperature": 1.0, "top_p": 1.0, "seed": 123_456, "version": version}
     alone, split = sample(one, rows, **args), sample(two, rows, **args)
     assert [s.group for s in split] == [s.group for s in alone] == [i for i in range(7) for _ in range(3)]
     assert [s.prompt_ids for s in split] == [s.prompt_ids for s in alone]
@@ -192,8 +192,8 @@ def test_a_replica_down_is_waited_for_and_given_the_current_weights_when_back(
     assert records[1]["time_waiting"] > 0 and trainer.remote.waiting_for is None
     b = stack["b"].url
     stale = [m for m in caplog.messages if "again before sampling" in m]
-    assert stale == [f"the student at {b} sampled with policy version 0, the trainer expects {held}: "
-                     f"loading version {held} again before sampling"]
+    assert stale == [(f"the student at {b} sampled with policy version 0, the trainer expects {held}: "
+                      f"loading version {held} again before sampling")]
     assert any(f"the student at {b} serves policy version 0, the trainer's is {held}" in m for m in caplog.messages)
     assert records[1]["policy_version"] == held + 2, "republished once, then step 2's own version"
     assert versions(stack) == [records[-1]["policy_version"]] * 2
