@@ -39,6 +39,7 @@ LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 PositiveInt = Annotated[int, Field(ge=1)]
 MEASURE_NAME = re.compile(r"[a-z][a-z0-9_]*")  # a metric name's suffix: accuracy_<name>
 STUDENT_URL_FIELDS = {"student_url", "student_urls"}  # one setting in two spellings: a later layer's replaces an earlier's
+NO_STUDENTS = object()  # stands for a config that names neither
 
 
 class ConfigError(InvalidInput):
@@ -223,13 +224,29 @@ class RunConfig(Section):
         if STUDENT_URL_FIELDS & data.keys():  # the config names its students: no default adds the other field
             for key in STUDENT_URL_FIELDS:
                 defaults.pop(key, None)
-        return deep_merge(defaults, dict(data))
+        merged = deep_merge(defaults, dict(data))
+        if not STUDENT_URL_FIELDS & merged.keys():  # reported with the other fields' errors (_students)
+            merged["student_url"] = NO_STUDENTS
+        return merged
+
+    @field_validator("student_url", mode="before")
+    @classmethod
+    def _students_named(cls, v: Any) -> Any:
+        if v is NO_STUDENTS:
+            raise ValueError("give student_url (the student service's URL) or student_urls (student replicas' URLs)")
+        return v
+
+    @field_validator("student_urls")
+    @classmethod
+    def _one_way(cls, v: tuple[str, ...] | None, info: ValidationInfo) -> tuple[str, ...] | None:
+        if v is not None and info.data.get("student_url") is not None:
+            raise ValueError("give student_url (one student) or student_urls (replicas), not both")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
-        if (self.student_url is None) == (self.student_urls is None):
-            raise ValueError("student_url, student_urls: give one of them (the student service's URL, or a list "
-                             f"of student replicas' URLs), not {'both' if self.student_url else 'neither'}")
+        if self.student_url is None and self.student_urls is None:  # both given as null
+            raise ValueError("student_url: give student_url (the student service's URL) or student_urls (student replicas' URLs)")
         if self.eval.verifier is not None and self.eval.verifier.count(":") != 1:
             raise ValueError("eval.verifier: write it as 'package.module:function'")
         for name, spec in self.eval.measures.items():
