@@ -15,7 +15,7 @@ captured CUDA graph replays them all in one launch. Choices:
    then every decode step is a graph replay: mask the new position in,
    forward one token per row, advance the position. The draw of the next
    token stays outside the graph (services/student/sampling.py), so seeded
-   requests keep their own generator.
+   requests keep their own draws.
 4) A graph holds the addresses of the weights it was captured with: one
    captured for an older version is captured again, once, on the next
    request after a swap. A request keeps its graph (and the weights it was

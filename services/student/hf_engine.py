@@ -12,9 +12,12 @@ Choices:
 3) Tokens are chosen by services/student/sampling.py: greedy below the
    temperature floor, else temperature and top-p; the logprob reported is the
    chosen token's under the distribution it was chosen from.
-4) With a seed, the request draws from its own seeded generator: the same
-   request gives the same rollouts, whatever else the engine serves (not the
-   same ones as vLLM, which seeds each rollout on its own).
+4) With a seed, rollout j of prompt i draws from its own generator, seeded
+   `seed + i*n + j` as vLLM seeds its rollouts (vLLM's draws differ all the
+   same): a rollout depends on its prompt and its seed only, not on the
+   request's other prompts or its micro-batch, so the same request gives the
+   same rollouts whatever else the engine serves, and a request split in two
+   (prompts [a, b) seeded `seed + a*n`) gives the same rollouts as the whole.
 5) A swap builds the new policy beside the old one and then switches to it:
    a failed load leaves the old version serving.
 6) Memory: each request in flight holds the KV cache of one micro-batch at
@@ -50,7 +53,7 @@ class Decoding:
     """One micro-batch between turns: its KV cache and what each row has so far."""
 
     sampling: Sampling
-    generator: torch.Generator
+    uniforms: torch.Tensor  # [B, max_tokens]: each row's draw for each token (sampling.py)
     cache: object
     mask: torch.Tensor  # [B, prompt width + generated]
     logits: torch.Tensor  # [B, V]: the next token's
@@ -96,15 +99,11 @@ class HFRolloutEngine(RolloutEngine):
 
         rows = [i for i in range(len(prompts_P)) for _ in range(sampling.n)]
         lengths = [len(prompts_P[i]) + sampling.max_tokens for i in rows]
-        generator = torch.Generator(device=self.device)
-        if sampling.seed is None:
-            generator.seed()
-        else:
-            generator.manual_seed(sampling.seed)
+        uniforms_RT = draws(len(rows), sampling)
         out: list[Sample | None] = [None] * len(rows)
         budget = batch_token_budget(self.model, self.settings.micro_batch_tokens, self.bytes_per_token)
         for batch in token_budget_batches(lengths, budget):
-            d = await self.worker.run(self._prefill, [prompts_P[rows[r]] for r in batch], sampling, generator)
+            d = await self.worker.run(self._prefill, [prompts_P[rows[r]] for r in batch], sampling, uniforms_RT[batch])
             try:
                 while not d.done:
                     await self.worker.run(self._decode, d, self.settings.turn_tokens)
@@ -121,22 +120,22 @@ class HFRolloutEngine(RolloutEngine):
         return asyncio.run(self.sample(prompts_P, sampling))
 
     @torch.inference_mode()
-    def _prefill(self, prompts: list[list[int]], sampling: Sampling, generator: torch.Generator) -> Decoding:
+    def _prefill(self, prompts: list[list[int]], sampling: Sampling, uniforms_BT: torch.Tensor) -> Decoding:
         width = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for b, p in enumerate(prompts):  # left padding: every row's next token is at the same column
             ids[b, width - len(p) :] = torch.as_tensor(p)
             mask[b, width - len(p) :] = 1
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask, uniforms_BT = ids.to(self.device), mask.to(self.device), uniforms_BT.to(self.device)
         finished = torch.zeros(len(prompts), dtype=torch.bool, device=self.device)
         graph = self._graph_prefill(ids, mask, sampling.max_tokens)
         if graph is not None:
-            d = Decoding(sampling, generator, None, mask, graph[1], finished, graph[0])
+            d = Decoding(sampling, uniforms_BT, None, mask, graph[1], finished, graph[0])
         else:
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-            d = Decoding(sampling, generator, out.past_key_values, mask, out.logits[:, -1], finished)
+            d = Decoding(sampling, uniforms_BT, out.past_key_values, mask, out.logits[:, -1], finished)
         self._decode(d, self.settings.turn_tokens)
         return d
 
@@ -157,7 +156,8 @@ class HFRolloutEngine(RolloutEngine):
         """Up to `steps` more tokens of every unfinished row."""
         eos = torch.tensor(sorted(self.eos_ids), device=self.device)
         for _ in range(steps):
-            token_B, logprob_B = next_tokens(d.logits, d.sampling.temperature, d.sampling.top_p, d.generator)
+            uniform_B = d.uniforms[:, len(d.tokens)]
+            token_B, logprob_B = next_tokens(d.logits, d.sampling.temperature, d.sampling.top_p, uniform_B)
             token_B = token_B.masked_fill(d.finished, self.pad_id)
             d.tokens.append(token_B)
             d.logprobs.append(logprob_B)
@@ -223,3 +223,13 @@ class HFRolloutEngine(RolloutEngine):
 
     async def close(self) -> None:
         self.worker.close()
+
+
+def draws(rows: int, sampling: Sampling) -> torch.Tensor:
+    """[rows, max_tokens] uniform numbers: row r's from a generator seeded seed + r (unseeded: random ones)."""
+    if sampling.seed is None:
+        generator = torch.Generator()
+        generator.seed()  # its own, non-deterministic: torch's global generator is left alone
+        return torch.rand(rows, sampling.max_tokens, generator=generator)
+    return torch.stack([torch.rand(sampling.max_tokens, generator=torch.Generator().manual_seed(sampling.seed + r))
+                        for r in range(rows)]) if rows else torch.empty(0, sampling.max_tokens)

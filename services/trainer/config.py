@@ -13,6 +13,8 @@ Choices:
    reads only the mapping it is given, never the process environment.
 3) The API key falls back to `OPD_API_KEY`, the key the services share.
    `teacher_protocol` lets a stock vLLM or SGLang server be the teacher.
+   The students are `student_url` (one service) or `student_urls` (replicas),
+   exactly one of the two; a later layer that gives one drops the other.
 4) The config is pure pydantic (no torch): the trainer service validates a
    POST /runs body with it, and a 422 names the bad field.
 """
@@ -36,6 +38,8 @@ ENV_PREFIX = "OPD_TRAIN_"
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PositiveInt = Annotated[int, Field(ge=1)]
 MEASURE_NAME = re.compile(r"[a-z][a-z0-9_]*")  # a metric name's suffix: accuracy_<name>
+STUDENT_URL_FIELDS = {"student_url", "student_urls"}  # one setting in two spellings: a later layer's replaces an earlier's
+NO_STUDENTS = object()  # stands for a config that names neither
 
 
 class ConfigError(InvalidInput):
@@ -159,7 +163,10 @@ class RunConfig(Section):
         description="How the trainer asks the teachers for scores: opd (POST /logprobs), openai (a vLLM "
         "OpenAI-compatible server's /v1/completions with prompt_logprobs) or sglang (an SGLang server's /generate).",
     )
-    student_url: Annotated[str, Field(min_length=1)]
+    student_url: Annotated[str | None, Field(min_length=1, description="The student service (or give student_urls).")] = None
+    student_urls: Annotated[tuple[Annotated[str, Field(min_length=1)], ...] | None, Field(
+        min_length=1, description="Student replicas: each step's prompts are split across them, every one loads "
+        "each version. Give this or student_url, not both.")] = None
     objective: Literal["opd", "rl", "sft"] = Field(
         default="opd",
         description="opd: per-token reverse KL to the teacher; rl: the task reward only, centred per prompt, no "
@@ -197,7 +204,7 @@ class RunConfig(Section):
             raise ValueError("write it as 'package.module:function'")
         return v
 
-    @field_validator("teacher_urls", mode="before")
+    @field_validator("teacher_urls", "student_urls", mode="before")
     @classmethod
     def _one_url(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
@@ -214,10 +221,32 @@ class RunConfig(Section):
         defaults: dict[str, Any] = {}
         for path, value in env_overrides(environ):
             set_path(defaults, path, value)
-        return deep_merge(defaults, dict(data))
+        if STUDENT_URL_FIELDS & data.keys():  # the config names its students: no default adds the other field
+            for key in STUDENT_URL_FIELDS:
+                defaults.pop(key, None)
+        merged = deep_merge(defaults, dict(data))
+        if not STUDENT_URL_FIELDS & merged.keys():  # reported with the other fields' errors (_students)
+            merged["student_url"] = NO_STUDENTS
+        return merged
+
+    @field_validator("student_url", mode="before")
+    @classmethod
+    def _students_named(cls, v: Any) -> Any:
+        if v is NO_STUDENTS:
+            raise ValueError("give student_url (the student service's URL) or student_urls (student replicas' URLs)")
+        return v
+
+    @field_validator("student_urls")
+    @classmethod
+    def _one_way(cls, v: tuple[str, ...] | None, info: ValidationInfo) -> tuple[str, ...] | None:
+        if v is not None and info.data.get("student_url") is not None:
+            raise ValueError("give student_url (one student) or student_urls (replicas), not both")
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> RunConfig:
+        if self.student_url is None and self.student_urls is None:  # both given as null
+            raise ValueError("student_url: give student_url (the student service's URL) or student_urls (student replicas' URLs)")
         if self.eval.verifier is not None and self.eval.verifier.count(":") != 1:
             raise ValueError("eval.verifier: write it as 'package.module:function'")
         for name, spec in self.eval.measures.items():
@@ -242,6 +271,11 @@ class RunConfig(Section):
     def eval_max_tokens(self) -> int:
         return self.eval.max_tokens or self.sampling.max_tokens
 
+    @property
+    def student_replicas(self) -> tuple[str, ...]:
+        """The student services' URLs: student_urls, or student_url alone."""
+        return self.student_urls or (self.student_url,)  # type: ignore[return-value]
+
 
 # ---------------------------------------------------------------- loading
 def parse_override(item: str) -> tuple[list[str], Any]:
@@ -257,6 +291,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
 
 
 def set_path(tree: dict, path: Sequence[str], value: Any) -> None:
+    if len(path) == 1 and path[0] in STUDENT_URL_FIELDS:
+        for key in STUDENT_URL_FIELDS - {path[0]}:
+            tree.pop(key, None)
     node = tree
     for i, part in enumerate(path[:-1]):
         child = node.get(part)

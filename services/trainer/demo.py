@@ -50,7 +50,7 @@ def run_demo(config: RunConfig, models: Path, engine: str, plot_to: Path | None)
     # The student serves in the trainer's dtype, so its sampling logprobs are the ones the trainer computes.
     student = start("student", ["student", "serve", "--model", config.student.model, "--engine", engine,
                                 "--dtype", config.student.dtype, "--checkpoint-root", config.checkpoint_root],
-                    config.student_url, out, console)
+                    config.student_replicas[0], out, console)
     try:
         with console.status("waiting for the teacher and the student to load"):
             teacher.wait_ready(timeout=900, api_key=config.api_key)

@@ -31,7 +31,8 @@ Choices:
    resumes.
 4) A student that serves another version than the trainer last loaded (it
    restarted with its base model, version 0) is given the current weights
-   as a new version, and the trainer logs that it noticed.
+   as a new version, and the trainer logs that it noticed. With replicas
+   (`student_urls`) every replica loads every version, and each is checked.
 5) With `sampling.max_staleness: 1`, step n+1's rollouts are sampled in a
    background thread while step n scores and trains, from the version step n
    started with; the student's swap to step n's version waits for them. The
@@ -68,8 +69,8 @@ EVAL_SHOWN = 4  # evaluation completions kept as text per evaluation
 EVAL_STEP = -1  # the evaluation seed's "step": the same prompts and seed at every evaluation
 # Fields (and sections) a resumed run may change: they do not alter what it computes.
 RESUMABLE = ("steps", "eval", "save_every", "keep_versions", "resume", "services", "api_key", "teacher_urls",
-             "teacher_protocol", "student_url", "teacher_sampler_url", "output_dir", "checkpoint_root", "name", "student.torch_threads",
-             "student.device")
+             "teacher_protocol", "student_url", "student_urls", "teacher_sampler_url", "output_dir", "checkpoint_root",
+             "name", "student.torch_threads", "student.device")
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -107,12 +108,12 @@ class Trainer:
         from opd.trainer.distributed import open_policy
 
         config = self.config
-        teachers, student = self.remote.check_tokenizers(load_tokenizer(config.student.model))
+        teachers, students = self.remote.check_tokenizers(load_tokenizer(config.student.model))
         train_rows, eval_rows = load_prompts(config.dataset, config.seed)
         self.train_rows = with_teacher_prompts(train_rows, config.teacher_prompt, "train")
         self.eval_rows = with_teacher_prompts(eval_rows, config.teacher_prompt, "eval")
         self.remote.check_stock_teacher(self.train_rows + self.eval_rows)
-        self.remote.check_limits(teachers, student, len(self.eval_rows))
+        self.remote.check_limits(teachers, students, len(self.eval_rows))
         self.sampler = PromptSampler(len(self.train_rows), config.seed)
         self.reward_fn = load_callable(config.reward_fn, "reward_fn") if config.reward_fn else None
         self.verifier = load_callable(config.eval.verifier, "eval.verifier") if config.eval.verifier else None
@@ -169,17 +170,19 @@ class Trainer:
 
     # ------------------------------------------------------------ service calls
     def publish(self, base: bool = False, made_at: int | None = None) -> None:
-        """Writes the current weights (or the untouched base model) as a new policy version; the student loads it.
-        `made_at`: the step whose update the weights hold (default: the last whole step)."""
-        current = self.remote.student_info().policy_version or 0
-        version = max(current, self.version) + 1
-        if self.version and current != self.version:
-            log.warning("the student serves policy version %d, the trainer's is %d (the student or the trainer restarted): "
-                        "loading the trainer's weights as version %d", current, self.version, version)
+        """Writes the current weights (or the untouched base model) as a new policy version; every student replica
+        loads it. `made_at`: the step whose update the weights hold (default: the last whole step)."""
+        current = [info.policy_version or 0 for info in self.remote.student_infos()]
+        version = max(*current, self.version) + 1
+        for url, served in zip(self.remote.student_urls, current):
+            if self.version and served != self.version:
+                log.warning("the %s serves policy version %d, the trainer's is %d (the student or the trainer restarted): "
+                            "loading the trainer's weights as version %d", self.remote.student_name(url), served,
+                            self.version, version)
         path = self.store.write(version, self.policy.save_base if base else self.policy.save_version)
         kind = "full" if base else self.policy.finetune
         loaded = self.remote.load_weights(p.WeightsRequest(version=version, kind=kind, path=path))
-        self.version = loaded.policy_version
+        self.version = loaded[0].policy_version
         self.made_at[self.version] = self.step if made_at is None else made_at
 
     def sample_on_policy(self, rows: list[PromptRow], **kwargs: Any) -> list[Sample]:

@@ -11,28 +11,41 @@ Choices:
    engine that died loading a version), which waiting does not mend.
 2) The caller keeps whatever it already has (a step's rollouts) and repeats
    only the call that failed, so nothing is resampled, skipped or counted twice.
-3) At start every teacher replica and the student are asked for `/info`;
-   their tokenizer fingerprints, and the trainable student's own, must agree.
-   A stock vLLM or SGLang teacher (`teacher_protocol` openai or sglang) has
-   no fingerprint: it must tokenize a probe text exactly as the student does.
+3) At start every teacher replica and every student replica are asked for
+   `/info`; their tokenizer fingerprints, and the trainable student's own,
+   must agree. A stock vLLM or SGLang teacher (`teacher_protocol` openai or
+   sglang) has no fingerprint: it must tokenize a probe text exactly as the
+   student does.
 4) The same `/info` answers give the limits: scoring requests are cut to the
    smallest `max_sequences` and `max_request_tokens` over the teacher
-   replicas (`ScoreLimits`), and a run whose requests the student would
-   refuse (`prompts_per_step`, the held-out prompts, `max_tokens`) is refused
-   at start, naming the setting, instead of failing at its first step.
+   replicas (`ScoreLimits`), and a run whose requests a student replica
+   would refuse (its share of `prompts_per_step` or of the held-out prompts,
+   `max_tokens`) is refused at start, naming the setting, instead of failing
+   at its first step.
+5) Student replicas (`student_urls`; a compose service's name that resolves
+   to several addresses counts as one replica per address): a rollout
+   request's prompts are split across them in contiguous blocks, as even as
+   possible, each block seeded `seed + first*n` (the engines seed rollout j
+   of prompt i `seed + i*n + j`), so the replicas sample what one student
+   would. The replicas are called at once, one thread each, and each call
+   waits out its own replica's outage: what the others returned is kept.
+   Weights go to every replica the same way. A lone student is "the
+   student" in messages; a replica is named by its URL.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 from opd.common import protocol as p
-from opd.common.client import StudentClient
+from opd.common.client import StudentClient, replica_urls
 from opd.common.compat_client import teacher_client
 from opd.common.errors import OPDError, ServiceError, TokenizerMismatch
 from opd.trainer.config import ConfigError, RunConfig
@@ -68,6 +81,22 @@ class ScoreLimits:
         )
 
 
+@dataclass(frozen=True)
+class Share:
+    """One student replica's part of a rollout request: its answer, whose prompt_index counts from `first`."""
+
+    url: str
+    first: int  # the index of its first prompt in the whole request
+    response: p.RolloutResponse
+
+
+def blocks(count: int, parts: int) -> list[tuple[int, int]]:
+    """[start, end) of `parts` contiguous blocks of range(count), as even as possible (the first ones larger)."""
+    size, extra = divmod(count, parts)
+    starts = [i * size + min(i, extra) for i in range(parts + 1)]
+    return list(itertools.pairwise(starts))
+
+
 class ServiceDown(OPDError):
     """A service stayed unreachable (or answered 5xx) for longer than the run may wait."""
 
@@ -90,22 +119,34 @@ class Remote:
         # A scaled compose service resolves to one address per replica: spread over all.
         protocol = config.teacher_protocol
         self.teacher = teacher_client(protocol, list(config.teacher_urls), expand_dns=True, **kwargs)
-        self.student = StudentClient(config.student_url, **kwargs)
+        self.student_urls = [u for url in config.student_replicas for u in replica_urls(url.rstrip("/"))]
+        self.students = [StudentClient(url, **kwargs) for url in self.student_urls]
+        self.student = self.students[0]
         # objective sft: the teacher's model served by a student service, sampling the teacher's completions.
         self.teacher_sampler = StudentClient(config.teacher_sampler_url, **kwargs) if config.teacher_sampler_url else None
         self.replicas = [teacher_client(protocol, url, **kwargs) for url in config.teacher_urls]
-        self.waited_s = 0.0
-        self.waiting_for: str | None = None  # the call now waiting out an outage (reported in the run's status)
+        self.waited_s = 0.0  # time during which some call paused for an outage (replicas' pauses at once count once)
         self.score_limits = ScoreLimits()
+        self._lock = threading.Lock()
+        self._waiting: dict[object, str] = {}  # call -> what it waits for; replicas' calls wait at once
+        self._pausing, self._pauses_began = 0, 0.0
+
+    @property
+    def waiting_for(self) -> str | None:
+        """The calls now waiting out an outage (reported in the run's status), or None."""
+        with self._lock:
+            return "; ".join(self._waiting.values()) or None
 
     def call(self, what: str, fn: Callable[[], T]) -> T:
         """fn(), waiting through outages of up to max_wait_s; `what` names the call in logs and errors."""
+        key = object()
         try:
-            return self._wait_out(what, fn)
+            return self._wait_out(what, fn, key)
         finally:
-            self.waiting_for = None
+            with self._lock:
+                self._waiting.pop(key, None)
 
-    def _wait_out(self, what: str, fn: Callable[[], T]) -> T:
+    def _wait_out(self, what: str, fn: Callable[[], T], key: object) -> T:
         began = time.monotonic()
         delay = 1.0
         while True:
@@ -122,16 +163,54 @@ class Remote:
                         "Start the service again and resume the run (it continues from its last checkpoint)"
                     ) from exc
                 log.warning("%s: service unavailable (%s); waiting (%.0fs of %.0fs)", what, exc.message[:200], waited, limit)
-                self.waiting_for = what
-                pause = min(delay, max(0.1, limit - waited))
-                if self.stop.wait(pause):
+                with self._lock:
+                    self._waiting[key] = what
+                if self._pause(min(delay, max(0.1, limit - waited))):
                     raise RunStopped(f"{what}: the run was stopped while waiting for the service") from exc
-                self.waited_s += pause
                 delay = min(delay * 2, self.config.services.max_backoff_s)
 
+    def _pause(self, seconds: float) -> bool:
+        """Sleeps unless the run is stopped (then True); counts the time in waited_s once, however many pause."""
+        with self._lock:
+            if not self._pausing:
+                self._pauses_began = time.monotonic()
+            self._pausing += 1
+        try:
+            return self.stop.wait(seconds)
+        finally:
+            with self._lock:
+                self._pausing -= 1
+                if not self._pausing:
+                    self.waited_s += time.monotonic() - self._pauses_began
+
+    def each(self, calls: list[Callable[[], T]]) -> list[T]:
+        """Every call at once, one thread each (a single one in this thread); their results in order.
+        All run to their end before the first error, if any, is raised."""
+        if len(calls) == 1:
+            return [calls[0]()]
+        with ThreadPoolExecutor(len(calls), thread_name_prefix="opd-replica") as pool:
+            futures = [pool.submit(fn) for fn in calls]
+        return [f.result() for f in futures]
+
+    def student_name(self, url: str) -> str:
+        return "student" if len(self.students) == 1 else f"student at {url}"
+
     # ------------------------------------------------------------ the calls
-    def rollouts(self, request: p.RolloutRequest) -> p.RolloutResponse:
-        return self.call("student /rollouts", lambda: self.student.rollouts(request))
+    def rollouts(self, request: p.RolloutRequest) -> list[Share]:
+        """The request's prompts split across the student replicas (5), sampled at once; a replica with no
+        prompt (fewer prompts than replicas) is not asked."""
+        parts = []
+        for (first, end), url, client in zip(blocks(len(request.prompts), len(self.students)), self.student_urls,
+                                             self.students, strict=True):
+            if end > first:
+                seed = None if request.seed is None else request.seed + first * request.n
+                part = request.model_copy(update={"prompts": request.prompts[first:end], "seed": seed})
+                parts.append((url, first, client, part))
+
+        def ask(url: str, first: int, client: StudentClient, part: p.RolloutRequest) -> Callable[[], Share]:
+            return lambda: Share(url, first, self.call(f"{self.student_name(url)} /rollouts", lambda: client.rollouts(part)))
+
+        return self.each([ask(*part) for part in parts])
 
     def teacher_rollouts(self, request: p.RolloutRequest) -> p.RolloutResponse:
         assert self.teacher_sampler is not None, "objective sft needs teacher_sampler_url"
@@ -141,26 +220,44 @@ class Remote:
     def score(self, sequences: list[p.ScoreSequence]) -> p.LogprobsResponse:
         return self.call(f"teacher ({self.config.teacher_protocol})", lambda: self.teacher.logprobs(sequences))
 
-    def load_weights(self, request: p.WeightsRequest) -> p.WeightsResponse:
-        try:
-            return self.call("student /weights", lambda: self.student.load_weights(request))
-        except ServiceError as exc:
-            if exc.status_code in (400, 404, 422):
-                raise ServiceError(
-                    exc.status_code,
-                    f"{exc.message} (the trainer wrote {request.path} under checkpoint_root={self.config.checkpoint_root}: "
-                    "is that the student service's --checkpoint-root?)",
-                ) from exc
-            raise
+    def load_weights(self, request: p.WeightsRequest) -> list[p.WeightsResponse]:
+        """Every student replica loads the version, at once; their answers in the order of student_urls."""
+        return self.each([self._loader(url, client, request) for url, client in zip(self.student_urls, self.students)])
 
-    def student_info(self) -> p.ServiceInfo:
-        return self.call("student /info", self.student.info)
+    def _loader(self, url: str, client: StudentClient, request: p.WeightsRequest) -> Callable[[], p.WeightsResponse]:
+        def load() -> p.WeightsResponse:
+            try:
+                return self.call(f"{self.student_name(url)} /weights", lambda: client.load_weights(request))
+            except ServiceError as exc:
+                if exc.status_code in (400, 404, 422):
+                    raise ServiceError(
+                        exc.status_code,
+                        f"{exc.message} (the trainer wrote {request.path} under checkpoint_root="
+                        f"{self.config.checkpoint_root}: is that the --checkpoint-root of the student at {url}?)",
+                    ) from exc
+                raise
 
-    def check_tokenizers(self, tokenizer: PreTrainedTokenizerBase) -> tuple[list[p.ServiceInfo], p.ServiceInfo]:
-        """Every teacher replica, the student service and the trainable student (`tokenizer`) share one tokenizer."""
+        return load
+
+    def student_infos(self) -> list[p.ServiceInfo]:
+        """Every student replica's /info, in the order of student_urls."""
+        return self.each([lambda url=url, client=client: self.call(f"{self.student_name(url)} /info", client.info)
+                          for url, client in zip(self.student_urls, self.students)])
+
+    def check_tokenizers(self, tokenizer: PreTrainedTokenizerBase) -> tuple[list[p.ServiceInfo], list[p.ServiceInfo]]:
+        """Every teacher replica, every student replica and the trainable student (`tokenizer`) share one tokenizer.
+        Returns the teachers' and the student replicas' /info."""
         from opd.common.tokenizer import tokenizer_fingerprint
 
-        student = self.student_info()
+        students = self.student_infos()
+        student = students[0]
+        for url, info in zip(self.student_urls[1:], students[1:]):
+            if info.tokenizer_fingerprint != student.tokenizer_fingerprint:
+                raise TokenizerMismatch(
+                    f"the student replica at {url} serves {info.model} (tokenizer {info.tokenizer_fingerprint}), the "
+                    f"one at {self.student_urls[0]} {student.model} (tokenizer {student.tokenizer_fingerprint}): every "
+                    "student replica must serve the same model (compare GET /info tokenizer_fingerprint)"
+                )
         teachers = []
         for url, client in zip(self.config.teacher_urls, self.replicas, strict=True):
             info = self.call(f"teacher {url} /info", client.info)
@@ -170,7 +267,7 @@ class Remote:
             elif info.tokenizer_fingerprint != student.tokenizer_fingerprint:
                 raise TokenizerMismatch(
                     f"the teacher {info.model} (at {url}, tokenizer {info.tokenizer_fingerprint}) and the student "
-                    f"{student.model} (at {self.config.student_url}, tokenizer {student.tokenizer_fingerprint}) use "
+                    f"{student.model} (at {self.student_urls[0]}, tokenizer {student.tokenizer_fingerprint}) use "
                     "different tokenizers, so the teacher cannot score the student's token ids: distill between "
                     "models that share a tokenizer (compare GET /info tokenizer_fingerprint)"
                 )
@@ -188,7 +285,7 @@ class Remote:
                 f"service's {student.model} (tokenizer {student.tokenizer_fingerprint}) differ: set student.model to "
                 "the model the student service serves"
             )
-        return teachers, student
+        return teachers, students
 
     def check_probe(self, url: str, client, tokenizer: PreTrainedTokenizerBase) -> None:
         """A stock server has no tokenizer fingerprint: it must tokenize PROBE as the student does."""
@@ -211,29 +308,36 @@ class Remote:
                 "serve the teacher with opd's teacher service (teacher_protocol opd), or drop the teacher prompt"
             )
 
-    def check_limits(self, teachers: list[p.ServiceInfo], student: p.ServiceInfo, eval_prompts: int) -> None:
-        """Takes the teachers' scoring limits; refuses a run whose rollout requests the student would refuse."""
+    def check_limits(self, teachers: list[p.ServiceInfo], students: list[p.ServiceInfo], eval_prompts: int) -> None:
+        """Takes the teachers' scoring limits; refuses a run whose rollout requests a student replica would refuse:
+        each gets at most its share of a request's prompts (the first block, the largest), against the smallest
+        limits over the replicas."""
         self.score_limits = ScoreLimits.of(teachers)
-        c, limits = self.config, student.limits
-        max_prompts, max_rollouts = limits.get("max_prompts"), limits.get("max_rollouts")
+        c = self.config
+        least = lambda key: min((s.limits[key] for s in students if key in s.limits), default=None)  # noqa: E731
+        max_prompts, max_rollouts = least("max_prompts"), least("max_rollouts")
+        max_model_len = min(s.max_model_len for s in students)
+        share = lambda prompts: blocks(prompts, len(students))[0][1]  # noqa: E731
         requests = [("sampling.prompts_per_step", c.sampling.prompts_per_step, c.sampling.samples_per_prompt,
                      c.sampling.max_tokens, "sampling.max_tokens")]
         if c.eval.every > 0:
             requests.append(("the held-out prompts (dataset.eval_size, eval_path)", eval_prompts,
                              c.eval.samples_per_prompt, c.eval_max_tokens, "eval.max_tokens"))
         problems = []
-        for field, prompts, n, max_tokens, tokens_field in requests:
+        for field, total, n, max_tokens, tokens_field in requests:
+            prompts = share(total)
+            held = f"{prompts} prompts" + (f" (of {total}, split over {len(students)} replicas)" if prompts < total else "")
             if max_prompts is not None and prompts > max_prompts:
-                problems.append(f"{field}: {prompts} prompts in one rollout request; "
+                problems.append(f"{field}: {held} in one rollout request; "
                                 f"the student takes at most {max_prompts} (max_prompts)")
             if max_rollouts is not None and prompts * n > max_rollouts:
-                problems.append(f"{field}: {prompts} prompts x {n} samples = {prompts * n} rollouts in one request; "
+                problems.append(f"{field}: {held} x {n} samples = {prompts * n} rollouts in one request; "
                                 f"the student takes at most {max_rollouts} (max_rollouts)")
-            if max_tokens >= student.max_model_len:
+            if max_tokens >= max_model_len:
                 problems.append(f"{tokens_field}: {max_tokens} tokens leave no room for a prompt under the student's "
-                                f"maximum length of {student.max_model_len}")
+                                f"maximum length of {max_model_len}")
         if problems:
             raise ConfigError(
-                f"the student at {c.student_url} would refuse this run's requests: {'; '.join(problems)}. "
+                f"the student at {', '.join(self.student_urls)} would refuse this run's requests: {'; '.join(problems)}. "
                 "Lower these settings, or raise the student's limits (OPD_STUDENT_MAX_PROMPTS, OPD_STUDENT_MAX_ROLLOUTS)"
             )

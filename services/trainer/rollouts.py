@@ -8,9 +8,11 @@ Choices:
    re-rendered text: after the student's own prompt ids, or after the
    teacher's own prompt when the run gives it a privileged context (context.py).
 2) Rollouts must come from the policy version the trainer last loaded; a
-   student that answers with another version (it restarted, or someone else
-   loaded weights) raises `StaleRollouts`, and the caller reloads and samples
-   again: off-policy samples are never trained on.
+   student (any replica) that answers with another version (it restarted, or
+   someone else loaded weights) raises `StaleRollouts`, and the caller
+   reloads and samples again: off-policy samples are never trained on.
+   With student replicas each samples its block of the prompts (remote.py);
+   the samples come back in prompt order, indexed over the whole request.
 3) Scoring requests are cut to the teachers' advertised limits (sequences
    and tokens per request, `remote.score_limits`), in order.
 4) A sample longer than the teacher scores (`max_sequence_len`: a vLLM
@@ -39,8 +41,8 @@ class StaleRollouts(OPDError):
 
     status_code = 409
 
-    def __init__(self, got: int, expected: int) -> None:
-        super().__init__(f"the student sampled with policy version {got}, the trainer expects {expected}")
+    def __init__(self, got: int, expected: int, student: str = "the student") -> None:
+        super().__init__(f"{student} sampled with policy version {got}, the trainer expects {expected}")
         self.got, self.expected = got, expected
 
 
@@ -75,17 +77,20 @@ def sample(
     request = p.RolloutRequest(
         prompts=[row.prompt for row in prompts], n=n, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed
     )
-    response = remote.rollouts(request)
-    if response.policy_version != version:
-        raise StaleRollouts(response.policy_version, version)
+    shares = remote.rollouts(request)
+    for share in shares:
+        if share.response.policy_version != version:
+            raise StaleRollouts(share.response.policy_version, version, f"the {remote.student_name(share.url)}")
     out = []
-    for r in sorted(response.rollouts, key=lambda r: r.prompt_index):  # stable: keeps each group's order
-        if len(r.logprobs) != len(r.token_ids):
-            raise ScoreMismatch(f"the student returned {len(r.token_ids)} tokens but {len(r.logprobs)} logprobs")
-        if r.token_ids:
-            row = prompts[r.prompt_index]
-            out.append(Sample(r.prompt_index, r.prompt_token_ids, r.token_ids, r.logprobs, r.text, r.finish_reason,
-                              row.row, teacher_prompt=row.teacher))
+    for share in shares:  # in prompt order: the shares are consecutive blocks
+        for r in sorted(share.response.rollouts, key=lambda r: r.prompt_index):  # stable: keeps each group's order
+            if len(r.logprobs) != len(r.token_ids):
+                raise ScoreMismatch(f"the student returned {len(r.token_ids)} tokens but {len(r.logprobs)} logprobs")
+            if r.token_ids:
+                index = share.first + r.prompt_index
+                row = prompts[index]
+                out.append(Sample(index, r.prompt_token_ids, r.token_ids, r.logprobs, r.text, r.finish_reason,
+                                  row.row, teacher_prompt=row.teacher))
     return out
 
 

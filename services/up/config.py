@@ -3,7 +3,7 @@ and the distillation run to submit to the trainer.
 
     workdir: runs/demo
     teacher: {model: {prepare: smollm2-135m-instruct}, engine: vllm, port: 8001}
-    student: {model: {prepare: smollm2-135m-instruct, layers: 12}, engine: vllm, port: 8002}
+    student: {model: {prepare: smollm2-135m-instruct, layers: 12}, engine: vllm, port: 8002}   # replicas: 2 -> 8002, 8003
     trainer: {port: 8003, nproc: 1}                      # nproc > 1: FSDP2 under torchrun
     run: {steps: 30, sampling: {max_tokens: 48}, ...}     # a trainer run config
     restart: {policy: on-failure, max_restarts: 3, backoff_s: 1, max_backoff_s: 30}
@@ -12,6 +12,10 @@ and the distillation run to submit to the trainer.
 `run` is an ordinary trainer run config without the parts `opd up` knows
 (service URLs, the student model, checkpoint and output folders); those are
 filled in. The file is YAML; `--set section.field=value` overrides any field.
+
+Student replicas: `student: {replicas: 2, port: 8002, ...}` runs two student
+processes, on ports 8002 and 8003 (or `port: [8002, 8012]`, a port each),
+each supervised on its own; the run gets their URLs as `student_urls`.
 
 `load_stack` validates `run` as the trainer will at POST /runs, before any
 process starts: what `opd up` fills in later (models still to prepare, the
@@ -28,14 +32,13 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from opd.common.errors import InvalidInput
-from opd.trainer.config import RunConfig, deep_merge, parse_override, set_path
+from opd.trainer.config import STUDENT_URL_FIELDS, RunConfig, deep_merge, parse_override, set_path
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "skill.yaml"
 # What Stack.run_config fills in once the services run; only their presence and types matter to validation.
 RUN_STAND_INS: dict[str, Any] = {
     "student": {"model": "student-model"},
     "teacher_urls": ["http://teacher"],
-    "student_url": "http://student",
     "api_key": "key",
     "checkpoint_root": "checkpoints",
     "output_dir": "run",
@@ -65,18 +68,50 @@ class ModelSource(_Section):
         return self
 
 
+Port = Annotated[int, Field(ge=1, le=65535)]
+
+
 class EngineService(_Section):
     model: ModelSource
     engine: Literal["vllm", "hf"] = "vllm"
-    port: Annotated[int, Field(ge=1, le=65535)]
+    port: Port
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     kv_cache_gib: Annotated[float, Field(gt=0)] = 1.0
 
 
 class StudentService(EngineService):
+    port: Port | Annotated[tuple[Port, ...], Field(min_length=1)] = Field(  # type: ignore[assignment]
+        description="The student's port; with replicas the first of consecutive ones, or a list: a port per replica."
+    )
+    replicas: Annotated[int, Field(ge=1, le=64)] | None = Field(
+        default=None, description="Student processes, each step's prompts split across them (default 1, or one per port listed)."
+    )
     lora_mode: Literal["auto", "adapter", "merge"] = Field(
         default="auto", description="LoRA versions as adapters or merged into the weights (auto: merged in the hf engine and without a GPU)."
     )
+
+    @model_validator(mode="after")
+    def _ports_for_replicas(self) -> StudentService:
+        if isinstance(self.port, tuple) and self.replicas not in (None, len(self.port)):
+            raise ValueError(f"replicas: {self.replicas} replicas, but {len(self.port)} ports listed in 'port'; "
+                             "give one port per replica, or a single first port")
+        if not isinstance(self.port, tuple) and self.port + self.count - 1 > 65535:
+            raise ValueError(f"port: {self.count} replicas from port {self.port} pass 65535")
+        return self
+
+    @property
+    def count(self) -> int:
+        return len(self.port) if isinstance(self.port, tuple) else self.replicas or 1
+
+    @property
+    def ports(self) -> list[int]:
+        """One port per replica."""
+        return list(self.port) if isinstance(self.port, tuple) else [self.port + i for i in range(self.count)]
+
+    @property
+    def names(self) -> list[str]:
+        """The processes' names: 'student' alone, 'student-1', 'student-2', ... for replicas."""
+        return ["student"] if self.count == 1 else [f"student-{i + 1}" for i in range(self.count)]
 
 
 class TrainerService(_Section):
@@ -114,9 +149,10 @@ class StackConfig(_Section):
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> StackConfig:
-        ports = [self.teacher.port, self.student.port, self.trainer.port]
-        if len(set(ports)) != 3:
-            raise ValueError(f"teacher, student and trainer need three different ports; got {ports}")
+        ports = [self.teacher.port, *self.student.ports, self.trainer.port]
+        if len(set(ports)) != len(ports):
+            what = "teacher, student and trainer need three" if len(ports) == 3 else "teacher, student replicas and trainer need"
+            raise ValueError(f"{what} different ports; got {ports}")
         return self
 
 
@@ -145,7 +181,8 @@ def check_run(stack: StackConfig) -> RunConfig:
     The stand-ins replace what the user gives too, as Stack.run_config does; a dataset path is stood in for
     only when none is given (opd up then uses its shipped prompts). `OPD_TRAIN_*` variables count, since the
     trainer inherits them. Raises pydantic's ValidationError."""
-    run = deep_merge(stack.run, RUN_STAND_INS)
+    run = deep_merge(without_students(stack.run), {**RUN_STAND_INS, **students_entry(
+        [f"http://student-{i}" for i in range(stack.student.count)])})
     dataset = run.get("dataset")
     if dataset is None or isinstance(dataset, dict):
         run["dataset"] = {"path": "prompts.jsonl", **(dataset or {})}
@@ -158,3 +195,13 @@ def describe(exc: ValidationError, section: str | None = None) -> str:
 
     errors = [{**e, "loc": (section, *e["loc"]) if section else e["loc"]} for e in exc.errors()]
     return describe_validation_errors(errors)
+
+
+def without_students(run: dict[str, Any]) -> dict[str, Any]:
+    """The run without its student URLs: opd up gives its own."""
+    return {k: v for k, v in run.items() if k not in STUDENT_URL_FIELDS}
+
+
+def students_entry(urls: list[str]) -> dict[str, Any]:
+    """`student_url` for one student (as before replicas), `student_urls` for several."""
+    return {"student_url": urls[0]} if len(urls) == 1 else {"student_urls": urls}

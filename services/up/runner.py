@@ -2,7 +2,8 @@
 
 1. Models are prepared (`opd models prepare`) or taken from their paths.
 2. Every port is checked first: a taken port stops start-up with its name.
-3. Teacher and student start together, then the trainer; each as a process
+3. Teacher and student (or student replicas, `student-1`, `student-2`, ...:
+   one process each) start together, then the trainer; each as a process
    group of its own, its output kept in `<workdir>/logs/<service>.log` and its
    warnings and errors echoed to the terminal with a `[service]` prefix. From
    then on a supervisor (supervisor.py) restarts a service that crashes.
@@ -34,7 +35,7 @@ from opd.common.errors import InvalidInput, OPDError, ServiceError
 from opd.common.process import ServiceProcess, StartupFailed, port_free
 from opd.trainer.config import deep_merge
 from opd.trainer.rollouts import load_callable
-from opd.up.config import EngineService, StackConfig
+from opd.up.config import EngineService, StackConfig, students_entry, without_students
 from opd.up.follow import Outcome, RunFollower
 from opd.up.interrupts import Interrupts
 from opd.up.report import end_summary, samples_table
@@ -99,25 +100,26 @@ class Stack:
 
     def check_ports(self) -> None:
         c = self.config
-        for name, port in (("teacher", c.teacher.port), ("student", c.student.port), ("trainer", c.trainer.port)):
+        students = [(name, port) for name, port in zip(c.student.names, c.student.ports, strict=True)]
+        for name, port in (("teacher", c.teacher.port), *students, ("trainer", c.trainer.port)):
             if not port_free(c.host, port):
                 raise StartupFailed(
                     f"port {port} ({name}) on {c.host} is taken: stop what uses it, or pick another with "
-                    f"--set {name}.port=N"
+                    f"--set {name.split('-')[0]}.port=N"
                 )
 
     def start(self, teacher_model: str, student_model: str) -> None:
         c = self.config
         self.logs.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
-        for spec, name, model, extra in (
-            (c.teacher, "teacher", teacher_model, []),
-            (c.student, "student", student_model,
-             ["--checkpoint-root", str(self.checkpoints), "--lora-mode", c.student.lora_mode, *self._lora_flag()]),
-        ):
-            args = [name, "serve", "--model", model, "--engine", spec.engine, "--dtype", spec.dtype,
+        student_extra = ["--checkpoint-root", str(self.checkpoints), "--lora-mode", c.student.lora_mode, *self._lora_flag()]
+        services = [(c.teacher, "teacher", c.teacher.port, teacher_model, [])]
+        services += [(c.student, name, port, student_model, student_extra)  # replicas share the checkpoint root
+                     for name, port in zip(c.student.names, c.student.ports, strict=True)]
+        for spec, name, port, model, extra in services:
+            args = [name.split("-")[0], "serve", "--model", model, "--engine", spec.engine, "--dtype", spec.dtype,
                     "--kv-cache-gib", str(spec.kv_cache_gib), *extra]
-            self._process(name, args, spec.port).start()
+            self._process(name, args, port).start()
         with self.console.status(f"loading the teacher and the student (logs: {self.logs})"):
             for proc in self.procs:
                 proc.wait_ready(c.startup_timeout_s, api_key=self.api_key)
@@ -134,6 +136,9 @@ class Stack:
 
     def url(self, name: str) -> str:
         return next(p.url for p in self.procs if p.name == name)
+
+    def student_urls(self) -> list[str]:
+        return [self.url(name) for name in self.config.student.names]
 
     def supervise(self) -> Supervisor:
         self.supervisor = Supervisor(self.procs, self.config.restart, report=self.console.print, api_key=self.api_key,
@@ -157,12 +162,12 @@ class Stack:
         filled = {
             "student": {"model": student_model},
             "teacher_urls": [self.url("teacher")],
-            "student_url": self.url("student"),
+            **students_entry(self.student_urls()),
             "api_key": self.api_key,
             "checkpoint_root": str(self.checkpoints),
             "output_dir": str(self.workdir / "run"),
         }
-        run = deep_merge(self.config.run, filled)
+        run = deep_merge(without_students(self.config.run), filled)
         dataset = run.setdefault("dataset", {})
         dataset.setdefault("path", str(DEFAULT_PROMPTS))
         for key in ("path", "eval_path"):
@@ -254,7 +259,7 @@ def distill(stack: Stack, interrupts: Interrupts) -> tuple[int, bool]:
     stack.start(teacher_model, student_model)
     supervisor = stack.supervise()
     run = stack.run_config(student_model)
-    student = StudentClient(stack.url("student"), api_key=stack.api_key)
+    student = StudentClient(stack.student_urls()[0], api_key=stack.api_key)  # the samples shown: one replica's
     rows = held_out_rows(run, config.samples_to_show)
     prompts = [as_prompt(row) for row in rows]
     max_tokens = int(run.get("sampling", {}).get("max_tokens", 64))

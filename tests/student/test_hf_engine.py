@@ -64,6 +64,22 @@ def test_seeded_rollouts_are_reproducible(hf_engine: HFRolloutEngine, prompts) -
     assert len({tuple(t) for t in tokens}) == len(tokens)  # the n samples of a prompt differ
 
 
+def test_a_request_split_in_two_samples_what_the_whole_does(
+    student_settings: StudentSettings, hf_engine: HFRolloutEngine, prompts
+) -> None:
+    """Rollout j of prompt i is seeded seed + i*n + j: the last prompt asked alone with seed + 2n, on an engine whose
+    micro-batches hold one row, gets the rollouts it got inside the whole request (student replicas rely on it)."""
+    whole = hf_engine.sample_sync(prompts, Sampling(n=2, max_tokens=12, seed=7))
+    narrow = HFRolloutEngine(student_settings.model_copy(update={"micro_batch_tokens": 16}))
+    head = narrow.sample_sync(prompts[:2], Sampling(n=2, max_tokens=12, seed=7))
+    tail = narrow.sample_sync(prompts[2:], Sampling(n=2, max_tokens=12, seed=7 + 2 * 2))
+    assert [[s.token_ids for s in g] for g in head + tail] == [[s.token_ids for s in g] for g in whole]
+    for got, want in zip([s for g in head + tail for s in g], [s for g in whole for s in g], strict=True):
+        assert got.logprobs == pytest.approx(want.logprobs, abs=ATOL)
+    shifted = narrow.sample_sync(prompts[2:], Sampling(n=2, max_tokens=12, seed=7))
+    assert [s.token_ids for s in shifted[0]] != [s.token_ids for s in whole[2]], "another seed, other rollouts"
+
+
 def test_stop_strings_end_completions(hf_engine: HFRolloutEngine, prompts) -> None:
     tok = hf_engine.tokenizer
     stops = ("e", "a")

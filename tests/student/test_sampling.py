@@ -33,15 +33,31 @@ def test_next_tokens_are_finite_at_every_admitted_temperature(dtype: torch.dtype
     logits = torch.tensor([[30.0, 29.5, -40.0, 0.0], [-1e4, 1e4, 5e3, 0.0]], dtype=dtype)
     for temperature in [*TINY, p.MIN_TEMPERATURE, 0.5, 1.0, 10.0]:
         for top_p in (1e-9, 0.5, 1.0):
-            token, logprob = next_tokens(logits, temperature, top_p, torch.Generator().manual_seed(0))
+            token, logprob = next_tokens(logits, temperature, top_p, torch.rand(2, generator=torch.Generator().manual_seed(0)))
             assert token.tolist()[1] == 1 or temperature >= 0.5, (temperature, top_p)
             assert torch.isfinite(logprob).all() and (logprob <= 0).all(), (temperature, top_p, logprob)
     greedy_token, greedy_logprob = next_tokens(logits, 0.0, 0.5)
     assert greedy_token.tolist() == [0, 1]
     assert greedy_logprob[0].item() == pytest.approx(torch.log_softmax(logits[0].float(), -1)[0].item())
     # At the floor the logits are scaled 100-fold: the runner-up (0.5 behind) is e^-50 as likely.
-    _, cold = next_tokens(logits[:1], p.MIN_TEMPERATURE, 1.0, torch.Generator().manual_seed(0))
+    _, cold = next_tokens(logits[:1], p.MIN_TEMPERATURE, 1.0, torch.tensor([0.5]))
     assert cold.item() == pytest.approx(0.0, abs=1e-12)
+
+
+def test_each_token_is_drawn_as_often_as_its_probability() -> None:
+    """Inverse-transform draws (one uniform number per row): frequencies follow the distribution, a token
+    outside the nucleus or of probability 0 is never drawn, even for u at 0 or just below 1."""
+    logits = torch.tensor([[2.0, float("-inf"), 1.5, 1.0, -3.0]]).expand(20_000, -1)
+    uniforms = torch.rand(20_000, generator=torch.Generator().manual_seed(0))
+    uniforms[:2] = torch.tensor([0.0, 1.0 - 2**-24])
+    tokens, logprobs = next_tokens(logits, 1.0, 1.0, uniforms)
+    expected = torch.softmax(logits[0], -1)
+    freq = torch.bincount(tokens, minlength=5) / 20_000
+    assert (freq - expected).abs().max() < 0.015, (freq, expected)
+    assert freq[1] == 0 and torch.isfinite(logprobs).all()
+    nucleus_only, _ = next_tokens(logits, 1.0, 0.6, uniforms)  # keeps the two best tokens: 0.47 + 0.29 >= 0.6
+    assert set(nucleus_only.tolist()) == {0, 2}
+    assert next_tokens(logits[:3], 1.0, 1.0, torch.tensor([0.3, 0.3, 0.99]))[0].tolist() == [0, 0, 3]
 
 
 @pytest.mark.parametrize("temperature", TINY)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+import yaml
 from rich.console import Console
 
+from opd.common.errors import InvalidInput
 from opd.up.config import DEFAULT_CONFIG, load_stack
 from opd.up.runner import PACKAGE_DIR, Stack, data_path
 
@@ -40,3 +43,31 @@ def test_the_run_opd_up_submits_names_the_shipped_data_absolutely(tmp_path, monk
     run = stack.run_config("student-model")
     assert Path(run["dataset"]["path"]).is_absolute() and Path(run["dataset"]["path"]).is_file()
     assert Path(run["dataset"]["eval_path"]).is_file()
+
+
+def test_student_replicas_run_as_processes_of_their_own_and_the_run_gets_their_urls(tmp_path) -> None:
+    """`student: {replicas: 2, port: P}` is two students on P and P+1 (or a listed port each); the run opd up
+    submits names both as student_urls, a lone student stays student_url, and a port taken twice is refused."""
+    def stack(student: dict, **more) -> Stack:
+        data = {"workdir": str(tmp_path / "w"), "trainer": {"port": 8100},
+                "teacher": {"model": {"prepare": "smollm2-135m-instruct"}, "port": 8101},
+                "student": {"model": {"prepare": "smollm2-135m-instruct", "layers": 4}, **student}, **more}
+        path = tmp_path / "stack.yaml"
+        path.write_text(yaml.safe_dump(data))
+        made = Stack(load_stack(path), Console())
+        made.url = lambda name: f"http://{name}"  # no process is started
+        return made
+
+    two = stack({"replicas": 2, "port": 8102}, run={"student_url": "http://mine"})  # opd up gives its own
+    assert two.config.student.ports == [8102, 8103] and two.config.student.names == ["student-1", "student-2"]
+    run = two.run_config("student-model")
+    assert run["student_urls"] == ["http://student-1", "http://student-2"] and "student_url" not in run
+    listed = stack({"port": [8110, 8120, 8130]})
+    assert listed.config.student.ports == [8110, 8120, 8130] and len(listed.config.student.names) == 3
+    one = stack({"port": 8102})
+    assert one.config.student.names == ["student"] and one.run_config("m")["student_url"] == "http://student"
+    assert "student_urls" not in one.run_config("m")
+    with pytest.raises(InvalidInput, match=r"different ports; got \[8101, 8099, 8100, 8100\]"):
+        stack({"replicas": 2, "port": 8099})
+    with pytest.raises(InvalidInput, match=r"replicas: 3 replicas, but 2 ports listed"):
+        stack({"replicas": 3, "port": [8110, 8120]})
