@@ -55,12 +55,12 @@ def serve(
         settings = TrainerSettings(**{k: v for k, v in given.items() if v is not None})
     except ValidationError as exc:
         raise typer.BadParameter(str(exc)) from exc
+    quiet_logging(settings.log_level)
     distributed.relaunch(settings.nproc)
     group = distributed.init()
     if group is not None and group.world > 1 and settings.max_runs > 1:
         raise typer.BadParameter(f"max_runs {settings.max_runs}: a trainer on {group.world} processes trains one run at a time")
     if group is not None and not group.leader:  # a worker: rank 0 serves HTTP and sends the work
-        quiet_logging("warning")
         distributed.follow(group)
         return
     if settings.log_level.lower() != "debug":  # the runs' calls to teacher and student: one line each otherwise
@@ -95,7 +95,6 @@ def train(
     distributed.relaunch(nproc)
     group = distributed.init()
     if group is not None and not group.leader:
-        quiet_logging("warning")
         distributed.follow(group)
         return
     stop = threading.Event()

@@ -128,6 +128,7 @@ def relaunch(nproc: int, environ: dict[str, str] | None = None) -> None:
     exits with the ranks' outcome. Returns at once when torchrun started this process, or when `nproc` is 1."""
     import sys
 
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -143,6 +144,9 @@ def relaunch(nproc: int, environ: dict[str, str] | None = None) -> None:
     except ChildFailedError as exc:
         first = exc.get_first_failure()[1]
         sys.exit(first.exitcode if first.exitcode > 0 else 1)
+    except SignalException as exc:  # torchrun passed the signal on and waited for the ranks: a stop, not a failure
+        log.info("stopped by signal %d", exc.sigval)
+        sys.exit(128 + int(exc.sigval))
     sys.exit(0)
 
 
@@ -194,6 +198,7 @@ def follow(group: Group) -> None:
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
+    logging.getLogger().setLevel(logging.WARNING)  # rank 0 says what the run does
     policy: Policy | None = None
     while True:
         name, *args = group.receive()
