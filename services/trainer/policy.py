@@ -149,6 +149,8 @@ class Policy:
         from opd.trainer.checkpoint import save_training_state
 
         save_training_state(Path(folder), self.model, self.optimizer, self.scheduler, self.group.rank if self.group else 0)
+        if self.group is not None:
+            self.group.gather(None)  # every rank's files are written before rank 0 moves the folder into place
 
     def load_state(self, folder: Path) -> None:
         from opd.trainer.checkpoint import load_training_state
