@@ -121,9 +121,9 @@ def test_a_non_finite_step_is_skipped_and_never_published(make_config, services:
     """Step 2's loss is NaN (one teacher logprob made NaN on its way into the update): the step takes no
     optimizer step and publishes nothing, so the student keeps step 1's version; step 3 trains on."""
     from opd.common.client import StudentClient
-    from opd.trainer import loop
+    from opd.trainer import update
 
-    real, calls = loop.train_on, []
+    real, calls = update.train_on, []
 
     def nan_at_step_2(policy, samples, config, rewards=None):
         calls.append(1)
@@ -131,7 +131,7 @@ def test_a_non_finite_step_is_skipped_and_never_published(make_config, services:
             samples[0].teacher_logprobs[0] = float("nan")
         return real(policy, samples, config, rewards)
 
-    monkeypatch.setattr(loop, "train_on", nan_at_step_2)
+    monkeypatch.setattr(update, "train_on", nan_at_step_2)  # Policy.train calls it
     config = make_config(name="nan-step", steps=3, eval__every=0, save_every=3)
     assert Trainer(config).run() == "completed"
     records = read_records(Path(config.output_dir) / "metrics.jsonl")
