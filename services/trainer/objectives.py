@@ -30,6 +30,8 @@ Choices:
    `train_accuracy_<name>` for each of `eval.measures` (a task's further
    verdicts: is the answer right, say); evaluations record the same without
    the `train_` prefix. `accuracy` stays the verifier's, the reward rl learns.
+   A run of several teachers adds `accuracy/<teacher>` (the verifier's mean
+   over the samples of that teacher's rows) and `train_accuracy/<teacher>`.
 """
 
 from __future__ import annotations
