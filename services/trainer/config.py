@@ -15,6 +15,13 @@ Choices:
    `teacher_protocol` lets a stock vLLM or SGLang server be the teacher.
    The students are `student_url` (one service) or `student_urls` (replicas),
    exactly one of the two; a later layer that gives one drops the other.
+   The teachers are one (`teacher_urls`, `teacher_protocol`, `teacher_prompt`:
+   a teacher named `default`) or several (`teachers`, name -> urls, protocol,
+   api_key, teacher_prompt; `default_teacher`, else the first), never both
+   styles (in any layers: an `OPD_TRAIN_TEACHER_URLS` beside a file's
+   `teachers` is refused, not silently preferred); a dataset row picks its
+   teacher by `dataset.teacher_field`. A trainer service's `OPD_TRAIN_*`
+   defaults in one style give way to a posted config in the other.
 4) The config is pure pydantic (no torch): the trainer service validates a
    POST /runs body with it, and a 422 names the bad field.
 """
@@ -40,6 +47,13 @@ PositiveInt = Annotated[int, Field(ge=1)]
 MEASURE_NAME = re.compile(r"[a-z][a-z0-9_]*")  # a metric name's suffix: accuracy_<name>
 STUDENT_URL_FIELDS = {"student_url", "student_urls"}  # one setting in two spellings: a later layer's replaces an earlier's
 NO_STUDENTS = object()  # stands for a config that names neither
+ONE_TEACHER = ("teacher_urls", "teacher_protocol", "teacher_prompt")  # the single-teacher style's fields
+MANY_TEACHERS = ("teachers", "default_teacher")
+# A posted config that names the teachers one way drops the environment's defaults of the other way.
+TEACHER_REPLACES = {"teachers": ("teacher_urls", "teacher_protocol"), "teacher_urls": MANY_TEACHERS}
+NO_TEACHERS = object()
+DEFAULT_TEACHER = "default"  # the name of the single-teacher style's teacher
+TeacherName = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]*$")]
 
 
 class ConfigError(InvalidInput):
@@ -81,6 +95,9 @@ class DatasetConfig(Section):
     prompt_format: Literal["chat", "text"] = Field(
         default="chat", description="chat: a `prompt` text becomes one user message, rendered by the chat template."
     )
+    teacher_field: Annotated[str, Field(min_length=1)] = Field(
+        default="teacher", description="A row's field naming its teacher (one of `teachers`); rows without it "
+        "go to the default teacher.")
 
 
 class SamplingConfig(Section):
@@ -147,6 +164,21 @@ class TeacherPromptConfig(Section):
     )
 
 
+class TeacherConfig(Section):
+    """One teacher of several (`teachers`): its replicas, how to ask them, and what it sees."""
+
+    urls: Annotated[tuple[Annotated[str, Field(min_length=1)], ...], Field(
+        min_length=1, description="The teacher's replicas, used round robin.")]
+    protocol: TeacherProtocol = Field(default="opd", description="opd, openai or sglang: as teacher_protocol.")
+    api_key: str | None = Field(default=None, repr=False, description="Default: the run's api_key.")
+    teacher_prompt: TeacherPromptConfig = TeacherPromptConfig()
+
+    @field_validator("urls", mode="before")
+    @classmethod
+    def _one_url(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+
 class ServicesConfig(Section):
     request_timeout_s: Annotated[float, Field(gt=0)] = 300.0
     retries: Annotated[int, Field(ge=0)] = 4
@@ -157,12 +189,19 @@ class ServicesConfig(Section):
 class RunConfig(Section):
     name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "opd"
     student: StudentConfig
-    teacher_urls: Annotated[tuple[str, ...], Field(min_length=1, description="Teacher replicas, used round robin.")]
+    teacher_urls: Annotated[tuple[str, ...] | None, Field(
+        min_length=1, description="Teacher replicas, used round robin (or give teachers).")] = None
     teacher_protocol: TeacherProtocol = Field(
         default="opd",
         description="How the trainer asks the teachers for scores: opd (POST /logprobs), openai (a vLLM "
         "OpenAI-compatible server's /v1/completions with prompt_logprobs) or sglang (an SGLang server's /generate).",
     )
+    teachers: dict[TeacherName, TeacherConfig] | None = Field(
+        default=None, min_length=1, description="Several teachers, name -> its settings; each dataset row is scored "
+        "by the one its `dataset.teacher_field` names. Give this or teacher_urls (with teacher_protocol, "
+        "teacher_prompt), not both.")
+    default_teacher: TeacherName | None = Field(
+        default=None, description="With teachers: the teacher of rows that name none; default: the first listed.")
     student_url: Annotated[str | None, Field(min_length=1, description="The student service (or give student_urls).")] = None
     student_urls: Annotated[tuple[Annotated[str, Field(min_length=1)], ...] | None, Field(
         min_length=1, description="Student replicas: each step's prompts are split across them, every one loads "
@@ -204,7 +243,7 @@ class RunConfig(Section):
             raise ValueError("write it as 'package.module:function'")
         return v
 
-    @field_validator("teacher_urls", "student_urls", mode="before")
+    @field_validator("student_urls", mode="before")
     @classmethod
     def _one_url(cls, v: Any) -> Any:
         return [v] if isinstance(v, str) else v
@@ -224,10 +263,23 @@ class RunConfig(Section):
         if STUDENT_URL_FIELDS & data.keys():  # the config names its students: no default adds the other field
             for key in STUDENT_URL_FIELDS:
                 defaults.pop(key, None)
+        for key, drops in TEACHER_REPLACES.items():  # nor its teachers in the other style
+            if key in data:
+                for drop in drops:
+                    defaults.pop(drop, None)
         merged = deep_merge(defaults, dict(data))
         if not STUDENT_URL_FIELDS & merged.keys():  # reported with the other fields' errors (_students)
             merged["student_url"] = NO_STUDENTS
+        if merged.get("teachers") is None and "teacher_urls" not in merged:
+            merged["teacher_urls"] = NO_TEACHERS
         return merged
+
+    @field_validator("teacher_urls", mode="before")
+    @classmethod
+    def _teachers_named(cls, v: Any) -> Any:
+        if v is NO_TEACHERS:
+            raise ValueError("Field required: give teacher_urls (one teacher's replicas) or teachers (several, by name)")
+        return [v] if isinstance(v, str) else v
 
     @field_validator("student_url", mode="before")
     @classmethod
@@ -247,6 +299,7 @@ class RunConfig(Section):
     def _consistent(self) -> RunConfig:
         if self.student_url is None and self.student_urls is None:  # both given as null
             raise ValueError("student_url: give student_url (the student service's URL) or student_urls (student replicas' URLs)")
+        self._check_teachers()
         if self.eval.verifier is not None and self.eval.verifier.count(":") != 1:
             raise ValueError("eval.verifier: write it as 'package.module:function'")
         for name, spec in self.eval.measures.items():
@@ -257,8 +310,10 @@ class RunConfig(Section):
             raise ValueError("objective sft: give teacher_sampler_url, a student service serving the teacher's model")
         if self.objective == "rl" and not (self.reward_fn or self.eval.verifier):
             raise ValueError("objective rl: give reward_fn or eval.verifier, the reward to learn from")
-        if self.teacher_prompt.examples and self.dataset.prompt_format == "text":
-            raise ValueError("teacher_prompt.examples: few-shot turns need dataset.prompt_format 'chat'")
+        for name, teacher in self.teacher_set.items():
+            if teacher.teacher_prompt.examples and self.dataset.prompt_format == "text":
+                where = "teacher_prompt" if self.teachers is None else f"teachers.{name}.teacher_prompt"
+                raise ValueError(f"{where}.examples: few-shot turns need dataset.prompt_format 'chat'")
         sequences = self.sampling.prompts_per_step * self.sampling.samples_per_prompt
         if self.substeps > sequences:
             raise ValueError(
@@ -266,6 +321,36 @@ class RunConfig(Section):
                 f"prompts_per_step * samples_per_prompt = {sequences}"
             )
         return self
+
+    def _check_teachers(self) -> None:
+        if self.teachers is None:
+            if self.teacher_urls is None:
+                raise ValueError("teacher_urls: give teacher_urls (one teacher's replicas) or teachers (several, by name)")
+            if self.default_teacher is not None:
+                raise ValueError("default_teacher: names one of `teachers`; give teachers, or drop default_teacher")
+            return
+        both = [f for f in ONE_TEACHER if f in self.model_fields_set]
+        if both:
+            raise ValueError(f"teachers: give teachers (several teachers, by name) or {', '.join(both)} (one teacher), "
+                             f"not both (an OPD_TRAIN_* variable or a --set counts): move {', '.join(both)} into "
+                             "a teacher of `teachers`")
+        if self.default_teacher is not None and self.default_teacher not in self.teachers:
+            raise ValueError(f"default_teacher: {self.default_teacher!r} is not one of the teachers "
+                             f"({', '.join(self.teachers)})")
+
+    @property
+    def teacher_set(self) -> dict[str, TeacherConfig]:
+        """The run's teachers by name: `teachers`, or the single-teacher fields as one teacher named `default`."""
+        if self.teachers is not None:
+            return dict(self.teachers)
+        assert self.teacher_urls is not None
+        return {DEFAULT_TEACHER: TeacherConfig(urls=self.teacher_urls, protocol=self.teacher_protocol,
+                                               teacher_prompt=self.teacher_prompt)}
+
+    @property
+    def default_teacher_name(self) -> str:
+        """The teacher of rows that name none."""
+        return self.default_teacher or next(iter(self.teacher_set))
 
     @property
     def eval_max_tokens(self) -> int:

@@ -1,6 +1,7 @@
 """Privileged context: the prompt after which the teacher scores the student's completion.
 
-    rows = with_teacher_prompts(rows, config.teacher_prompt)   # at set-up
+    rows = with_teacher_prompts(rows, config.teacher_prompt)   # at set-up (one teacher)
+    rows = with_teachers(rows, config, "train")                # at set-up: each row's teacher and its prompt
     sequence = score_sequence(sample)                          # one sequence of POST teacher/logprobs
 
 The teacher may see what the student never does (instructions, a persona,
@@ -20,6 +21,11 @@ prompt into the student's weights. Choices:
    format. Tokenizers must still match: the completion is the student's ids.
 3) In text mode (`dataset.prompt_format: text`) the context is a text prefix:
    the system text, a blank line, the row's prompt.
+4) With several teachers (`teachers`), a row's `dataset.teacher_field`
+   names its teacher (none: the default teacher), and that teacher's
+   `teacher_prompt` makes its prompt. A name that is not one of the run's
+   teachers is refused at set-up, naming the row and the name. The
+   single-teacher style ignores the field: its rows all go to its teacher.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import dataclasses
 from typing import Any
 
 from opd.common import protocol as p
-from opd.trainer.config import TeacherPromptConfig
+from opd.trainer.config import ConfigError, RunConfig, TeacherPromptConfig
 from opd.trainer.data import DatasetError, PromptRow
 
 
@@ -64,6 +70,24 @@ def teacher_prompt(row: PromptRow, cfg: TeacherPromptConfig, where: str = "row")
 
 def with_teacher_prompts(rows: list[PromptRow], cfg: TeacherPromptConfig, name: str = "train") -> list[PromptRow]:
     return [dataclasses.replace(r, teacher=teacher_prompt(r, cfg, f"{name} row {i}")) for i, r in enumerate(rows)]
+
+
+def with_teachers(rows: list[PromptRow], config: RunConfig, name: str = "train") -> list[PromptRow]:
+    """Each row with its teacher's name and the prompt that teacher scores after (4)."""
+    teachers, field = config.teacher_set, config.dataset.teacher_field
+    default = config.default_teacher_name
+    out = []
+    for i, r in enumerate(rows):
+        chosen = r.row.get(field) if config.teachers is not None else None
+        chosen = default if chosen is None else chosen
+        if not isinstance(chosen, str) or chosen not in teachers:
+            raise ConfigError(
+                f"{name} row {i}: its {field!r} names the teacher {chosen!r}, which is not one of the run's teachers "
+                f"({', '.join(teachers)}): name one of them in `teachers`, or fix the row"
+            )
+        prompt = teacher_prompt(r, teachers[chosen].teacher_prompt, f"{name} row {i}")
+        out.append(dataclasses.replace(r, teacher=prompt, teacher_name=chosen))
+    return out
 
 
 def score_sequence(prompt_ids: list[int], token_ids: list[int], teacher: p.Prompt | None) -> p.ScoreSequence:

@@ -23,7 +23,7 @@ from typing import Any
 
 from opd.common import protocol as p
 from opd.common.errors import InvalidInput
-from opd.trainer.config import DatasetConfig
+from opd.trainer.config import DEFAULT_TEACHER, DatasetConfig
 
 
 class DatasetError(InvalidInput):
@@ -35,6 +35,7 @@ class PromptRow:
     prompt: p.Prompt
     row: dict[str, Any] = field(hash=False, compare=False)
     teacher: p.Prompt | None = field(default=None, compare=False)  # the teacher's own prompt (context.py)
+    teacher_name: str = field(default=DEFAULT_TEACHER, compare=False)  # which of the run's teachers scores it
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -33,7 +33,11 @@ Choices:
    restarted with its base model, version 0) is given the current weights
    as a new version, and the trainer logs that it noticed. With replicas
    (`student_urls`) every replica loads every version, and each is checked.
-5) With `sampling.max_staleness: 1`, step n+1's rollouts are sampled in a
+5) With several teachers each sample is scored by its row's teacher, and
+   the records carry `teacher_kl/<name>` (and `accuracy/<name>`,
+   `train_accuracy/<name>` with a verifier) beside the overall figures; a run
+   of one teacher writes the records it always did.
+6) With `sampling.max_staleness: 1`, step n+1's rollouts are sampled in a
    background thread while step n scores and trains, from the version step n
    started with; the student's swap to step n's version waits for them. The
    importance ratio corrects the one-version lag (`staleness` in the metrics).
@@ -44,6 +48,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 import threading
 import time
@@ -56,7 +61,7 @@ from typing import Any
 from opd.common import protocol as p
 from opd.trainer.checkpoint import CheckpointError, PolicyStore, TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
 from opd.trainer.config import RunConfig
-from opd.trainer.context import with_teacher_prompts
+from opd.trainer.context import with_teachers
 from opd.trainer.data import PromptRow, PromptSampler, load_prompts
 from opd.trainer.metrics import MetricsWriter, plot_teacher_kl
 from opd.trainer.pause import pause_point
@@ -71,6 +76,8 @@ EVAL_STEP = -1  # the evaluation seed's "step": the same prompts and seed at eve
 RESUMABLE = ("steps", "eval", "save_every", "keep_versions", "resume", "services", "api_key", "teacher_urls",
              "teacher_protocol", "student_url", "student_urls", "teacher_sampler_url", "output_dir", "checkpoint_root",
              "name", "student.torch_threads", "student.device")
+RESUMABLE_TEACHER = re.compile(r"teachers\.[^.]+\.(urls|protocol|api_key)")  # where a teacher is, not what it sees
+SECRETS: dict[str, Any] = {"api_key": True, "teachers": {"__all__": {"api_key"}}}  # never written to config.json
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -101,6 +108,8 @@ class Trainer:
         # (step, prompt indices, sampling version, rollouts) of the next step, sampled while this one trains
         self.prefetch: tuple[int, list[int], int, Future[list[Sample]]] | None = None
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="opd-prefetch")
+        # per-teacher metrics only for a run of several: a run of one writes the records it always did
+        self.teacher_names = list(config.teacher_set) if len(config.teacher_set) > 1 else []
 
     # ------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -110,8 +119,8 @@ class Trainer:
         config = self.config
         teachers, students = self.remote.check_tokenizers(load_tokenizer(config.student.model))
         train_rows, eval_rows = load_prompts(config.dataset, config.seed)
-        self.train_rows = with_teacher_prompts(train_rows, config.teacher_prompt, "train")
-        self.eval_rows = with_teacher_prompts(eval_rows, config.teacher_prompt, "eval")
+        self.train_rows = with_teachers(train_rows, config, "train")
+        self.eval_rows = with_teachers(eval_rows, config, "eval")
         self.remote.check_stock_teacher(self.train_rows + self.eval_rows)
         self.remote.check_limits(teachers, students, len(self.eval_rows))
         self.sampler = PromptSampler(len(self.train_rows), config.seed)
@@ -155,12 +164,13 @@ class Trainer:
         return ckpt is not None
 
     def config_json(self) -> str:
-        return self.config.model_dump_json(indent=2, exclude={"api_key"})
+        return self.config.model_dump_json(indent=2, exclude=SECRETS)
 
     def check_same_run(self, saved: dict[str, Any]) -> None:
-        now = flat(json.loads(self.config.model_dump_json(exclude={"api_key"})))
+        now = flat(json.loads(self.config.model_dump_json(exclude=SECRETS)))
         before = flat(saved)
-        free = lambda key: any(key == f or key.startswith(f + ".") for f in RESUMABLE)  # noqa: E731
+        free = lambda key: (any(key == f or key.startswith(f + ".") for f in RESUMABLE)  # noqa: E731
+                            or RESUMABLE_TEACHER.fullmatch(key) is not None)
         differ = sorted(k for k in now.keys() | before.keys() if not free(k) and now.get(k) != before.get(k))
         if differ:
             raise CheckpointError(
@@ -249,7 +259,8 @@ class Trainer:
             log.warning("step %d: no update (loss or gradient not finite); the student keeps version %d", step, self.version)
         synced = time.perf_counter()
         record = {
-            **kl_summary(samples), **update, **step_counts(c.objective, samples, self.verifier, self.measures),
+            **kl_summary(samples, self.teacher_names), **update,
+            **step_counts(c.objective, samples, self.verifier, self.measures, self.teacher_names),
             "policy_version": self.version,
             # optimizer steps between the weights that sampled this step and those it trained
             "staleness": (step - 1) - self.made_at.get(sampled_by, step - 1),
@@ -262,8 +273,9 @@ class Trainer:
         self.step = step
         self.in_step = False
         assert self.metrics is not None
-        log.info("step %d/%d teacher_kl %.4f loss %.4f tokens %d (%.1fs)", step, c.steps,
-                 record.get("teacher_kl", float("nan")), record["loss"], record["tokens"], record["time_step"])
+        log.info("step %d/%d teacher_kl %.4f%s loss %.4f tokens %d (%.1fs)", step, c.steps,
+                 record.get("teacher_kl", float("nan")), self.per_teacher(record), record["loss"], record["tokens"],
+                 record["time_step"])
         return self.metrics.write("train", step, record)
 
     def evaluate(self) -> dict[str, Any]:
@@ -275,15 +287,22 @@ class Trainer:
             temperature=c.sampling.temperature, top_p=c.sampling.top_p, seed=self.seed_of(EVAL_STEP),
         )
         score(self.remote, samples)
-        record: dict[str, Any] = kl_summary(samples)
-        record.update(accuracies(samples, self.verifier, self.measures))
+        record: dict[str, Any] = kl_summary(samples, self.teacher_names)
+        record.update(accuracies(samples, self.verifier, self.measures, teachers=self.teacher_names))
         record["time_eval"] = time.perf_counter() - began
-        log.info("eval at step %d: teacher_kl %.4f", self.step, record["teacher_kl"])
+        log.info("eval at step %d: teacher_kl %.4f%s", self.step, record["teacher_kl"], self.per_teacher(record))
         assert self.metrics is not None
         shown = [{"prompt": x.row.get("prompt") or x.row.get("messages"), "completion": x.text,
-                  "teacher_kl": sum(x.rkl) / len(x.token_ids)} for x in samples[:EVAL_SHOWN]]
+                  "teacher_kl": sum(x.rkl) / len(x.token_ids), **({"teacher": x.teacher} if self.teacher_names else {})}
+                 for x in samples[:EVAL_SHOWN]]
         self.metrics.write_samples(self.step, shown)
         return self.metrics.write("eval", self.step, record)
+
+    def per_teacher(self, record: dict[str, Any]) -> str:
+        """' (math 0.12, chat 0.34)': each teacher's KL in a run of several; '' otherwise."""
+        figures = [f"{name} {record[f'teacher_kl/{name}']:.3f}" for name in self.teacher_names
+                   if isinstance(record.get(f"teacher_kl/{name}"), float)]
+        return f" ({', '.join(figures)})" if figures else ""
 
     def seed_of(self, step: int) -> int:
         # The student seeds rollout k of a request `seed + k`: spacing the steps'
@@ -366,7 +385,8 @@ class Trainer:
             task = bar.add_task(self.config.name, total=self.config.steps, completed=self.step, info="")
 
             def advance(record: dict[str, Any]) -> None:
-                info = f"teacher KL {record.get('teacher_kl', float('nan')):.3f}  {record['time_step']:.1f}s/step"
+                info = (f"teacher KL {record.get('teacher_kl', float('nan')):.3f}{self.per_teacher(record)}  "
+                        f"{record['time_step']:.1f}s/step")
                 bar.update(task, completed=self.step, info=info)
 
             yield advance

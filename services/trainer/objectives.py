@@ -30,11 +30,13 @@ Choices:
    `train_accuracy_<name>` for each of `eval.measures` (a task's further
    verdicts: is the answer right, say); evaluations record the same without
    the `train_` prefix. `accuracy` stays the verifier's, the reward rl learns.
+   A run of several teachers adds `accuracy/<teacher>` (the verifier's mean
+   over the samples of that teacher's rows) and `train_accuracy/<teacher>`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from opd.common import protocol as p
@@ -63,7 +65,7 @@ def teacher_samples(
         if r.token_ids:
             row = rows[r.prompt_index]
             out.append(Sample(r.prompt_index, student_prompts[r.prompt_index], r.token_ids, r.logprobs, r.text,
-                              r.finish_reason, row.row, teacher_prompt=row.teacher))
+                              r.finish_reason, row.row, teacher_prompt=row.teacher, teacher=row.teacher_name))
     return out
 
 
@@ -72,11 +74,17 @@ def verified(samples: list[Sample], verifier: Verifier) -> list[float]:
 
 
 def accuracies(samples: list[Sample], verifier: Verifier | None, measures: dict[str, Verifier],
-               prefix: str = "") -> dict[str, float]:
-    """{prefix}accuracy (the verifier's mean verdict) and {prefix}accuracy_<name> per measure (0 without samples)."""
+               prefix: str = "", teachers: Sequence[str] = ()) -> dict[str, float]:
+    """{prefix}accuracy (the verifier's mean verdict) and {prefix}accuracy_<name> per measure (0 without samples);
+    with `teachers` (a run of several) and a verifier, {prefix}accuracy/<teacher> over each teacher's samples."""
     judges = {"accuracy": verifier} if verifier is not None else {}
     judges |= {f"accuracy_{name}": measure for name, measure in measures.items()}
-    return {prefix + key: sum(verified(samples, judge)) / max(1, len(samples)) for key, judge in judges.items()}
+    out = {prefix + key: sum(verified(samples, judge)) / max(1, len(samples)) for key, judge in judges.items()}
+    if verifier is not None:
+        for name in teachers:
+            if mine := [s for s in samples if s.teacher == name]:
+                out[f"{prefix}accuracy/{name}"] = sum(verified(mine, verifier)) / len(mine)
+    return out
 
 
 def step_rewards(
@@ -93,7 +101,8 @@ def step_rewards(
 
 
 def step_counts(
-    objective: str, samples: list[Sample], verifier: Verifier | None, measures: dict[str, Verifier] | None = None
+    objective: str, samples: list[Sample], verifier: Verifier | None, measures: dict[str, Verifier] | None = None,
+    teachers: Sequence[str] = (),
 ) -> dict[str, float]:
     tokens = sum(len(s.token_ids) for s in samples)
     out: dict[str, float] = {
@@ -101,4 +110,4 @@ def step_counts(
         "tokens_scored": tokens if objective == "opd" else 0,
         "tokens_trained": tokens,
     }
-    return out | (accuracies(samples, verifier, measures or {}, prefix="train_") if samples else {})
+    return out | (accuracies(samples, verifier, measures or {}, prefix="train_", teachers=teachers) if samples else {})

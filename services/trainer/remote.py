@@ -31,6 +31,12 @@ Choices:
    waits out its own replica's outage: what the others returned is kept.
    Weights go to every replica the same way. A lone student is "the
    student" in messages; a replica is named by its URL.
+6) Several teachers (`teachers`): each is a `Teacher` with its own clients
+   (its protocol, its API key), its own replicas' limits and its own name in
+   messages (`teacher math (opd)`; a lone teacher stays `teacher (opd)`).
+   Scoring calls to different teachers run at once (rollouts.py), each
+   waiting out its own teacher's outage. Every replica of every teacher is
+   checked against the student's tokenizer.
 """
 
 from __future__ import annotations
@@ -41,14 +47,14 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from opd.common import protocol as p
 from opd.common.client import StudentClient, replica_urls
 from opd.common.compat_client import teacher_client
 from opd.common.errors import OPDError, ServiceError, TokenizerMismatch
-from opd.trainer.config import ConfigError, RunConfig
+from opd.trainer.config import ConfigError, RunConfig, TeacherConfig
 from opd.trainer.data import PromptRow
 
 if TYPE_CHECKING:
@@ -79,6 +85,19 @@ class ScoreLimits:
             max_request_tokens=least("max_request_tokens", cls.max_request_tokens),
             max_sequence_len=min((n for n in lengths if n), default=None),
         )
+
+
+@dataclass
+class Teacher:
+    """One named teacher: a client over its replicas (round robin), a client per replica, and its limits."""
+
+    name: str
+    protocol: str
+    urls: tuple[str, ...]
+    client: Any
+    replicas: list[Any]
+    what: str  # the teacher in messages and `waiting_for`
+    limits: ScoreLimits = field(default_factory=ScoreLimits)
 
 
 @dataclass(frozen=True)
@@ -116,20 +135,41 @@ class Remote:
         kwargs = dict(api_key=config.api_key, timeout=s.request_timeout_s, retries=s.retries, max_backoff=s.max_backoff_s,
                       cancel=self.stop)  # a stop request ends the clients' retry pauses too
         self.config = config
-        # A scaled compose service resolves to one address per replica: spread over all.
-        protocol = config.teacher_protocol
-        self.teacher = teacher_client(protocol, list(config.teacher_urls), expand_dns=True, **kwargs)
+        named = config.teachers is not None
+        self.teachers = {name: self._teacher(name, t, named, kwargs) for name, t in config.teacher_set.items()}
+        self.default_teacher = config.default_teacher_name
         self.student_urls = [u for url in config.student_replicas for u in replica_urls(url.rstrip("/"))]
         self.students = [StudentClient(url, **kwargs) for url in self.student_urls]
         self.student = self.students[0]
         # objective sft: the teacher's model served by a student service, sampling the teacher's completions.
         self.teacher_sampler = StudentClient(config.teacher_sampler_url, **kwargs) if config.teacher_sampler_url else None
-        self.replicas = [teacher_client(protocol, url, **kwargs) for url in config.teacher_urls]
         self.waited_s = 0.0  # time during which some call paused for an outage (replicas' pauses at once count once)
-        self.score_limits = ScoreLimits()
         self._lock = threading.Lock()
         self._waiting: dict[object, str] = {}  # call -> what it waits for; replicas' calls wait at once
         self._pausing, self._pauses_began = 0, 0.0
+
+    @staticmethod
+    def _teacher(name: str, config: TeacherConfig, named: bool, kwargs: dict[str, Any]) -> Teacher:
+        kwargs = {**kwargs, "api_key": config.api_key or kwargs["api_key"]}
+        # A scaled compose service resolves to one address per replica: spread over all.
+        client = teacher_client(config.protocol, list(config.urls), expand_dns=True, **kwargs)
+        replicas = [teacher_client(config.protocol, url, **kwargs) for url in config.urls]
+        what = f"teacher {name} ({config.protocol})" if named else f"teacher ({config.protocol})"
+        return Teacher(name, config.protocol, config.urls, client, replicas, what)
+
+    @property
+    def teacher(self) -> Any:
+        """The default teacher's client (round robin over its replicas)."""
+        return self.teachers[self.default_teacher].client
+
+    @property
+    def replicas(self) -> list[Any]:
+        """A client per replica of the default teacher."""
+        return self.teachers[self.default_teacher].replicas
+
+    @property
+    def score_limits(self) -> ScoreLimits:
+        return self.teachers[self.default_teacher].limits
 
     @property
     def waiting_for(self) -> str | None:
@@ -217,8 +257,10 @@ class Remote:
         sampler = self.teacher_sampler
         return self.call("teacher sampler /rollouts", lambda: sampler.rollouts(request))
 
-    def score(self, sequences: list[p.ScoreSequence]) -> p.LogprobsResponse:
-        return self.call(f"teacher ({self.config.teacher_protocol})", lambda: self.teacher.logprobs(sequences))
+    def score(self, sequences: list[p.ScoreSequence], teacher: str | None = None) -> p.LogprobsResponse:
+        """The teacher's (default: the default teacher's) scores of the sequences, waiting out its outages."""
+        t = self.teachers[teacher or self.default_teacher]
+        return self.call(t.what, lambda: t.client.logprobs(sequences))
 
     def load_weights(self, request: p.WeightsRequest) -> list[p.WeightsResponse]:
         """Every student replica loads the version, at once; their answers in the order of student_urls."""
@@ -244,9 +286,11 @@ class Remote:
         return self.each([lambda url=url, client=client: self.call(f"{self.student_name(url)} /info", client.info)
                           for url, client in zip(self.student_urls, self.students)])
 
-    def check_tokenizers(self, tokenizer: PreTrainedTokenizerBase) -> tuple[list[p.ServiceInfo], list[p.ServiceInfo]]:
-        """Every teacher replica, every student replica and the trainable student (`tokenizer`) share one tokenizer.
-        Returns the teachers' and the student replicas' /info."""
+    def check_tokenizers(
+        self, tokenizer: PreTrainedTokenizerBase,
+    ) -> tuple[dict[str, list[p.ServiceInfo]], list[p.ServiceInfo]]:
+        """Every replica of every teacher, every student replica and the trainable student (`tokenizer`) share one
+        tokenizer. Returns each teacher's replicas' /info (by teacher name) and the student replicas' /info."""
         from opd.common.tokenizer import tokenizer_fingerprint
 
         students = self.student_infos()
@@ -258,19 +302,7 @@ class Remote:
                     f"one at {self.student_urls[0]} {student.model} (tokenizer {student.tokenizer_fingerprint}): every "
                     "student replica must serve the same model (compare GET /info tokenizer_fingerprint)"
                 )
-        teachers = []
-        for url, client in zip(self.config.teacher_urls, self.replicas, strict=True):
-            info = self.call(f"teacher {url} /info", client.info)
-            teachers.append(info)
-            if self.config.teacher_protocol != "opd":
-                self.check_probe(url, client, tokenizer)
-            elif info.tokenizer_fingerprint != student.tokenizer_fingerprint:
-                raise TokenizerMismatch(
-                    f"the teacher {info.model} (at {url}, tokenizer {info.tokenizer_fingerprint}) and the student "
-                    f"{student.model} (at {self.student_urls[0]}, tokenizer {student.tokenizer_fingerprint}) use "
-                    "different tokenizers, so the teacher cannot score the student's token ids: distill between "
-                    "models that share a tokenizer (compare GET /info tokenizer_fingerprint)"
-                )
+        teachers = {name: self.check_teacher(t, student, tokenizer) for name, t in self.teachers.items()}
         if self.teacher_sampler is not None:
             sampler = self.call("teacher sampler /info", self.teacher_sampler.info)
             if sampler.tokenizer_fingerprint != student.tokenizer_fingerprint:
@@ -287,13 +319,33 @@ class Remote:
             )
         return teachers, students
 
-    def check_probe(self, url: str, client, tokenizer: PreTrainedTokenizerBase) -> None:
+    def check_teacher(self, t: Teacher, student: p.ServiceInfo, tokenizer: PreTrainedTokenizerBase) -> list[p.ServiceInfo]:
+        """Each replica of one teacher against the student's tokenizer; their /info."""
+        infos = []
+        named = f"teacher {t.name}" if self.config.teachers is not None else "teacher"
+        for url, client in zip(t.urls, t.replicas, strict=True):
+            info = self.call(f"{named} {url} /info", client.info)
+            infos.append(info)
+            if t.protocol != "opd":
+                self.check_probe(url, client, tokenizer, t)
+            elif info.tokenizer_fingerprint != student.tokenizer_fingerprint:
+                raise TokenizerMismatch(
+                    f"the {named} {info.model} (at {url}, tokenizer {info.tokenizer_fingerprint}) and the student "
+                    f"{student.model} (at {self.student_urls[0]}, tokenizer {student.tokenizer_fingerprint}) use "
+                    "different tokenizers, so the teacher cannot score the student's token ids: distill between "
+                    "models that share a tokenizer (compare GET /info tokenizer_fingerprint)"
+                )
+        return infos
+
+    def check_probe(self, url: str, client, tokenizer: PreTrainedTokenizerBase, t: Teacher | None = None) -> None:
         """A stock server has no tokenizer fingerprint: it must tokenize PROBE as the student does."""
-        theirs = self.call(f"teacher {url} tokenize", lambda: client.tokenize(PROBE))
+        t = t or self.teachers[self.default_teacher]
+        named = f"teacher {t.name}" if self.config.teachers is not None else "teacher"
+        theirs = self.call(f"{named} {url} tokenize", lambda: client.tokenize(PROBE))
         ours = list(tokenizer.encode(PROBE, add_special_tokens=True))
         if theirs != ours:
             raise TokenizerMismatch(
-                f"the teacher at {url} ({self.config.teacher_protocol} protocol) tokenizes a probe text into "
+                f"the {named} at {url} ({t.protocol} protocol) tokenizes a probe text into "
                 f"{len(theirs)} tokens {theirs[:8]}..., the student {self.config.student.model} into {len(ours)} "
                 f"{ours[:8]}...: the teacher cannot score the student's token ids; distill between models that "
                 "share a tokenizer"
@@ -301,18 +353,29 @@ class Remote:
 
     def check_stock_teacher(self, rows: list[PromptRow]) -> None:
         """A stock server is sent token ids only: it cannot render a privileged-context prompt (teacher_prompt)."""
-        if self.config.teacher_protocol != "opd" and any(row.teacher is not None for row in rows):
+        for name, t in self.teachers.items():
+            if t.protocol == "opd" or not any(row.teacher is not None and row.teacher_name == name for row in rows):
+                continue
+            if self.config.teachers is None:
+                raise ConfigError(
+                    f"teacher_protocol {t.protocol}: a stock server scores token ids only, so it cannot "
+                    "render the teacher's own prompt (teacher_prompt, or rows with teacher context or teacher messages): "
+                    "serve the teacher with opd's teacher service (teacher_protocol opd), or drop the teacher prompt"
+                )
             raise ConfigError(
-                f"teacher_protocol {self.config.teacher_protocol}: a stock server scores token ids only, so it cannot "
-                "render the teacher's own prompt (teacher_prompt, or rows with teacher context or teacher messages): "
-                "serve the teacher with opd's teacher service (teacher_protocol opd), or drop the teacher prompt"
+                f"teachers.{name}.protocol {t.protocol}: a stock server scores token ids only, so it cannot render the "
+                f"teacher's own prompt (teachers.{name}.teacher_prompt, or its rows' teacher context or teacher "
+                f"messages): serve teacher {name} with opd's teacher service (protocol opd), or drop its teacher prompt"
             )
 
-    def check_limits(self, teachers: list[p.ServiceInfo], students: list[p.ServiceInfo], eval_prompts: int) -> None:
-        """Takes the teachers' scoring limits; refuses a run whose rollout requests a student replica would refuse:
-        each gets at most its share of a request's prompts (the first block, the largest), against the smallest
-        limits over the replicas."""
-        self.score_limits = ScoreLimits.of(teachers)
+    def check_limits(self, teachers: dict[str, list[p.ServiceInfo]] | list[p.ServiceInfo], students: list[p.ServiceInfo],
+                     eval_prompts: int) -> None:
+        """Takes each teacher's scoring limits (a list: the default teacher's replicas); refuses a run whose rollout
+        requests a student replica would refuse: each gets at most its share of a request's prompts (the first
+        block, the largest), against the smallest limits over the replicas."""
+        by_name = teachers if isinstance(teachers, dict) else {self.default_teacher: teachers}
+        for name, infos in by_name.items():
+            self.teachers[name].limits = ScoreLimits.of(infos)
         c = self.config
         least = lambda key: min((s.limits[key] for s in students if key in s.limits), default=None)  # noqa: E731
         max_prompts, max_rollouts = least("max_prompts"), least("max_rollouts")

@@ -13,8 +13,11 @@ Choices:
    reloads and samples again: off-policy samples are never trained on.
    With student replicas each samples its block of the prompts (remote.py);
    the samples come back in prompt order, indexed over the whole request.
-3) Scoring requests are cut to the teachers' advertised limits (sequences
-   and tokens per request, `remote.score_limits`), in order.
+3) Each sample is scored by its row's teacher (`Sample.teacher`); the
+   teachers are asked at once, one thread each, and each teacher's requests
+   are cut to its own advertised limits (sequences and tokens per request),
+   in order. A teacher's outage holds only its own samples: what another
+   teacher scored is kept, and never scored again.
 4) A sample longer than the teacher scores (`max_sequence_len`: a vLLM
    teacher takes at most max_model_len - 1 tokens, and a student completion
    that stops at `length` may fill max_model_len) loses its last tokens
@@ -25,12 +28,13 @@ Choices:
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from opd.common import protocol as p
 from opd.common.errors import InvalidInput, OPDError
+from opd.trainer.config import DEFAULT_TEACHER
 from opd.trainer.context import score_sequence
 from opd.trainer.data import PromptRow
 from opd.trainer.remote import Remote, ScoreLimits
@@ -62,6 +66,7 @@ class Sample:
     teacher_logprobs: list[float] | None = None
     trimmed: int = 0  # tokens cut off the end to fit the teacher's maximum length
     teacher_prompt: p.Prompt | None = field(default=None, repr=False)  # None: the student's prompt ids
+    teacher: str = DEFAULT_TEACHER  # the name of the teacher that scores it
 
     @property
     def rkl(self) -> list[float]:
@@ -90,18 +95,28 @@ def sample(
                 index = share.first + r.prompt_index
                 row = prompts[index]
                 out.append(Sample(index, r.prompt_token_ids, r.token_ids, r.logprobs, r.text, r.finish_reason,
-                                  row.row, teacher_prompt=row.teacher))
+                                  row.row, teacher_prompt=row.teacher, teacher=row.teacher_name))
     return out
 
 
 def score(remote: Remote, samples: list[Sample]) -> None:
-    """teacher log p of every sampled token; the samples are kept whatever happens to the teacher."""
-    limits = remote.score_limits
-    todo = [s for s in samples if s.teacher_logprobs is None]  # scored before an interruption: never scored twice
+    """teacher log p of every sampled token, each sample by its own teacher, the teachers at once; the samples
+    are kept whatever happens to a teacher."""
+    by_teacher: dict[str, list[Sample]] = {}
+    for s in samples:
+        if s.teacher_logprobs is None:  # scored before an interruption: never scored twice
+            by_teacher.setdefault(s.teacher, []).append(s)
+    if by_teacher:
+        remote.each([lambda name=name, todo=todo: score_with(remote, name, todo) for name, todo in by_teacher.items()])
+
+
+def score_with(remote: Remote, teacher: str, todo: list[Sample]) -> None:
+    """One teacher's samples, in requests cut to its limits."""
+    limits = remote.teachers[teacher].limits
     for s in todo:
         fit(s, limits.max_sequence_len)
     for chunk in chunks([len(s.prompt_ids) + len(s.token_ids) for s in todo], limits):
-        score_chunk(remote, [todo[i] for i in chunk])
+        score_chunk(remote, [todo[i] for i in chunk], teacher)
 
 
 def fit(s: Sample, max_len: int | None) -> None:
@@ -131,17 +146,23 @@ def chunks(lengths: list[int], limits: ScoreLimits) -> list[list[int]]:
     return out
 
 
-def score_chunk(remote: Remote, chunk: list[Sample]) -> None:
+def score_chunk(remote: Remote, chunk: list[Sample], teacher: str | None = None) -> None:
     sequences = [score_sequence(s.prompt_ids, s.token_ids, s.teacher_prompt) for s in chunk]
-    response = remote.score(sequences)
+    response = remote.score(sequences, teacher)
     for s, result in zip(chunk, response.results, strict=True):
         if len(result.logprobs) != len(s.token_ids):
             raise ScoreMismatch(f"the teacher scored {len(result.logprobs)} tokens of a {len(s.token_ids)}-token completion")
         s.teacher_logprobs = result.logprobs
 
 
-def kl_summary(samples: list[Sample]) -> dict[str, float]:
-    """Mean per-token teacher reverse KL (when scored), the sample estimate of the sampler's entropy, lengths."""
+def teacher_kl(samples: list[Sample]) -> float:
+    """Mean per-token reverse KL to the teacher over the samples' tokens (0 without tokens)."""
+    return sum(sum(s.rkl) for s in samples) / max(1, sum(len(s.token_ids) for s in samples))
+
+
+def kl_summary(samples: list[Sample], teachers: Sequence[str] = ()) -> dict[str, float]:
+    """Mean per-token teacher reverse KL (when scored), the sample estimate of the sampler's entropy, lengths.
+    With `teachers` (a run of several), also `teacher_kl/<name>` over each teacher's samples that it has."""
     tokens = sum(len(s.token_ids) for s in samples)
     if tokens == 0:
         return {"teacher_kl": 0.0, "entropy": 0.0, "tokens": 0, "sequences": 0}
@@ -155,7 +176,9 @@ def kl_summary(samples: list[Sample]) -> dict[str, float]:
         "trimmed_tokens": sum(s.trimmed for s in samples),
     }
     if all(s.teacher_logprobs is not None for s in samples):  # the rl and sft arms ask no teacher while training
-        out = {"teacher_kl": sum(sum(s.rkl) for s in samples) / tokens, **out}
+        per_teacher = {f"teacher_kl/{name}": teacher_kl(mine) for name in teachers
+                       if (mine := [s for s in samples if s.teacher == name])}
+        out = {"teacher_kl": teacher_kl(samples), **per_teacher, **out}
     return out
 
 

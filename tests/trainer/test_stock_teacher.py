@@ -107,7 +107,7 @@ def test_trainer_with_a_stock_vllm_teacher(make_config, stock_vllm, services) ->
 def test_probe_tokenizer_check(make_config, stock_vllm, teacher_model: Path, other_tokenizer_model: Path) -> None:
     remote = Remote(make_config(name="probe", teacher_urls=stock_vllm.url, teacher_protocol="openai", api_key=KEY))
     teachers, _ = remote.check_tokenizers(AutoTokenizer.from_pretrained(teacher_model))
-    assert teachers[0].engine == "openai-compatible" and teachers[0].model == str(teacher_model)
+    assert teachers["default"][0].engine == "openai-compatible" and teachers["default"][0].model == str(teacher_model)
     with pytest.raises(TokenizerMismatch) as err:
         remote.check_probe(stock_vllm.url, remote.replicas[0], AutoTokenizer.from_pretrained(other_tokenizer_model))
     assert "probe text" in str(err.value)
