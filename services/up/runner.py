@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,7 @@ from rich.console import Console
 
 from opd.common.client import StudentClient
 from opd.common.errors import InvalidInput, OPDError, ServiceError
-from opd.common.process import ServiceProcess, StartupFailed, port_free
+from opd.common.process import ServiceProcess, StartupFailed, port_free, signals_deferred
 from opd.trainer.config import deep_merge
 from opd.trainer.rollouts import load_callable
 from opd.up.config import EngineService, StackConfig, students_entry, without_students
@@ -73,8 +74,23 @@ def resolve_model(spec: EngineService, models_dir: Path, console: Console) -> st
 
     name = source.prepare + (f"-l{source.layers}" if source.layers else "")
     name += f"-drop{source.drop_layers.replace(',', '_')}" if source.drop_layers else ""
-    with console.status(f"preparing {name} (once)"):
+    with status(console, f"preparing {name} (once)"):
         return str(prepare(source.prepare, models_dir / name, layers=source.layers, drop_layers=source.drop_layers))
+
+
+@contextmanager
+def status(console: Console, text: str) -> Iterator[None]:
+    """`console.status`, whose spinner starts and stops whole. A Ctrl-C raises wherever the main thread is
+    (interrupts.py); landing inside rich's start (its refresh thread, the console's live display), it left
+    a spinner half started that nothing stopped. Here it is handled once the spinner runs, and stops it."""
+    spinner = console.status(text)
+    try:
+        with signals_deferred():
+            spinner.__enter__()
+        yield
+    finally:
+        with signals_deferred():
+            spinner.__exit__(None, None, None)
 
 
 class Stack:
@@ -120,11 +136,11 @@ class Stack:
             args = [name.split("-")[0], "serve", "--model", model, "--engine", spec.engine, "--dtype", spec.dtype,
                     "--kv-cache-gib", str(spec.kv_cache_gib), *extra]
             self._process(name, args, port).start()
-        with self.console.status(f"loading the teacher and the student (logs: {self.logs})"):
+        with status(self.console, f"loading the teacher and the student (logs: {self.logs})"):
             for proc in self.procs:
                 proc.wait_ready(c.startup_timeout_s, api_key=self.api_key)
         trainer = self._process("trainer", ["trainer", "serve", "--nproc", str(c.trainer.nproc)], c.trainer.port).start()
-        with self.console.status("starting the trainer"):
+        with status(self.console, "starting the trainer"):
             trainer.wait_ready(c.startup_timeout_s, api_key=self.api_key)
         for proc in self.procs:
             self.console.print(f"[green]ready[/green] {proc.name} at {proc.url}")
