@@ -25,6 +25,9 @@ def test_ctrl_c_while_a_child_spawns_leaves_it_held_and_stoppable(monkeypatch) -
 
     monkeypatch.setattr(subprocess, "Popen", popen)
     proc = ServiceProcess("sleeper", SLEEPER, free_port(), module="timeit")
+    # Python's own Ctrl-C handler, whatever this process inherited: started in the background by a
+    # non-interactive shell, SIGINT comes ignored, and nothing would raise.
+    inherited = signal.signal(signal.SIGINT, signal.default_int_handler)
     before = signal.getsignal(signal.SIGINT)
     try:
         with pytest.raises(KeyboardInterrupt):
@@ -34,6 +37,7 @@ def test_ctrl_c_while_a_child_spawns_leaves_it_held_and_stoppable(monkeypatch) -
         assert spawned[0].poll() is not None
         assert signal.getsignal(signal.SIGINT) is before
     finally:
+        signal.signal(signal.SIGINT, inherited)
         for child in spawned:
             child.kill()
             child.wait()
