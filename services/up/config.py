@@ -17,6 +17,12 @@ Student replicas: `student: {replicas: 2, port: 8002, ...}` runs two student
 processes, on ports 8002 and 8003 (or `port: [8002, 8012]`, a port each),
 each supervised on its own; the run gets their URLs as `student_urls`.
 
+Several teachers: `teachers: {math: {model: ..., port: 8001}, style: {model: ..., port: 8011}}` in place
+of `teacher:` (one or the other) runs a process per teacher, `teacher-math`, `teacher-style`, each
+supervised on its own; the run gets `teachers: {name: {urls: [its URL]}}`, merged with what
+`run.teachers.<name>` says (a teacher_prompt, say), and each dataset row picks its teacher by its
+`teacher` field (`run.dataset.teacher_field`), else `run.default_teacher`, else the first listed.
+
 `load_stack` validates `run` as the trainer will at POST /runs, before any
 process starts: what `opd up` fills in later (models still to prepare, the
 services' URLs) is a stand-in here, so a wrong type, an unknown field or a
@@ -32,7 +38,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from opd.common.errors import InvalidInput
-from opd.trainer.config import STUDENT_URL_FIELDS, RunConfig, deep_merge, parse_override, set_path
+from opd.trainer.config import (
+    MANY_TEACHERS, ONE_TEACHER, STUDENT_URL_FIELDS, RunConfig, TeacherName, deep_merge, parse_override, set_path,
+)
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "skill.yaml"
 # What Stack.run_config fills in once the services run; only their presence and types matter to validation.
@@ -136,7 +144,9 @@ class RestartPolicy(_Section):
 class StackConfig(_Section):
     workdir: str = "runs/demo"
     host: str = "127.0.0.1"
-    teacher: EngineService
+    teacher: EngineService | None = None
+    teachers: Annotated[dict[TeacherName, EngineService], Field(min_length=1)] | None = Field(
+        default=None, description="Several teachers by name, each its own process (teacher-<name>); or give teacher.")
     student: StudentService
     trainer: TrainerService = TrainerService()
     run: dict[str, Any] = {}
@@ -149,11 +159,41 @@ class StackConfig(_Section):
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> StackConfig:
-        ports = [self.teacher.port, *self.student.ports, self.trainer.port]
+        if (self.teacher is None) == (self.teachers is None):
+            raise ValueError("teacher: give teacher (one teacher) or teachers (several, by name)"
+                             + (", not both" if self.teacher is not None else ""))
+        if self.teachers is not None:
+            for key in ONE_TEACHER:
+                if key in self.run:
+                    raise ValueError(f"run.{key}: the stack's teachers are several (`teachers`); "
+                                     f"give it per teacher in run.teachers.<name>")
+            unknown = set(self.run.get("teachers") or {}) - set(self.teachers)
+            if unknown:
+                raise ValueError(f"run.teachers: {', '.join(sorted(unknown))} not among the stack's teachers "
+                                 f"({', '.join(self.teachers)})")
+        elif any(key in self.run for key in MANY_TEACHERS):
+            raise ValueError("run.teachers: the stack runs one teacher (`teacher`); give the stack teachers "
+                             "(several, by name) to name them in the run")
+        ports = [*self.teacher_ports, *self.student.ports, self.trainer.port]
         if len(set(ports)) != len(ports):
-            what = "teacher, student and trainer need three" if len(ports) == 3 else "teacher, student replicas and trainer need"
+            if self.teachers is None:
+                what = "teacher, student and trainer need three" if len(ports) == 3 else "teacher, student replicas and trainer need"
+            else:
+                what = "teachers, student" + (" replicas" if self.student.count > 1 else "") + " and trainer need"
             raise ValueError(f"{what} different ports; got {ports}")
         return self
+
+    @property
+    def teacher_specs(self) -> dict[str, EngineService]:
+        """Each teacher process by name: 'teacher' alone, or 'teacher-<name>' for each of `teachers`."""
+        if self.teachers is None:
+            assert self.teacher is not None
+            return {"teacher": self.teacher}
+        return {f"teacher-{name}": spec for name, spec in self.teachers.items()}
+
+    @property
+    def teacher_ports(self) -> list[int]:
+        return [spec.port for spec in self.teacher_specs.values()]
 
 
 def load_stack(path: Path | None, overrides: list[str] | None = None) -> StackConfig:
@@ -183,6 +223,9 @@ def check_run(stack: StackConfig) -> RunConfig:
     trainer inherits them. Raises pydantic's ValidationError."""
     run = deep_merge(without_students(stack.run), {**RUN_STAND_INS, **students_entry(
         [f"http://student-{i}" for i in range(stack.student.count)])})
+    if stack.teachers is not None:
+        del run["teacher_urls"]
+        run = deep_merge(run, teachers_entry({name: f"http://teacher-{name}" for name in stack.teachers}))
     dataset = run.get("dataset")
     if dataset is None or isinstance(dataset, dict):
         run["dataset"] = {"path": "prompts.jsonl", **(dataset or {})}
@@ -205,3 +248,8 @@ def without_students(run: dict[str, Any]) -> dict[str, Any]:
 def students_entry(urls: list[str]) -> dict[str, Any]:
     """`student_url` for one student (as before replicas), `student_urls` for several."""
     return {"student_url": urls[0]} if len(urls) == 1 else {"student_urls": urls}
+
+
+def teachers_entry(urls: dict[str, str]) -> dict[str, Any]:
+    """The run's `teachers`: each of the stack's teachers by name, with its process's URL."""
+    return {"teachers": {name: {"urls": [url]} for name, url in urls.items()}}

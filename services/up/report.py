@@ -16,6 +16,7 @@ from rich.table import Table
 from opd.trainer.metrics import read_records
 
 DONE = {"completed", "failed", "stopped"}
+TEACHER_KL = "teacher_kl/"  # a run of several teachers: teacher_kl/<name> beside the overall teacher_kl
 STEP_DIR = re.compile(r"^step-(\d{6,})$")  # the trainer's checkpoint folders (trainer/checkpoint.py)
 
 
@@ -36,8 +37,33 @@ def eval_line(record: dict[str, Any]) -> str:
     accuracy = f", accuracy {record['accuracy']:.3f}" if "accuracy" in record else ""
     accuracy += "".join(f", {key.removeprefix('accuracy_')} {value:.3f}" for key, value in record.items()
                         if key.startswith("accuracy_") and isinstance(value, (int, float)))
+    per_teacher = teacher_figures(record)
+    by_teacher = "; per teacher: " + ", ".join(
+        f"{name} {kl:.4f}" + (f" (accuracy {record[f'accuracy/{name}']:.3f})"
+                              if isinstance(record.get(f"accuracy/{name}"), (int, float)) else "")
+        for name, kl in per_teacher.items()) if per_teacher else ""
     return (f"[cyan]eval    teacher KL on held-out prompts {record.get('teacher_kl', float('nan')):.4f}{accuracy}"
-            f" (step {record['step']})[/cyan]")
+            f"{by_teacher} (step {record['step']})[/cyan]")
+
+
+def teacher_figures(record: dict[str, Any]) -> dict[str, float]:
+    """A record's teacher KL per teacher, by name (`teacher_kl/<name>`); empty for a single-teacher run."""
+    return {key.removeprefix(TEACHER_KL): float(value) for key, value in record.items()
+            if key.startswith(TEACHER_KL) and isinstance(value, (int, float))}
+
+
+def teachers_before_after(records: list[dict[str, Any]]) -> list[str]:
+    """Each teacher's held-out KL at the first evaluation and at the last, one line each; none for a
+    single-teacher run (its records carry no teacher_kl/<name>)."""
+    evals = [r for r in records if r.get("kind") == "eval" and teacher_figures(r)]
+    if not evals:
+        return []
+    first, last = evals[0], evals[-1]
+    lines = [f"teacher KL on held-out prompts per teacher, step {first['step']} -> step {last['step']}:"]
+    for name in teacher_figures(first) | teacher_figures(last):
+        before, after = teacher_figures(first).get(name, float("nan")), teacher_figures(last).get(name, float("nan"))
+        lines.append(f"  {name}: {before:.4f} -> {after:.4f}")
+    return lines
 
 
 class RunWatcher:
@@ -91,13 +117,15 @@ def last_checkpoint(output_dir: Path) -> Path | None:
 
 def end_summary(output_dir: Path, steps: int, restarts: dict[str, int]) -> list[str]:
     """What happened, read from the run's own files once every service has stopped."""
-    done = max((r["step"] for r in read_records(output_dir / "metrics.jsonl") if r.get("kind") == "train"), default=0)
+    records = read_records(output_dir / "metrics.jsonl")
+    done = max((r["step"] for r in records if r.get("kind") == "train"), default=0)
     ckpt = last_checkpoint(output_dir)
     where = f"{ckpt} (step {int(ckpt.name.removeprefix('step-'))})" if ckpt else "none yet"
     return [
         f"steps completed: {done} of {steps}",
         "restarts: " + ", ".join(f"{name} {count}" for name, count in restarts.items()),
         f"last checkpoint: {where}",
+        *teachers_before_after(records),
     ]
 
 

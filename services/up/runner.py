@@ -2,8 +2,8 @@
 
 1. Models are prepared (`opd models prepare`) or taken from their paths.
 2. Every port is checked first: a taken port stops start-up with its name.
-3. Teacher and student (or student replicas, `student-1`, `student-2`, ...:
-   one process each) start together, then the trainer; each as a process
+3. Teacher and student (or student replicas, `student-1`, `student-2`, ...,
+   and several teachers, `teacher-<name>`: one process each) start together, then the trainer; each as a process
    group of its own, its output kept in `<workdir>/logs/<service>.log` and its
    warnings and errors echoed to the terminal with a `[service]` prefix. From
    then on a supervisor (supervisor.py) restarts a service that crashes.
@@ -36,7 +36,7 @@ from opd.common.errors import InvalidInput, OPDError, ServiceError
 from opd.common.process import ServiceProcess, StartupFailed, port_free, signals_deferred
 from opd.trainer.config import deep_merge
 from opd.trainer.rollouts import load_callable
-from opd.up.config import EngineService, StackConfig, students_entry, without_students
+from opd.up.config import EngineService, StackConfig, students_entry, teachers_entry, without_students
 from opd.up.follow import Outcome, RunFollower
 from opd.up.interrupts import Interrupts
 from opd.up.report import end_summary, samples_table
@@ -117,26 +117,31 @@ class Stack:
     def check_ports(self) -> None:
         c = self.config
         students = [(name, port) for name, port in zip(c.student.names, c.student.ports, strict=True)]
-        for name, port in (("teacher", c.teacher.port), *students, ("trainer", c.trainer.port)):
+        teachers = [(name, spec.port) for name, spec in c.teacher_specs.items()]
+        for name, port in (*teachers, *students, ("trainer", c.trainer.port)):
             if not port_free(c.host, port):
+                field = f"teachers.{name.removeprefix('teacher-')}" if c.teachers is not None and name in dict(teachers) \
+                    else name.split("-")[0]
                 raise StartupFailed(
                     f"port {port} ({name}) on {c.host} is taken: stop what uses it, or pick another with "
-                    f"--set {name.split('-')[0]}.port=N"
+                    f"--set {field}.port=N"
                 )
 
-    def start(self, teacher_model: str, student_model: str) -> None:
+    def start(self, teacher_models: dict[str, str], student_model: str) -> None:
+        """`teacher_models`: each teacher process's model by its name (config.teacher_specs)."""
         c = self.config
         self.logs.mkdir(parents=True, exist_ok=True)
         self.checkpoints.mkdir(parents=True, exist_ok=True)
         student_extra = ["--checkpoint-root", str(self.checkpoints), "--lora-mode", c.student.lora_mode, *self._lora_flag()]
-        services = [(c.teacher, "teacher", c.teacher.port, teacher_model, [])]
+        services = [(spec, name, spec.port, teacher_models[name], []) for name, spec in c.teacher_specs.items()]
         services += [(c.student, name, port, student_model, student_extra)  # replicas share the checkpoint root
                      for name, port in zip(c.student.names, c.student.ports, strict=True)]
         for spec, name, port, model, extra in services:
             args = [name.split("-")[0], "serve", "--model", model, "--engine", spec.engine, "--dtype", spec.dtype,
                     "--kv-cache-gib", str(spec.kv_cache_gib), *extra]
             self._process(name, args, port).start()
-        with status(self.console, f"loading the teacher and the student (logs: {self.logs})"):
+        teachers = "the teacher" if c.teachers is None else f"{len(c.teachers)} teachers"
+        with status(self.console, f"loading {teachers} and the student (logs: {self.logs})"):
             for proc in self.procs:
                 proc.wait_ready(c.startup_timeout_s, api_key=self.api_key)
         trainer = self._process("trainer", ["trainer", "serve", "--nproc", str(c.trainer.nproc)], c.trainer.port).start()
@@ -177,12 +182,15 @@ class Stack:
     def run_config(self, student_model: str) -> dict[str, Any]:
         filled = {
             "student": {"model": student_model},
-            "teacher_urls": [self.url("teacher")],
             **students_entry(self.student_urls()),
             "api_key": self.api_key,
             "checkpoint_root": str(self.checkpoints),
             "output_dir": str(self.workdir / "run"),
         }
+        if self.config.teachers is None:
+            filled["teacher_urls"] = [self.url("teacher")]
+        else:  # each teacher's URL, beside what run.teachers.<name> says of it (a teacher_prompt, say)
+            filled |= teachers_entry({name: self.url(f"teacher-{name}") for name in self.config.teachers})
         run = deep_merge(without_students(self.config.run), filled)
         dataset = run.setdefault("dataset", {})
         dataset.setdefault("path", str(DEFAULT_PROMPTS))
@@ -270,9 +278,9 @@ def distill(stack: Stack, interrupts: Interrupts) -> tuple[int, bool]:
     config, console = stack.config, stack.console
     stack.check_ports()
     models_dir = stack.workdir / "models"
-    teacher_model = resolve_model(config.teacher, models_dir, console)
+    teacher_models = {name: resolve_model(spec, models_dir, console) for name, spec in config.teacher_specs.items()}
     student_model = resolve_model(config.student, models_dir, console)
-    stack.start(teacher_model, student_model)
+    stack.start(teacher_models, student_model)
     supervisor = stack.supervise()
     run = stack.run_config(student_model)
     student = StudentClient(stack.student_urls()[0], api_key=stack.api_key)  # the samples shown: one replica's

@@ -31,3 +31,27 @@ def test_the_samples_table_marks_each_reply_and_shows_the_reference() -> None:
     assert "verifier ✓  correct ✓  content ✓" in text
     plain = samples_table(rows, ["a", "b"], ["c", "d"])
     assert [c.header for c in plain.columns] == ["prompt", "answer", "before", "after"]
+
+
+def test_several_teachers_show_their_own_kl_at_each_evaluation_and_before_and_after(tmp_path) -> None:
+    import json
+
+    from opd.up.report import end_summary
+
+    record = {"kind": "eval", "step": 2, "teacher_kl": 0.5, "teacher_kl/math": 0.25, "teacher_kl/style": 0.75,
+              "accuracy": 0.5, "accuracy/math": 1.0, "accuracy/style": 0.0}
+    line = eval_line(record)
+    assert "0.5000, accuracy 0.500; per teacher: math 0.2500 (accuracy 1.000), style 0.7500 (accuracy 0.000) (step 2)" in line
+    single = {"kind": "eval", "step": 2, "teacher_kl": 0.5}
+    assert eval_line(single) == "[cyan]eval    teacher KL on held-out prompts 0.5000 (step 2)[/cyan]", "unchanged"
+    out = tmp_path / "run"
+    out.mkdir()
+    records = [{"kind": "eval", "step": 0, "teacher_kl/math": 0.5, "teacher_kl/style": 0.9},
+               {"kind": "train", "step": 1}, {"kind": "train", "step": 2}, record]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    lines = end_summary(out, 2, {"trainer": 0})
+    assert lines[0] == "steps completed: 2 of 2"
+    assert lines[3:] == ["teacher KL on held-out prompts per teacher, step 0 -> step 2:",
+                         "  math: 0.5000 -> 0.2500", "  style: 0.9000 -> 0.7500"]
+    (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ({"kind": "train", "step": 1}, single)))
+    assert len(end_summary(out, 2, {"trainer": 0})) == 3, "a single-teacher run's summary is unchanged"

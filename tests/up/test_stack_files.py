@@ -71,3 +71,77 @@ def test_student_replicas_run_as_processes_of_their_own_and_the_run_gets_their_u
         stack({"replicas": 2, "port": 8099})
     with pytest.raises(InvalidInput, match=r"replicas: 3 replicas, but 2 ports listed"):
         stack({"replicas": 3, "port": [8110, 8120]})
+
+
+def test_several_teachers_run_as_processes_of_their_own_and_the_run_names_each(tmp_path) -> None:
+    """`teachers: {name: {...}}` in place of `teacher:`: a process per teacher (`teacher-<name>`) on its own port;
+    the run opd up submits names each by its URL, beside what run.teachers.<name> says; the stack's mistakes
+    (both ways, neither, a run teacher the stack lacks, the single-teacher fields, a shared port) are refused."""
+    def write(**fields) -> Path:
+        data = {"workdir": str(tmp_path / "w"), "trainer": {"port": 8100},
+                "student": {"model": {"prepare": "smollm2-135m-instruct", "layers": 4}, "port": 8102}, **fields}
+        path = tmp_path / "stack.yaml"
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    def stack(**fields) -> Stack:
+        made = Stack(load_stack(write(**fields)), Console())
+        made.url = lambda name: f"http://{name}"  # no process is started
+        return made
+
+    model = {"prepare": "smollm2-135m-instruct"}
+    teachers = {"math": {"model": model, "port": 8101}, "style": {"model": {"path": "models/style"}, "port": 8111, "engine": "hf"}}
+    two = stack(teachers=teachers, run={"teachers": {"style": {"teacher_prompt": {"system": "Be terse."}}},
+                                        "default_teacher": "math"})
+    assert list(two.config.teacher_specs) == ["teacher-math", "teacher-style"]
+    assert two.config.teacher_ports == [8101, 8111] and two.config.teacher is None
+    assert two.config.teacher_specs["teacher-style"].engine == "hf"
+    run = two.run_config("student-model")
+    assert run["teachers"] == {"math": {"urls": ["http://teacher-math"]},
+                               "style": {"urls": ["http://teacher-style"], "teacher_prompt": {"system": "Be terse."}}}
+    assert "teacher_urls" not in run and run["default_teacher"] == "math"
+    from opd.trainer.config import RunConfig
+
+    assert set(RunConfig.model_validate(run).teacher_set) == {"math", "style"}, "the trainer takes the run as filled in"
+    one = stack(teacher={"model": model, "port": 8101})
+    assert list(one.config.teacher_specs) == ["teacher"] and one.run_config("m")["teacher_urls"] == ["http://teacher"]
+    assert "teachers" not in one.run_config("m")
+
+    refused = {
+        "give teacher \\(one teacher\\) or teachers \\(several, by name\\), not both":
+            {"teacher": {"model": model, "port": 8101}, "teachers": teachers},
+        "give teacher \\(one teacher\\) or teachers \\(several, by name\\)$": {},
+        "run.teachers: art not among the stack's teachers \\(math, style\\)":
+            {"teachers": teachers, "run": {"teachers": {"art": {"urls": ["http://x"]}}}},
+        "run.teacher_prompt: the stack's teachers are several":
+            {"teachers": teachers, "run": {"teacher_prompt": {"system": "x"}}},
+        "run.teachers: the stack runs one teacher":
+            {"teacher": {"model": model, "port": 8101}, "run": {"teachers": {"a": {"urls": ["http://x"]}}}},
+        r"teachers, student and trainer need different ports; got \[8101, 8102, 8102, 8100\]":
+            {"teachers": {"math": {"model": model, "port": 8101}, "style": {"model": model, "port": 8102}}},
+        r"teachers, student and trainer need different ports; got \[8101, 8101, 8102, 8100\]":
+            {"teachers": {"math": {"model": model, "port": 8101}, "style": {"model": model, "port": 8101}}},
+        "teachers.Bad name": {"teachers": {"Bad name": {"model": model, "port": 8101}}},
+        "teachers: .*at least 1": {"teachers": {}},
+    }
+    for message, fields in refused.items():
+        with pytest.raises(InvalidInput, match=message):
+            load_stack(write(**fields))
+
+
+def test_a_taken_teacher_port_names_that_teacher(tmp_path) -> None:
+    import socket
+
+    from opd.common.process import StartupFailed
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        data = {"workdir": str(tmp_path / "w"), "trainer": {"port": 8100},
+                "student": {"model": {"path": "s"}, "port": 8102},
+                "teachers": {"a": {"model": {"path": "a"}, "port": 8101}, "b": {"model": {"path": "b"}, "port": port}}}
+        path = tmp_path / "stack.yaml"
+        path.write_text(yaml.safe_dump(data))
+        with pytest.raises(StartupFailed, match=rf"port {port} \(teacher-b\) .* --set teachers.b.port=N"):
+            Stack(load_stack(path), Console()).check_ports()
