@@ -47,8 +47,8 @@ def eval_line(record: dict[str, Any]) -> str:
 
 
 def teacher_figures(record: dict[str, Any]) -> dict[str, float]:
-    """A record's teacher KL per teacher, by name (`teacher_kl/<name>`); empty for a single-teacher run."""
-    return {key.removeprefix(TEACHER_KL): float(value) for key, value in record.items()
+    """A record's teacher KL per teacher, by name in name order (`teacher_kl/<name>`); empty for a single-teacher run."""
+    return {key.removeprefix(TEACHER_KL): float(value) for key, value in sorted(record.items())
             if key.startswith(TEACHER_KL) and isinstance(value, (int, float))}
 
 

@@ -179,3 +179,52 @@ def test_up_trains_on_two_trainer_processes(tmp_path, teacher_model, student_mod
     assert all(r["skipped_updates"] == 0 and r["grad_norm"] > 0 for r in records if r["kind"] == "train")
     assert marked_processes(mark) == [], "opd up left processes running"
     assert port_free("127.0.0.1", stack["trainer"]["port"])
+
+
+def test_up_runs_two_teachers_each_its_own_process(tmp_path, teacher_model, student_model, models_dir,
+                                                   tiny_tokenizer) -> None:
+    """`teachers: {a: ..., b: ...}` (two models on the student's tokenizer, hf engines to keep it quick): a process
+    each with its own log, the run names both by URL, each row is scored by the teacher its `teacher` field
+    names, the report prints each teacher's held-out KL at every evaluation and before/after; all stop at the end."""
+    from tests.utils.tiny_models import build_llama
+
+    second = build_llama(models_dir / "teacher-b", tiny_tokenizer, seed=5)
+    mark = uuid.uuid4().hex
+    config = stack_yaml(tmp_path, teacher_model, student_model, steps=2)
+    stack = yaml.safe_load(config.read_text())
+    teacher = stack.pop("teacher")
+    stack["student"]["engine"] = "hf"
+    stack["teachers"] = {"a": {**teacher, "engine": "hf"},
+                         "b": {**teacher, "engine": "hf", "model": {"path": str(second)}, "port": free_port()}}
+    prompts = Path(stack["run"]["dataset"]["path"])
+    rows = [json.loads(line) for line in prompts.read_text().splitlines()]
+    prompts.write_text("".join(json.dumps({**row, "teacher": "ab"[i % 2]}) + "\n" for i, row in enumerate(rows)))
+    held_out = tmp_path / "held_out.jsonl"
+    held_out.write_text("".join(json.dumps({"prompt": p, "teacher": t}) + "\n"
+                                for p, t in (("Tell me about the sun.", "a"), ("Tell me about the moon.", "b"))))
+    stack["run"]["dataset"] = {"path": str(prompts), "eval_path": str(held_out)}
+    stack["run"]["teachers"] = {"b": {"teacher_prompt": {"system": "Answer in one word."}}}
+    config.write_text(yaml.safe_dump(stack))
+    result = opd("up", str(config), mark=mark)
+    out = result.stdout + result.stderr
+    assert result.returncode == 0 and "state: completed after 2 steps" in out, out[-5000:]
+    workdir = Path(stack["workdir"])
+    run = json.loads((workdir / "run" / "config.json").read_text())
+    ports = {name: stack["teachers"][name]["port"] for name in "ab"}
+    assert {name: t["urls"] for name, t in run["teachers"].items()} == {
+        name: [f"http://127.0.0.1:{port}"] for name, port in ports.items()}
+    assert run["teachers"]["b"]["teacher_prompt"]["system"] == "Answer in one word." and run.get("teacher_urls") is None
+    for name in "ab":
+        assert f"ready teacher-{name} at http://127.0.0.1:{ports[name]}" in out
+        log = (workdir / "logs" / f"teacher-{name}.log").read_text()
+        assert "POST /logprobs" in log, f"teacher {name} scored nothing"
+    evals = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["kind"] == "eval"]
+    assert evals and all(isinstance(r.get(f"teacher_kl/{name}"), float) for r in evals for name in "ab")
+    last = evals[-1]
+    assert f"per teacher: a {last['teacher_kl/a']:.4f}, b {last['teacher_kl/b']:.4f} (step {last['step']})" in out
+    assert "teacher KL on held-out prompts per teacher" in out
+    assert f"  a: {evals[0]['teacher_kl/a']:.4f} -> {last['teacher_kl/a']:.4f}" in out
+    assert f"  b: {evals[0]['teacher_kl/b']:.4f} -> {last['teacher_kl/b']:.4f}" in out
+    assert marked_processes(mark) == [], "opd up left processes running"
+    assert all(port_free("127.0.0.1", port) for port in ports.values())
