@@ -27,6 +27,7 @@ from opd.cli import app as opd_app
 
 ROOT = Path(__file__).resolve().parents[2]
 FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.host.yml"]
+TEACHERS_FILE = "docker-compose.teachers.yml"  # an override of docker-compose.yml alone: a second teacher
 THIRD_PARTY_ENV = {"HF_TOKEN", "HF_HOME"}
 
 
@@ -254,6 +255,40 @@ def test_compose_v2_merges_the_files(files: list[str]) -> None:
         assert bool(spec.get("ports")) == (files != FILES), f"{svc}: published ports only with a bridge network"
     trainer = merged["trainer"]["environment"]
     assert trainer["OPD_TRAIN_TEACHER_URLS"] == ("http://127.0.0.1:8001" if files == FILES else "http://teacher:8001")
+
+
+def test_compose_v2_adds_a_second_teacher() -> None:
+    """docker-compose.teachers.yml: teacher-b with its own model variable and port, the same image as the
+    others; the trainer and the first teacher are as without it (swapping teacher b touches neither)."""
+    done = compose_config(FILES[0], TEACHERS_FILE, env={**ENV, "TEACHER_B_MODEL": "/data/models/t2"})
+    assert done.returncode == 0, done.stderr
+    merged = json.loads(done.stdout)["services"]
+    alone = json.loads(compose_config(FILES[0]).stdout)["services"]
+    assert set(merged) == set(alone) | {"teacher-b"}
+    for svc in alone:
+        assert merged[svc] == alone[svc], f"{svc} changed with a second teacher"
+    b, teacher = merged["teacher-b"], merged["teacher"]
+    assert b["environment"]["OPD_TEACHER_MODEL"] == "/data/models/t2" and b["image"] == teacher["image"]
+    port = int(option(b["command"], "--port"))
+    assert port != int(option(teacher["command"], "--port"))
+    assert [(p["target"], p["published"]) for p in b["ports"]] == [(port, str(port))]
+    assert urlparse(b["healthcheck"]["test"][-1]).port == port
+    cmd, rest = resolve(b["command"][1:])
+    cmd.make_context("opd", rest)
+    assert b["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    for var in b["environment"]:
+        assert var in THIRD_PARTY_ENV | {"OPD_API_KEY"} or var.removeprefix("OPD_TEACHER_").lower() in settings_fields()["OPD_TEACHER_"]
+    missing = compose_config(FILES[0], TEACHERS_FILE)
+    assert missing.returncode != 0 and "set TEACHER_B_MODEL" in missing.stderr
+    comment = [line.lstrip("# ") for line in (ROOT / TEACHERS_FILE).read_text().splitlines()]
+    start = next(i for i, line in enumerate(comment) if line.startswith('{"teachers"'))
+    end = next(i for i in range(start, len(comment)) if comment[i].endswith("}"))
+    body = "".join(comment[start:end + 1])
+    from opd.trainer.config import RunConfig
+
+    run = RunConfig.model_validate({**json.loads(body), "student_url": "http://student:8002", "student": {"model": "s"}},
+                                   context={"environ": {}})
+    assert set(run.teacher_set) == {"a", "b"}, "the run the file's comment shows is one the trainer takes"
 
 
 def test_compose_v2_stops_without_the_models_or_key() -> None:
