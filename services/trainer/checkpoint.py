@@ -20,8 +20,9 @@ Choices:
    (`trainable/`, keyed by parameter name): one process or N sharded ones
    write the same thing, and a run saved on N processes resumes on M, on
    another device too (student.device may change on resume). `state.pt`
-   (rank 0) holds the step, the sampler, the schedule and rank 0's RNG
-   state, `rng-<rank>.pt` each other rank's. `read_trainable` gives the
+   (rank 0) holds the step, the policy version and the sampler;
+   `rng-<rank>.pt` each rank's schedule and RNG state (a rank with none of
+   its own, resuming on more processes, takes rank 0's). `read_trainable` gives the
    weights as one plain dict. Checkpoints of older versions
    (`trainable.safetensors`) still resume on one process.
 """
@@ -187,7 +188,7 @@ def load_training_state(
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
     if (folder / "trainable.safetensors").is_file():
-        return load_legacy(folder, model, optimizer, scheduler, rank)
+        return load_legacy(folder, model, optimizer, scheduler)
     saved = set(dcp.FileSystemReader(folder / TRAINABLE).read_metadata().state_dict_metadata)
     weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     missing = sorted(k for k in weights if f"model.{k}" not in saved)
@@ -210,7 +211,7 @@ def load_training_state(
 
 def load_legacy(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
 ) -> None:
     """A checkpoint of opd before torch.distributed.checkpoint: whole tensors, on one process."""
     from safetensors.torch import load_file
