@@ -9,7 +9,8 @@ Records are `{"kind": "train" | "eval", "step": N, ...numbers}`. Choices:
    A NaN or infinite number is written as null: JSON has no such numbers,
    and the trainer's API answers with these records.
 3) The plot (matplotlib's Agg backend: no display) shows the teacher reverse
-   KL per training step and on the held-out prompts.
+   KL per training step and on the held-out prompts; with several teachers,
+   also each teacher's held-out KL (`teacher_kl/<name>`).
 """
 
 from __future__ import annotations
@@ -87,22 +88,35 @@ class MetricsWriter:
             self._tb = None
 
 
+def kl_series(records: list[Record]) -> dict[str, list[tuple[int, float]]]:
+    """The plot's lines: label -> [(step, KL)]; empty lines are left out."""
+    series = {
+        "training samples": [(r["step"], r["teacher_kl"]) for r in records if r["kind"] == "train" and "teacher_kl" in r],
+        "held-out prompts": [(r["step"], r["teacher_kl"]) for r in records if r["kind"] == "eval" and "teacher_kl" in r],
+    }
+    names = sorted({k.split("/", 1)[1] for r in records if r["kind"] == "eval" for k in r if k.startswith("teacher_kl/")})
+    for name in names:
+        series[f"held-out, teacher {name}"] = [(r["step"], r[f"teacher_kl/{name}"]) for r in records
+                                               if r["kind"] == "eval" and r.get(f"teacher_kl/{name}") is not None]
+    return {label: points for label, points in series.items() if points}
+
+
 def plot_teacher_kl(records: list[Record], out: Path, title: str = "teacher reverse KL") -> Path | None:
-    """PNG of the teacher KL per step (train samples and held-out prompts); None when there is nothing to plot."""
+    """PNG of the teacher KL per step (train samples, held-out prompts, and each teacher's held-out prompts where
+    there are several); None when there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(r["step"], r["teacher_kl"]) for r in records if r["kind"] == "train" and "teacher_kl" in r]
-    evals = [(r["step"], r["teacher_kl"]) for r in records if r["kind"] == "eval" and "teacher_kl" in r]
-    if not train and not evals:
+    series = kl_series(records)
+    if not series:
         return None
     fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    if train:
-        ax.plot(*zip(*train, strict=True), label="training samples", color="tab:blue", alpha=0.7)
-    if evals:
-        ax.plot(*zip(*evals, strict=True), "o-", label="held-out prompts", color="tab:red")
+    styles = {"training samples": {"color": "tab:blue", "alpha": 0.7}, "held-out prompts": {"fmt": "o-", "color": "tab:red"}}
+    for label, points in series.items():
+        style = dict(styles.get(label, {"fmt": "s--"}))
+        ax.plot(*zip(*points, strict=True), style.pop("fmt", "-"), label=label, **style)
     ax.set_xlabel("step")
     ax.set_ylabel("reverse KL to the teacher (nats / token)")
     ax.set_title(title)

@@ -13,7 +13,7 @@ from opd.common.errors import InvalidInput
 from opd.trainer import checkpoint as ck
 from opd.trainer.config import DatasetConfig, build_config
 from opd.trainer.data import DatasetError, PromptSampler, load_prompts, read_rows
-from opd.trainer.metrics import MetricsWriter, plot_teacher_kl, read_records
+from opd.trainer.metrics import MetricsWriter, kl_series, plot_teacher_kl, read_records
 from opd.trainer.remote import ScoreLimits
 from opd.trainer.rollouts import Sample, chunks, fit
 from opd.trainer.update import advantages, task_rewards
@@ -118,6 +118,16 @@ def test_metrics_resume_drops_later_records_and_plots(tmp_path: Path) -> None:
     png = plot_teacher_kl(again.records, tmp_path / "kl.png")
     assert png is not None and png.read_bytes()[:4] == b"\x89PNG"
     assert plot_teacher_kl([], tmp_path / "none.png") is None
+
+
+def test_the_plot_has_a_held_out_line_per_teacher_where_there_are_several(tmp_path: Path) -> None:
+    records = [{"kind": "eval", "step": 0, "teacher_kl": 0.8, "teacher_kl/math": 1.0, "teacher_kl/chat": 0.6},
+               {"kind": "train", "step": 1, "teacher_kl": 0.7},
+               {"kind": "eval", "step": 1, "teacher_kl": 0.5, "teacher_kl/math": 0.4, "teacher_kl/chat": None}]
+    assert kl_series(records) == {"training samples": [(1, 0.7)], "held-out prompts": [(0, 0.8), (1, 0.5)],
+                                  "held-out, teacher chat": [(0, 0.6)], "held-out, teacher math": [(0, 1.0), (1, 0.4)]}
+    assert list(kl_series(records[1:2])) == ["training samples"], "one teacher: the lines of before"
+    assert plot_teacher_kl(records, tmp_path / "kl.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def sample(group: int, sampling: list[float], teacher: list[float], text: str = "") -> Sample:

@@ -18,20 +18,35 @@ from tests.utils.tiny_models import WORDS, build_llama
 SKILL_WORD = "picture"
 SKILL_CONTEXT = "Begin every answer with the word picture."
 BASE_RATE = 0.05  # answers without the context that begin with the word anyway
+CUED_RATE = 0.2  # the same, for a prompt that opens with the skill's cue (`chats(cues=...)`)
 
 
-def chats(n: int, seed: int) -> list[tuple[list[dict], str]]:
+Skill = tuple[str, str]  # (the word an answer begins with, the system message that asks for it)
+
+
+def chats(n: int, seed: int, skills: tuple[Skill, ...] = ((SKILL_WORD, SKILL_CONTEXT),),
+          cues: tuple[str, ...] = ()) -> list[tuple[list[dict], str]]:
+    """Half the chats carry a skill's system message (one of `skills`, drawn evenly) and begin with its word;
+    without one, each skill's word begins BASE_RATE of the answers anyway. With `cues` (a prompt's opening word per
+    skill), half the chats without a message open with a skill's cue and begin with its word CUED_RATE of the
+    time: a weak prior that the prompt already carries, as a math question leans a model towards working."""
     rng = random.Random(seed)
-    others = [w for w in WORDS if w != SKILL_WORD]
+    others = [w for w in WORDS if w not in {word for word, _ in skills}]
     out = []
     for _ in range(n):
         prompt = " ".join(rng.choices(WORDS, k=rng.randint(2, 4))).capitalize()
-        with_context = rng.random() < 0.5
-        first = SKILL_WORD if with_context or rng.random() < BASE_RATE else rng.choice(others)
-        answer = " ".join([first, *rng.choices(WORDS, k=rng.randint(2, 4))]) + "."
         messages = [{"role": "user", "content": prompt}]
-        if with_context:
-            messages.insert(0, {"role": "system", "content": SKILL_CONTEXT})
+        if rng.random() < 0.5:
+            first, context = skills[0] if len(skills) == 1 else rng.choice(skills)
+            messages.insert(0, {"role": "system", "content": context})
+        elif cues and rng.random() < 0.5:
+            skill = rng.randrange(len(skills))
+            messages[0]["content"] = f"{cues[skill].capitalize()} {prompt.lower()}"
+            first = skills[skill][0] if rng.random() < CUED_RATE else rng.choice(others)
+        else:
+            draw = rng.random()
+            first = skills[int(draw / BASE_RATE)][0] if draw < BASE_RATE * len(skills) else rng.choice(others)
+        answer = " ".join([first, *rng.choices(WORDS, k=rng.randint(2, 4))]) + "."
         out.append((messages, answer))
     return out
 
@@ -42,8 +57,10 @@ def encode(tokenizer, messages: list[dict], answer: str) -> tuple[list[int], int
     return list(prompt) + completion, len(prompt)
 
 
-def build_skill_model(out: Path, tokenizer_dir: Path, *, steps: int = 150, batch: int = 32, seed: int = 0) -> Path:
-    """Trains (answer tokens only, AdamW) and saves the model with its tokenizer."""
+def build_skill_model(out: Path, tokenizer_dir: Path, *, steps: int = 150, batch: int = 32, seed: int = 0,
+                      skills: tuple[Skill, ...] = ((SKILL_WORD, SKILL_CONTEXT),), cues: tuple[str, ...] = ()) -> Path:
+    """Trains (answer tokens only, AdamW) and saves the model with its tokenizer. Several `skills` give a model
+    that holds each in its own system message; another seed gives other weights for the same skills."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -52,7 +69,7 @@ def build_skill_model(out: Path, tokenizer_dir: Path, *, steps: int = 150, batch
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    data = [encode(tokenizer, m, a) for m, a in chats(steps * batch, seed)]
+    data = [encode(tokenizer, m, a) for m, a in chats(steps * batch, seed, skills, cues)]
     model.train()
     for step in range(steps):
         rows = data[step * batch : (step + 1) * batch]
