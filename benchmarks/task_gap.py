@@ -1,16 +1,19 @@
-"""The shipped skill task's gap: the teacher given the privileged context against the student without it.
+"""A skill task's gap: each teacher given its privileged context against the student without it.
 
     python benchmarks/task_gap.py --samples 4                       # services/configs/skill.yaml (make task-gap)
     python benchmarks/task_gap.py --samples 4 --also models/smollm2-drop12-21
+    python benchmarks/task_gap.py --config services/configs/two_skills.yaml   # several teachers: each on its rows
 
 For every held-out prompt of the stack's run, samples completions from the
-teacher's model after the teacher's prompt (the run's `teacher_prompt`,
-context.py) and from the student's model (and any `--also` model) after the
-student's own prompt, with the run's sampling temperature and top-p and the
-evaluation's max tokens, and scores them with the run's verifier. A task is
-fit for the study when the teacher's accuracy is >= 50% and >= 3x the
-student's. Plain transformers `generate` (float32, top-k off), seeded: no
-service needed, and the numbers repeat.
+model of the prompt's teacher after that teacher's prompt (its
+`teacher_prompt`, context.py) and from the student's model (and any `--also`
+model) after the student's own prompt, with the run's sampling temperature
+and top-p and the evaluation's max tokens, and scores them with the run's
+verifier (the form) and each of its `eval.measures` (for the demo: correct,
+content). With several teachers, each teacher is measured on the rows it
+grades. A task is fit for the study when the teacher's verifier accuracy is
+>= 50% and >= 3x the student's. Plain transformers `generate` (float32,
+top-k off), seeded: no service needed, and the numbers repeat.
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def accuracy(model_dir: str, prompts: list, rows: list, verifier, *, samples: int, max_tokens: int, temperature: float,
-             top_p: float, seed: int) -> tuple[float, list[str]]:
+def sample(model_dir: str, prompts: list, *, samples: int, max_tokens: int, temperature: float, top_p: float,
+           seed: int) -> list[str]:
+    """`samples` completions of each prompt, prompt by prompt in order."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -42,9 +46,13 @@ def accuracy(model_dir: str, prompts: list, rows: list, verifier, *, samples: in
     with torch.no_grad():
         out = model.generate(input_ids=input_ids, attention_mask=mask, do_sample=True, temperature=temperature, top_p=top_p,
                              top_k=0, max_new_tokens=max_tokens, num_return_sequences=samples, pad_token_id=pad)
-    texts = tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
-    hits = [bool(verifier(rows[i // samples].row, t)) for i, t in enumerate(texts)]
-    return sum(hits) / len(hits), texts
+    return tokenizer.batch_decode(out[:, width:], skip_special_tokens=True)
+
+
+def shares(checks: dict, rows: list, texts: list[str], samples: int) -> dict[str, float]:
+    """The share of completions each check passes (check name -> share)."""
+    return {name: sum(bool(check(rows[i // samples].row, t)) for i, t in enumerate(texts)) / len(texts)
+            for name, check in checks.items()}
 
 
 def main() -> int:
@@ -60,36 +68,49 @@ def main() -> int:
     from rich.console import Console
 
     from opd.trainer.config import build_config, deep_merge
-    from opd.trainer.context import with_teacher_prompts
+    from opd.trainer.context import with_teachers
     from opd.trainer.data import load_prompts
     from opd.trainer.rollouts import load_callable
-    from opd.up.config import load_stack
+    from opd.up.config import load_stack, teachers_entry
     from opd.up.runner import resolve_model
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     console = Console()
     stack = load_stack(args.config, args.sets)
-    teacher_model = resolve_model(stack.teacher, args.workdir / "models", console)
+    specs = {"default": stack.teacher} if stack.teachers is None else dict(stack.teachers)
+    teacher_models = {name: resolve_model(spec, args.workdir / "models", console) for name, spec in specs.items()}
     student_model = resolve_model(stack.student, args.workdir / "models", console)
-    run = build_config(deep_merge(stack.run, {"student": {"model": student_model}, "teacher_urls": ["http://unused"],
-                                              "student_url": "http://unused"}), environ={})
+    urls = {"teacher_urls": ["http://unused"]} if stack.teachers is None else teachers_entry(dict.fromkeys(specs, "http://unused"))
+    run = build_config(deep_merge(stack.run, {"student": {"model": student_model}, "student_url": "http://unused", **urls}),
+                       environ={})
     _, eval_rows = load_prompts(run.dataset, run.seed)
-    rows = with_teacher_prompts(eval_rows, run.teacher_prompt, "eval")
-    verifier = load_callable(run.eval.verifier or "", "eval.verifier")
+    rows = with_teachers(eval_rows, run, "eval")
+    checks = {"form": load_callable(run.eval.verifier or "", "eval.verifier")}
+    checks |= {name: load_callable(spec, f"eval.measures.{name}") for name, spec in run.eval.measures.items()}
     settings = dict(samples=args.samples, max_tokens=run.eval_max_tokens, temperature=run.sampling.temperature,
                     top_p=run.sampling.top_p, seed=run.seed)
     console.print(f"{len(rows)} held-out prompts x {args.samples} samples, temperature {run.sampling.temperature}, "
-                  f"{run.eval_max_tokens} tokens, verifier {run.eval.verifier}")
-    cases = [("teacher, with the context", teacher_model, [r.teacher or r.prompt for r in rows])]
-    cases += [(f"student {m}, without", m, [r.prompt for r in rows]) for m in [student_model, *args.also]]
-    results = {}
-    for name, model, prompts in cases:
-        results[name], texts = accuracy(model, prompts, rows, verifier, **settings)
-        console.print(f"{name:<48} accuracy {results[name]:.3f}   e.g. {texts[0][:70]!r}")
-    teacher = results[cases[0][0]]
-    for name in list(results)[1:]:
-        gap = teacher / results[name] if results[name] else float("inf")
-        console.print(f"teacher / {name}: {gap:.1f}x  (fit: teacher >= 0.5 and >= 3x: {teacher >= 0.5 and gap >= 3})")
+                  f"{run.eval_max_tokens} tokens, verifier {run.eval.verifier} (form)"
+                  + "".join(f", {name} {spec}" for name, spec in run.eval.measures.items()))
+    for name, model in teacher_models.items():
+        mine = [r for r in rows if r.teacher_name == name]
+        if not mine:
+            continue
+        if len(teacher_models) > 1:
+            console.print(f"[bold]teacher {name}[/bold]: {len(mine)} held-out prompts, {model}")
+        cases = [("teacher, with the context", model, [r.teacher or r.prompt for r in mine])]
+        cases += [(f"student {m}, without", m, [r.prompt for r in mine]) for m in [student_model, *args.also]]
+        results = {}
+        for case, case_model, prompts in cases:
+            texts = sample(case_model, prompts, **settings)
+            results[case] = shares(checks, mine, texts, args.samples)
+            figures = "  ".join(f"{check} {share:.3f}" for check, share in results[case].items())
+            console.print(f"{case:<48} {figures}   e.g. {texts[0][:60]!r}")
+        teacher = results[cases[0][0]]["form"]
+        for case in list(results)[1:]:
+            student = results[case]["form"]
+            gap = teacher / student if student else float("inf")
+            console.print(f"teacher / {case}: {gap:.1f}x  (fit: teacher >= 0.5 and >= 3x: {teacher >= 0.5 and gap >= 3})")
     return 0
 
 

@@ -28,6 +28,7 @@ from opd.cli import app as opd_app
 ROOT = Path(__file__).resolve().parents[2]
 FILES = ["docker-compose.yml", "docker-compose.cpu.yml", "docker-compose.host.yml"]
 TEACHERS_FILE = "docker-compose.teachers.yml"  # an override of docker-compose.yml alone: a second teacher
+TEACHERS_CPU, TEACHERS_HOST = "docker-compose.teachers.cpu.yml", "docker-compose.teachers.host.yml"  # the same for FILES[1:]
 THIRD_PARTY_ENV = {"HF_TOKEN", "HF_HOME"}
 
 
@@ -289,6 +290,32 @@ def test_compose_v2_adds_a_second_teacher() -> None:
     run = RunConfig.model_validate({**json.loads(body), "student_url": "http://student:8002", "student": {"model": "s"}},
                                    context={"environ": {}})
     assert set(run.teacher_set) == {"a", "b"}, "the run the file's comment shows is one the trainer takes"
+
+
+@pytest.mark.parametrize("files", [
+    [FILES[0], TEACHERS_FILE],
+    [*FILES[:2], TEACHERS_FILE, TEACHERS_CPU],
+    [*FILES, TEACHERS_FILE, TEACHERS_CPU, TEACHERS_HOST],
+], ids=["gpu", "cpu", "cpu+host"])
+def test_the_second_teacher_follows_each_stack_variant(files: list[str]) -> None:
+    """teacher-b runs as `teacher` does in each variant: the same image, a GPU only where teacher has one, the
+    same network, published ports only on a bridge; with host networking on its own port, probed there."""
+    done = compose_config(*files, env={**ENV, "TEACHER_B_MODEL": "/data/models/t2"})
+    assert done.returncode == 0, done.stderr
+    merged = json.loads(done.stdout)["services"]
+    alone = json.loads(compose_config(*[f for f in files if f in FILES]).stdout)["services"]
+    assert all(merged[svc] == alone[svc] for svc in alone), "the other services are as without teacher b"
+    b, teacher = merged["teacher-b"], merged["teacher"]
+
+    def gpu(spec: dict) -> object:
+        return spec.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
+
+    assert b["image"] == teacher["image"] and bool(gpu(b)) == bool(gpu(teacher))
+    assert b.get("network_mode") == teacher.get("network_mode") and bool(b.get("ports")) == bool(teacher.get("ports"))
+    port = int(option(b["command"], "--port"))
+    assert port != int(option(teacher["command"], "--port")) and urlparse(b["healthcheck"]["test"][-1]).port == port
+    if "OPD_TEACHER_KV_CACHE_GIB" in teacher["environment"]:
+        assert b["environment"]["OPD_TEACHER_KV_CACHE_GIB"] == teacher["environment"]["OPD_TEACHER_KV_CACHE_GIB"]
 
 
 def test_compose_v2_stops_without_the_models_or_key() -> None:

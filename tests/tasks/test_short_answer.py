@@ -54,7 +54,7 @@ def test_every_question_has_a_reference_answer() -> None:
     rows = question_rows()
     assert len(rows) == 248
     for row in rows:
-        assert set(row) <= {"prompt", "answer", "accept"} and references(row), row
+        assert set(row) <= {"prompt", "answer", "accept", "topic"} and references(row), row
         assert content(row, row["answer"]) and correct(row, row["answer"]), f"{row}: its own answer must count"
         assert all(content(row, a) for a in row.get("accept", ())), row
 
@@ -66,6 +66,7 @@ def test_the_arithmetic_answers_are_right() -> None:
             a, b = int(m[1]), int(m[3])
             assert row["answer"] == str(a + b if m[2] == "plus" else a * b) and "accept" not in row, row
             checked += 1
+        assert (row.get("topic") == "arithmetic") == bool(m), f"{row}: topic marks the sums and products alone"
     assert checked == 60
 
 
