@@ -157,6 +157,9 @@ def main() -> int:
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the services on SIGTERM too
     stack = load_stack(args.config, args.sets)
+    if stack.teachers is not None:
+        parser.error(f"{args.config}: the study compares its arms against one teacher (a stack's `teacher:`), and this "
+                     f"stack has several ({', '.join(stack.teachers)}); run `opd up` on it, or give a one-teacher stack")
     procs, student_model = start_stack(stack, workdir, console)
     try:
         urls = {proc.name: proc.url for proc in procs}
