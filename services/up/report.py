@@ -53,8 +53,8 @@ def teacher_figures(record: dict[str, Any]) -> dict[str, float]:
 
 
 def teachers_before_after(records: list[dict[str, Any]]) -> list[str]:
-    """Each teacher's held-out KL at the first evaluation and at the last, one line each; none for a
-    single-teacher run (its records carry no teacher_kl/<name>)."""
+    """Each teacher's held-out KL (and accuracy, with a verifier) at the first evaluation and at the last, one line
+    each; none for a single-teacher run (its records carry no teacher_kl/<name>)."""
     evals = [r for r in records if r.get("kind") == "eval" and teacher_figures(r)]
     if not evals:
         return []
@@ -62,7 +62,10 @@ def teachers_before_after(records: list[dict[str, Any]]) -> list[str]:
     lines = [f"teacher KL on held-out prompts per teacher, step {first['step']} -> step {last['step']}:"]
     for name in teacher_figures(first) | teacher_figures(last):
         before, after = teacher_figures(first).get(name, float("nan")), teacher_figures(last).get(name, float("nan"))
-        lines.append(f"  {name}: {before:.4f} -> {after:.4f}")
+        line = f"  {name}: {before:.4f} -> {after:.4f}"
+        if isinstance(first.get(f"accuracy/{name}"), (int, float)) and isinstance(last.get(f"accuracy/{name}"), (int, float)):
+            line += f"  (accuracy {first[f'accuracy/{name}']:.3f} -> {last[f'accuracy/{name}']:.3f})"
+        lines.append(line)
     return lines
 
 

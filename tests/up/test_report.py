@@ -46,12 +46,12 @@ def test_several_teachers_show_their_own_kl_at_each_evaluation_and_before_and_af
     assert eval_line(single) == "[cyan]eval    teacher KL on held-out prompts 0.5000 (step 2)[/cyan]", "unchanged"
     out = tmp_path / "run"
     out.mkdir()
-    records = [{"kind": "eval", "step": 0, "teacher_kl/math": 0.5, "teacher_kl/style": 0.9},
+    records = [{"kind": "eval", "step": 0, "teacher_kl/math": 0.5, "teacher_kl/style": 0.9, "accuracy/math": 0.25},
                {"kind": "train", "step": 1}, {"kind": "train", "step": 2}, record]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     lines = end_summary(out, 2, {"trainer": 0})
     assert lines[0] == "steps completed: 2 of 2"
     assert lines[3:] == ["teacher KL on held-out prompts per teacher, step 0 -> step 2:",
-                         "  math: 0.5000 -> 0.2500", "  style: 0.9000 -> 0.7500"]
+                         "  math: 0.5000 -> 0.2500  (accuracy 0.250 -> 1.000)", "  style: 0.9000 -> 0.7500"]
     (out / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ({"kind": "train", "step": 1}, single)))
     assert len(end_summary(out, 2, {"trainer": 0})) == 3, "a single-teacher run's summary is unchanged"
