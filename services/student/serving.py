@@ -99,6 +99,8 @@ class StudentMetrics:
             ["kind"], registry=registry, buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
         )
         self.version = Gauge("opd_student_policy_version", "Policy version now serving", registry=registry)
+        self.swaps_waiting = Gauge("opd_student_swaps_waiting", "Weight swaps waiting for the rollouts in flight",
+                                   registry=registry)
 
 
 class StudentService:
@@ -109,6 +111,7 @@ class StudentService:
         self.root = Path(settings.checkpoint_root)
         self.base = checkpoints.BaseModel.from_folder(settings.model)
         self.lock = VersionLock()
+        metrics.swaps_waiting.set_function(lambda: self.lock.writers_waiting)
         self.version = 0
         self.kind: str = "base"
         self.path: str | None = None

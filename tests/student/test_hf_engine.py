@@ -164,12 +164,21 @@ def test_model_generation_defaults_do_not_leak_in(
 async def test_a_long_request_does_not_hold_back_a_short_one(student_settings: StudentSettings, prompts) -> None:
     """Requests take turns of a few tokens: a short request asked for while a long one decodes ends long before it."""
     import asyncio
+    import threading
     import time
 
     engine = HFRolloutEngine(student_settings.model_copy(update={"turn_tokens": 8}))
+    decoding = threading.Event()  # set by the long request's first turn of decoding
+    decode = engine._decode
+
+    def watched(d, steps: int) -> None:
+        decoding.set()
+        decode(d, steps)
+
+    engine._decode = watched
     began = time.monotonic()
     long = asyncio.create_task(engine.sample(prompts, Sampling(n=4, max_tokens=240, seed=0)))
-    await asyncio.sleep(0.2)  # the long request is decoding by now
+    assert await asyncio.to_thread(decoding.wait, 60), "the long request never began decoding"
     short = await engine.sample([prompts[0]], Sampling(n=1, max_tokens=4, seed=1))
     short_done = time.monotonic()
     assert not long.done(), "the long request ended before the short one: it held the engine"

@@ -24,7 +24,7 @@ from opd.common.errors import ServiceError
 from opd.student.engine import Sampling
 from opd.student.hf_engine import HFRolloutEngine
 from tests.student.conftest import Reference
-from tests.utils.services import assert_idle, hang_up, running, wait_for_metric
+from tests.utils.services import assert_becomes_idle, hang_up, running, wait_for_metric
 
 pytestmark = pytest.mark.slow
 KEY = "test-key"
@@ -80,7 +80,10 @@ async def test_swaps_over_http_never_mix_versions(vllm_student, reference: Refer
                 assert not old.done(), "the first rollout ended before it was seen in flight"
                 await asyncio.sleep(0.01)
         swap = asyncio.create_task(client.load_weights({"version": 1, "kind": "lora", "path": "lora-a"}))
-        await asyncio.sleep(0.3)
+        async with asyncio.timeout(60):  # until the server holds the swap back
+            while "opd_student_swaps_waiting 1.0" not in (await http.get(vllm_student.url + "/metrics")).text:
+                assert not swap.done(), "the swap ended while a rollout was in flight"
+                await asyncio.sleep(0.01)
         assert not old.done() and not swap.done()  # the swap arrived while a rollout was in flight, and waits
         new = asyncio.create_task(client.rollouts(long))
         old_out, swapped, new_out = await asyncio.gather(old, swap, new)
@@ -158,7 +161,6 @@ def test_a_client_that_goes_away_stops_its_rollouts(student_model: Path, checkpo
         hang_up(proc.url + "/rollouts", {"prompts": [{"token_ids": [5, 6, 7]}], "n": 64, "max_tokens": 250}, after=2.0)
         metrics = wait_for_metric(proc.url, 'opd_student_requests_total{outcome="cancelled"} 1.0')
         assert "opd_queue_depth 0.0" in metrics
-        time.sleep(0.5)  # the turn that was running ends
-        assert_idle(proc.proc.pid)
+        assert_becomes_idle(proc.proc.pid)  # once the turn that was running ends
         out = StudentClient(proc.url).rollouts({"prompts": [{"token_ids": [5, 6, 7]}], "n": 2, "max_tokens": 4})
         assert len(out.rollouts) == 2

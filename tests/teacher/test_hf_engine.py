@@ -53,14 +53,23 @@ async def test_a_long_request_does_not_hold_back_a_short_one(teacher_settings) -
     """Each micro-batch is a turn: a one-sequence request asked for during a many-batch request ends long before it."""
     import asyncio
     import random
+    import threading
     import time
 
     engine = HFScoringEngine(teacher_settings.model_copy(update={"micro_batch_tokens": 256}))
     rng = random.Random(3)
     many = [ScoreJob([rng.randrange(512) for _ in range(250)], 1) for _ in range(96)]  # one sequence per micro-batch
+    scoring = threading.Event()  # set by the long request's first micro-batch
+    score_batch = engine._score_batch
+
+    def watched(*args):
+        scoring.set()
+        return score_batch(*args)
+
+    engine._score_batch = watched
     began = time.monotonic()
     long = asyncio.create_task(engine.score(many))
-    await asyncio.sleep(0.2)
+    assert await asyncio.to_thread(scoring.wait, 60), "the long request never began scoring"
     short = await engine.score([ScoreJob([5, 6, 7], 1)])
     short_done = time.monotonic()
     assert not long.done(), "the long request ended before the short one: it held the engine"

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from opd.common.client import AsyncTeacherClient, TeacherClient
 from opd.common.errors import ServiceError
 from opd.teacher.engine import HFScoringEngine, ScoreJob
-from tests.utils.services import assert_idle, hang_up, running, wait_for_metric
+from tests.utils.services import assert_becomes_idle, hang_up, running, wait_for_metric
 
 pytestmark = pytest.mark.slow
 VLLM_ATOL = 2e-3
@@ -196,6 +195,5 @@ def test_a_client_that_goes_away_stops_its_scoring(teacher_model: Path, tmp_path
         hang_up(proc.url + "/logprobs", body, after=2.0)
         metrics = wait_for_metric(proc.url, 'opd_teacher_requests_total{outcome="cancelled"} 1.0')
         assert "opd_queue_depth 0.0" in metrics
-        time.sleep(0.5)  # the micro-batch that was running ends
-        assert_idle(proc.proc.pid)
+        assert_becomes_idle(proc.proc.pid)  # once the micro-batch that was running ends
         assert len(TeacherClient(proc.url).logprobs([{"token_ids": [5, 6, 7]}]).results[0].logprobs) == 2
