@@ -15,12 +15,18 @@ Choices:
 3) The target is `fraction` (0.9) of the teacher's held-out accuracy; an arm
    that never reaches it within the budget is reported with its best accuracy,
    and a ratio against it is a lower bound (">").
+4) Several seeds: `seeds_table` gives each figure as the mean over seeds and
+   its range (lowest-highest); `mean_curve` averages an arm's curves step by
+   step for the plot. A point's `measures` are the task's further verdicts
+   (`eval.measures`: correct, content), held out like the accuracy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import fmean
 from typing import Any
 
 # The reference figures (Thinking Machines, "On-Policy Distillation", 2025).
@@ -34,6 +40,7 @@ class Point:
     tokens: int
     accuracy: float
     teacher_kl: float
+    measures: dict[str, float] = field(default_factory=dict)
 
 
 def curve(records: list[dict[str, Any]]) -> list[Point]:
@@ -45,9 +52,58 @@ def curve(records: list[dict[str, Any]]) -> list[Point]:
         seconds = sum(r.get("time_step", 0.0) for r in done)
         tokens = sum(int(r.get("tokens_sampled", 0)) + int(r.get("tokens_scored", 0)) + int(r.get("tokens_trained", 0))
                      for r in done)
+        measures = {k.removeprefix("accuracy_"): float(v) for k, v in e.items() if k.startswith("accuracy_")}
         out.append(Point(e["step"], seconds, tokens, float(e.get("accuracy", float("nan"))),
-                         float(e.get("teacher_kl", float("nan")))))
+                         float(e.get("teacher_kl", float("nan"))), measures))
     return out
+
+
+def mean_curve(curves: Sequence[list[Point]]) -> list[Point]:
+    """The seeds' curves of one arm averaged at each step all of them evaluated."""
+    steps = sorted(set.intersection(*({pt.step for pt in c} for c in curves))) if curves else []
+    out = []
+    for step in steps:
+        pts = [next(pt for pt in c if pt.step == step) for c in curves]
+        names = set.intersection(*(set(pt.measures) for pt in pts))
+        out.append(Point(step, fmean(pt.seconds for pt in pts), round(fmean(pt.tokens for pt in pts)),
+                         fmean(pt.accuracy for pt in pts), fmean(pt.teacher_kl for pt in pts),
+                         {n: fmean(pt.measures[n] for pt in pts) for n in sorted(names)}))
+    return out
+
+
+def spread(values: Sequence[float], digits: int = 3) -> str:
+    """'mean (lowest-highest)' over seeds; the bare value for one seed."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{fmean(values):.{digits}f} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
+def seeds_table(runs: dict[int, dict[str, list[Point]]], teachers: dict[int, dict[str, float]],
+                measures: Sequence[str] = ("correct", "content")) -> str:
+    """A markdown table over seeds: per arm, held-out form (the verifier), each measure and teacher KL, before and
+    after, as the mean and range over seeds; the teacher (with its context) first.
+
+    runs: seed -> arm -> curve; teachers: seed -> {"accuracy": ..., measure: ...}, the teacher's held-out figures."""
+    seeds = sorted(runs)
+    names = ["form", *measures]
+    keys = ["accuracy", *measures]
+    head = " | ".join(f"{n} before | {n} after" for n in names)
+    lines = [f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}): the mean over seeds, "
+             "and its range in brackets; held out, after the last step",
+             "", f"| arm | {head} | teacher KL before | teacher KL after |", "|---|" + "---|" * (2 * len(names) + 2)]
+    teacher_cells = " | ".join(f"- | {spread([teachers[s].get(k, float('nan')) for s in seeds])}" for k in keys)
+    lines.append(f"| teacher, with the context | {teacher_cells} | - | - |")
+    arms = list(dict.fromkeys(arm for s in seeds for arm in runs[s]))
+    for arm in arms:
+        curves = [runs[s][arm] for s in seeds if arm in runs[s]]
+
+        def value(pt: Point, key: str) -> float:
+            return pt.accuracy if key == "accuracy" else pt.measures.get(key, float("nan"))
+
+        cells = [f"{spread([value(c[0], k) for c in curves])} | {spread([value(c[-1], k) for c in curves])}" for k in keys]
+        kl = f"{spread([c[0].teacher_kl for c in curves])} | {spread([c[-1].teacher_kl for c in curves])}"
+        lines.append(f"| {arm} | {' | '.join(cells)} | {kl} |")
+    return "\n".join(lines)
 
 
 def first_reaching(points: list[Point], target: float) -> Point | None:
@@ -83,37 +139,49 @@ def table(curves: dict[str, list[Point]], teacher_accuracy: float, fraction: flo
         lines.append(f"| {arm} | {points[0].accuracy:.3f} | {points[-1].accuracy:.3f} | {best:.3f} | {kl} | {cost} |")
     if "opd" in curves:
         lines += ["", "| ratio to opd | steps | tokens | seconds | the blog |", "|---|---|---|---|---|"]
-        for arm, blog in (("rl", f"{BLOG['rl_steps']} fewer steps than RL"), ("sft", f"{BLOG['compute']} less compute")):
-            if arm in curves:
+        for arm in curves:
+            blog = (f"{BLOG['rl_steps']} fewer steps than RL" if arm.startswith("rl")
+                    else f"{BLOG['compute']} less compute" if arm == "sft" else None)
+            if blog is not None:
                 last = curves[arm][-1]
                 cells = [ratio(reached[arm], reached["opd"], f, last) for f in ("step", "tokens", "seconds")]
                 lines.append(f"| {arm.upper()}/OPD | {' | '.join(cells)} | {blog} |")
     return "\n".join(lines)
 
 
-def plot(curves: dict[str, list[Point]], teacher_accuracy: float, out: Path, fraction: float = 0.9) -> Path:
-    """Held-out accuracy against step and against training seconds, and held-out teacher KL; one line per arm."""
+def plot(curves: dict[str, list[Point]], teacher: float | dict[str, float], out: Path, fraction: float = 0.9) -> Path:
+    """Held-out form accuracy against step and against training seconds, the `content` measure (when the runs have
+    it) against step, and held-out teacher KL; one line per arm. `teacher`: its held-out accuracy, or its figures
+    by name ("accuracy", "content", ...)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4), dpi=120)
-    for ax, field, label in ((axes[0], "step", "training step"), (axes[1], "seconds", "training seconds (wall clock)")):
+    teacher = teacher if isinstance(teacher, dict) else {"accuracy": teacher}
+    content = all("content" in pt.measures for points in curves.values() for pt in points)
+    fig, axes = plt.subplots(1, 4 if content else 3, figsize=(20 if content else 15, 4), dpi=120)
+    panels = [(axes[0], "step", "accuracy", "training step"), (axes[1], "seconds", "accuracy", "training seconds (wall clock)")]
+    if content:
+        panels.append((axes[2], "step", "content", "training step"))
+    for ax, x, y, label in panels:
         for arm, points in curves.items():
-            ax.plot([getattr(pt, field) for pt in points], [pt.accuracy for pt in points], "o-", label=arm)
-        ax.axhline(teacher_accuracy, color="black", linestyle="--", linewidth=1, label="teacher (with context)")
-        ax.axhline(fraction * teacher_accuracy, color="grey", linestyle=":", linewidth=1, label=f"{fraction:.0%} of teacher")
+            ys = [pt.accuracy if y == "accuracy" else pt.measures[y] for pt in points]
+            ax.plot([getattr(pt, x) for pt in points], ys, "o-", label=arm)
+        if y in teacher:
+            ax.axhline(teacher[y], color="black", linestyle="--", linewidth=1, label="teacher (with context)")
+        if y == "accuracy":
+            ax.axhline(fraction * teacher[y], color="grey", linestyle=":", linewidth=1, label=f"{fraction:.0%} of teacher")
         ax.set_xlabel(label)
+        ax.set_ylabel("held-out accuracy (verifier: the form)" if y == "accuracy" else "held-out content (the right answer)")
         ax.grid(alpha=0.3)
     for arm, points in curves.items():
-        axes[2].plot([pt.step for pt in points], [pt.teacher_kl for pt in points], "o-", label=arm)
-    axes[2].set_xlabel("training step")
-    axes[2].set_ylabel("held-out teacher KL (nats/token)")
-    axes[2].grid(alpha=0.3)
-    axes[0].set_ylabel("held-out accuracy (verifier)")
+        axes[-1].plot([pt.step for pt in points], [pt.teacher_kl for pt in points], "o-", label=arm)
+    axes[-1].set_xlabel("training step")
+    axes[-1].set_ylabel("held-out teacher KL (nats/token)")
+    axes[-1].grid(alpha=0.3)
     axes[1].legend(loc="lower right")
-    fig.suptitle("the student under three objectives: held-out accuracy, and how far it moved from the teacher")
+    fig.suptitle("the student under each objective: held-out form and content, and how far it moved from the teacher")
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opd.tasks.study import Point, curve, first_reaching, plot, table
+import pytest
+
+from opd.tasks.study import Point, curve, first_reaching, mean_curve, plot, seeds_table, table
 
 
 def records(accuracy_by_step: dict[int, float], *, seconds: float, tokens: int, scored: bool) -> list[dict]:
@@ -37,3 +39,52 @@ def test_the_table_gives_costs_to_target_and_ratios_to_opd(tmp_path: Path) -> No
     assert "| SFT/OPD | >10.0x | >6.7x | >5.0x | 9-30x less compute |" in text, "a run that never got there: a lower bound"
     out = plot(curves, 0.8, tmp_path / "accuracy.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_seeds_give_the_mean_and_range_of_every_measure_and_the_teachers_figures() -> None:
+    def run(acc: tuple[float, float], content: tuple[float, float], kl_after: float) -> list[Point]:
+        return [Point(0, 0.0, 0, acc[0], 0.8, {"correct": 0.0, "content": content[0]}),
+                Point(4, 10.0, 40, acc[1], kl_after, {"correct": acc[1] * content[1], "content": content[1]})]
+
+    runs = {
+        0: {"opd": run((0.0, 0.8), (0.2, 0.25), 0.3), "rl-correct": run((0.0, 0.5), (0.2, 0.1), 2.0)},
+        1: {"opd": run((0.1, 0.6), (0.2, 0.15), 0.5), "rl-correct": run((0.1, 0.7), (0.2, 0.3), 3.0)},
+    }
+    teachers = {0: {"accuracy": 0.75, "correct": 0.2, "content": 0.25}, 1: {"accuracy": 0.85, "correct": 0.1, "content": 0.15}}
+    text = seeds_table(runs, teachers)
+    assert text.startswith("2 seeds (0, 1)")
+    assert "| teacher, with the context | - | 0.800 (0.750-0.850) | - | 0.150 (0.100-0.200) | - | 0.200 (0.150-0.250) | - | - |" in text
+    # form before/after, correct before/after, content before/after, KL before/after
+    assert ("| opd | 0.050 (0.000-0.100) | 0.700 (0.600-0.800) | 0.000 (0.000-0.000) | 0.145 (0.090-0.200) "
+            "| 0.200 (0.200-0.200) | 0.200 (0.150-0.250) | 0.800 (0.800-0.800) | 0.400 (0.300-0.500) |") in text
+    assert "| rl-correct | 0.050 (0.000-0.100) | 0.600 (0.500-0.700) |" in text
+    assert text.index("| opd |") < text.index("| rl-correct |"), "arms in the order they ran"
+    one = seeds_table({3: runs[0]}, {3: teachers[0]})
+    assert one.startswith("1 seed (3)") and "| opd | 0.000 | 0.800 | 0.000 | 0.200 | 0.200 | 0.250 | 0.800 | 0.300 |" in one
+
+
+def test_a_mean_curve_averages_the_seeds_at_the_steps_all_of_them_evaluated(tmp_path: Path) -> None:
+    a = [Point(0, 0.0, 0, 0.0, 1.0, {"content": 0.2}), Point(2, 4.0, 10, 0.5, 0.5, {"content": 0.3}),
+         Point(4, 8.0, 20, 0.7, 0.4, {"content": 0.1})]
+    b = [Point(0, 0.0, 0, 0.2, 2.0, {"content": 0.4}), Point(4, 10.0, 30, 0.9, 0.6, {"content": 0.3})]
+    mean = mean_curve([a, b])
+    assert [pt.step for pt in mean] == [0, 4], "step 2 is one seed's only"
+    assert mean[1].accuracy == pytest.approx(0.8) and mean[1].seconds == 9.0 and mean[1].tokens == 25
+    assert mean[1].teacher_kl == pytest.approx(0.5) and mean[1].measures["content"] == pytest.approx(0.2)
+    out = plot({"opd": mean}, {"accuracy": 0.8, "content": 0.25}, tmp_path / "mean.png")
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_curve_carries_the_held_out_measures() -> None:
+    records = [{"kind": "eval", "step": 0, "accuracy": 0.5, "accuracy_correct": 0.25, "accuracy_content": 0.5,
+                "teacher_kl": 1.0}]
+    assert curve(records)[0].measures == {"correct": 0.25, "content": 0.5}
+
+
+def test_every_rl_arm_is_compared_with_opd() -> None:
+    curves = {"opd": curve(records({0: 0.1, 2: 0.75}, seconds=4.0, tokens=10, scored=True)),
+              "rl-form": curve(records({0: 0.1, 4: 0.76}, seconds=3.0, tokens=10, scored=False)),
+              "rl-correct": curve(records({0: 0.1, 4: 0.2}, seconds=3.0, tokens=10, scored=False))}
+    text = table(curves, teacher_accuracy=0.8)
+    assert "| RL-FORM/OPD | 2.0x | 1.3x | 1.5x | 7-10x fewer steps than RL |" in text
+    assert "| RL-CORRECT/OPD | >2.0x | >1.3x | >1.5x |" in text
