@@ -88,16 +88,24 @@ class MetricsWriter:
             self._tb = None
 
 
+TEACHER_KL = "teacher_kl/"  # a run of several teachers: teacher_kl/<name> beside the overall teacher_kl
+
+
+def per_teacher_kl(record: Record) -> dict[str, float]:
+    """A record's teacher KL per teacher, by name in name order (`teacher_kl/<name>`); empty for a single-teacher run."""
+    return {key.removeprefix(TEACHER_KL): float(value) for key, value in sorted(record.items())
+            if key.startswith(TEACHER_KL) and isinstance(value, (int, float))}
+
+
 def kl_series(records: list[Record]) -> dict[str, list[tuple[int, float]]]:
     """The plot's lines: label -> [(step, KL)]; empty lines are left out."""
     series = {
         "training samples": [(r["step"], r["teacher_kl"]) for r in records if r["kind"] == "train" and "teacher_kl" in r],
         "held-out prompts": [(r["step"], r["teacher_kl"]) for r in records if r["kind"] == "eval" and "teacher_kl" in r],
     }
-    names = sorted({k.split("/", 1)[1] for r in records if r["kind"] == "eval" for k in r if k.startswith("teacher_kl/")})
-    for name in names:
-        series[f"held-out, teacher {name}"] = [(r["step"], r[f"teacher_kl/{name}"]) for r in records
-                                               if r["kind"] == "eval" and r.get(f"teacher_kl/{name}") is not None]
+    evals = [r for r in records if r["kind"] == "eval"]
+    for name in sorted({name for r in evals for name in per_teacher_kl(r)}):
+        series[f"held-out, teacher {name}"] = [(r["step"], per_teacher_kl(r)[name]) for r in evals if name in per_teacher_kl(r)]
     return {label: points for label, points in series.items() if points}
 
 

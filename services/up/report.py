@@ -13,10 +13,9 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from opd.trainer.metrics import read_records
+from opd.trainer.metrics import per_teacher_kl, read_records
 
 DONE = {"completed", "failed", "stopped"}
-TEACHER_KL = "teacher_kl/"  # a run of several teachers: teacher_kl/<name> beside the overall teacher_kl
 STEP_DIR = re.compile(r"^step-(\d{6,})$")  # the trainer's checkpoint folders (trainer/checkpoint.py)
 
 
@@ -37,7 +36,7 @@ def eval_line(record: dict[str, Any]) -> str:
     accuracy = f", accuracy {record['accuracy']:.3f}" if "accuracy" in record else ""
     accuracy += "".join(f", {key.removeprefix('accuracy_')} {value:.3f}" for key, value in record.items()
                         if key.startswith("accuracy_") and isinstance(value, (int, float)))
-    per_teacher = teacher_figures(record)
+    per_teacher = per_teacher_kl(record)
     by_teacher = "; per teacher: " + ", ".join(
         f"{name} {kl:.4f}" + (f" (accuracy {record[f'accuracy/{name}']:.3f})"
                               if isinstance(record.get(f"accuracy/{name}"), (int, float)) else "")
@@ -46,22 +45,16 @@ def eval_line(record: dict[str, Any]) -> str:
             f"{by_teacher} (step {record['step']})[/cyan]")
 
 
-def teacher_figures(record: dict[str, Any]) -> dict[str, float]:
-    """A record's teacher KL per teacher, by name in name order (`teacher_kl/<name>`); empty for a single-teacher run."""
-    return {key.removeprefix(TEACHER_KL): float(value) for key, value in sorted(record.items())
-            if key.startswith(TEACHER_KL) and isinstance(value, (int, float))}
-
-
 def teachers_before_after(records: list[dict[str, Any]]) -> list[str]:
     """Each teacher's held-out KL (and accuracy, with a verifier) at the first evaluation and at the last, one line
     each; none for a single-teacher run (its records carry no teacher_kl/<name>)."""
-    evals = [r for r in records if r.get("kind") == "eval" and teacher_figures(r)]
+    evals = [r for r in records if r.get("kind") == "eval" and per_teacher_kl(r)]
     if not evals:
         return []
     first, last = evals[0], evals[-1]
     lines = [f"teacher KL on held-out prompts per teacher, step {first['step']} -> step {last['step']}:"]
-    for name in teacher_figures(first) | teacher_figures(last):
-        before, after = teacher_figures(first).get(name, float("nan")), teacher_figures(last).get(name, float("nan"))
+    for name in per_teacher_kl(first) | per_teacher_kl(last):
+        before, after = per_teacher_kl(first).get(name, float("nan")), per_teacher_kl(last).get(name, float("nan"))
         line = f"  {name}: {before:.4f} -> {after:.4f}"
         if isinstance(first.get(f"accuracy/{name}"), (int, float)) and isinstance(last.get(f"accuracy/{name}"), (int, float)):
             line += f"  (accuracy {first[f'accuracy/{name}']:.3f} -> {last[f'accuracy/{name}']:.3f})"
