@@ -20,14 +20,13 @@ from pathlib import Path
 import pytest
 
 from opd.common.process import ServiceProcess
-from opd.trainer.config import RunConfig, build_config
+from opd.trainer.config import RunConfig
 from opd.trainer.loop import Trainer
 from opd.trainer.metrics import read_records
-from tests.trainer.conftest import start_service, wait_all
+from tests.trainer.runs import base_run, build, hf_args, started
 from tests.utils.skill_model import SKILL_CONTEXT, build_skill_model
 
 pytestmark = pytest.mark.slow
-HF = ["--engine", "hf", "--dtype", "float32", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -42,46 +41,27 @@ def skill_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def skill_services(skill_model: Path, skill_root: Path, service_logs: Path) -> Iterator[dict[str, ServiceProcess]]:
-    root = skill_root
-    running = {
-        "teacher": start_service("skill-teacher", ["teacher", "serve", "--model", str(skill_model), *HF], service_logs),
-        "student": start_service("skill-student", ["student", "serve", "--model", str(skill_model), *HF,
-                                                   "--checkpoint-root", str(root)], service_logs),
-        "sampler": start_service("skill-teacher-sampler", ["student", "serve", "--model", str(skill_model), *HF,
-                                                           "--checkpoint-root", str(root / "unused")], service_logs),
-    }
-    try:
-        wait_all(*running.values())
+    with started(service_logs, teacher=("skill-teacher", hf_args("teacher", skill_model)),
+                 student=("skill-student", hf_args("student", skill_model, skill_root)),
+                 sampler=("skill-teacher-sampler", hf_args("student", skill_model, skill_root / "unused"))) as running:
         yield running
-    finally:
-        for proc in running.values():
-            proc.stop()
 
 
 @pytest.fixture
 def skill_config(skill_services, skill_model: Path, skill_root: Path, prompts_file: Path, tmp_path: Path) -> Callable[..., RunConfig]:
     def make(**overrides) -> RunConfig:
-        data = {
+        urls = {"teacher_urls": [skill_services["teacher"].url], "student_url": skill_services["student"].url,
+                "teacher_sampler_url": skill_services["sampler"].url}
+        return build(base_run(skill_model, prompts_file, tmp_path / "run", skill_root, urls), {
             "name": "skill",
-            "student": {"model": str(skill_model), "dtype": "float32", "device": "cpu", "torch_threads": 1,
-                        "lora": {"rank": 8, "alpha": 16}},
-            "teacher_urls": [skill_services["teacher"].url],
-            "student_url": skill_services["student"].url,
-            "teacher_sampler_url": skill_services["sampler"].url,
             "teacher_prompt": {"system": SKILL_CONTEXT},
-            "dataset": {"path": str(prompts_file), "eval_size": 16},
-            "sampling": {"prompts_per_step": 8, "samples_per_prompt": 4, "max_tokens": 4},
-            "optimizer": {"lr": 0.01},
+            "sampling": {"max_tokens": 4},
             "eval": {"every": 4, "samples_per_prompt": 4, "verifier": "tests.trainer.tasks:begins_with_the_skill_word"},
             "steps": 8,
             "save_every": 4,
             "seed": 5,
-            "output_dir": str(tmp_path / "run"),
-            "checkpoint_root": str(skill_root),
-            "services": {"max_wait_s": 120, "retries": 2, "max_backoff_s": 2},
-        }
-        sets = [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()]
-        return build_config(data, sets, environ={})
+            "services": {"max_wait_s": 120},
+        }, **overrides)
 
     return make
 

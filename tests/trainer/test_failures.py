@@ -14,7 +14,8 @@ from opd.common.errors import TokenizerMismatch
 from opd.common.process import ServiceProcess
 from opd.trainer.loop import Trainer
 from opd.trainer.metrics import read_records
-from tests.trainer.conftest import start_service, teacher_args, wait_all
+from tests.trainer.conftest import teacher_args
+from tests.trainer.runs import start_service, wait_all
 
 pytestmark = pytest.mark.slow
 

@@ -25,14 +25,9 @@ from opd.trainer.loop import Trainer
 from opd.trainer.metrics import read_records
 from opd.trainer.remote import Remote
 from opd.trainer.rollouts import sample
-from tests.trainer.conftest import start_service, wait_all
+from tests.trainer.runs import base_run, build, hf_args, start_service, started, wait_all
 
 pytestmark = pytest.mark.slow
-
-
-def hf_student_args(model: Path, root: Path) -> list[str]:
-    return ["student", "serve", "--model", str(model), "--engine", "hf", "--dtype", "float32", "--device", "cpu",
-            "--checkpoint-root", str(root)]
 
 
 def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None:
@@ -50,18 +45,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def stack(teacher_model: Path, student_model: Path, root: Path, service_logs: Path) -> Iterator[dict[str, ServiceProcess]]:
     """An hf teacher and two hf student replicas with one checkpoint root; a test may replace a replica (same port)."""
-    running = {
-        "teacher": start_service("teacher", ["teacher", "serve", "--model", str(teacher_model), "--engine", "hf",
-                                             "--dtype", "float32", "--device", "cpu"], service_logs),
-        "a": start_service("student", hf_student_args(student_model, root), service_logs),
-        "b": start_service("student", hf_student_args(student_model, root), service_logs),
-    }
-    try:
-        wait_all(*running.values())
+    with started(service_logs, teacher=("teacher", hf_args("teacher", teacher_model)),
+                 a=("student", hf_args("student", student_model, root)),
+                 b=("student", hf_args("student", student_model, root))) as running:
         yield running
-    finally:
-        for proc in running.values():
-            proc.stop()
 
 
 @pytest.fixture
@@ -70,24 +57,15 @@ def make(stack: dict[str, ServiceProcess], student_model: Path, prompts_file: Pa
     """A short LoRA run on the replicas (both unless `students` says which); `a__b=value` overrides `a.b`."""
 
     def config(students: tuple[str, ...] = ("a", "b"), **overrides) -> RunConfig:
-        data = {
+        urls = {"teacher_urls": [stack["teacher"].url], "student_urls": [stack[s].url for s in students]}
+        return build(base_run(student_model, prompts_file, tmp_path / "run", root, urls), {
             "name": "replicas",
-            "student": {"model": str(student_model), "dtype": "float32", "device": "cpu", "torch_threads": 1,
-                        "lora": {"rank": 8, "alpha": 16}},
-            "teacher_urls": [stack["teacher"].url],
-            "student_urls": [stack[s].url for s in students],
-            "dataset": {"path": str(prompts_file), "eval_size": 5},
+            "dataset": {"eval_size": 5},
             "sampling": {"prompts_per_step": 7, "samples_per_prompt": 2, "max_tokens": 12},
-            "optimizer": {"lr": 0.01},
             "steps": 3,
-            "eval": {"every": 3},
-            "save_every": 3,
             "seed": 5,
-            "output_dir": str(tmp_path / "run"),
-            "checkpoint_root": str(root),
-            "services": {"max_wait_s": 180, "retries": 1, "max_backoff_s": 1},
-        }
-        return build_config(data, [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()], environ={})
+            "services": {"retries": 1, "max_backoff_s": 1},
+        }, **overrides)
 
     return config
 
@@ -182,7 +160,7 @@ def test_a_replica_down_is_waited_for_and_given_the_current_weights_when_back(
         (pauses / "sample-2.release").touch()
         wait_for(lambda: old.url in (trainer.remote.waiting_for or ""), 120, "the run to wait for replica b")
         assert stack["a"].url not in (trainer.remote.waiting_for or ""), "only the replica that is down is waited for"
-        stack["b"] = start_service("student", hf_student_args(student_model, root), service_logs, port=old.port)
+        stack["b"] = start_service("student", hf_args("student", student_model, root), service_logs, port=old.port)
         wait_all(stack["b"])
     finally:
         thread.join(300)
@@ -203,7 +181,7 @@ def test_a_replica_down_is_waited_for_and_given_the_current_weights_when_back(
 def test_a_replica_with_another_tokenizer_is_refused_naming_it(
     make, stack: dict[str, ServiceProcess], other_tokenizer_model: Path, service_logs: Path, tmp_path: Path
 ) -> None:
-    other = start_service("student-other", hf_student_args(other_tokenizer_model, tmp_path), service_logs)
+    other = start_service("student-other", hf_args("student", other_tokenizer_model, tmp_path), service_logs)
     try:
         wait_all(other)
         config = make()

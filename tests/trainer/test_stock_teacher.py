@@ -28,7 +28,7 @@ from opd.common.process import ServiceProcess, free_port
 from opd.trainer.loop import Trainer
 from opd.trainer.metrics import read_records
 from opd.trainer.remote import Remote
-from tests.trainer.conftest import ENV, wait_all
+from tests.trainer.runs import ENV, wait_all
 
 pytestmark = pytest.mark.slow
 KEY = "stock-key"

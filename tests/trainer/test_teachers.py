@@ -26,7 +26,7 @@ from opd.trainer.context import score_sequence
 from opd.trainer.loop import Trainer
 from opd.trainer.metrics import read_records
 from opd.trainer.rollouts import Sample
-from tests.trainer.conftest import start_service, wait_all
+from tests.trainer.runs import base_run, build, hf_args, start_service, started, wait_all
 from tests.utils.tiny_models import WORDS, build_llama
 
 BASE = {"student": {"model": "m"}, "student_url": "http://s", "dataset": {"path": "d"}}
@@ -42,10 +42,6 @@ def wait_for(condition: Callable[[], object], timeout: float, what: str) -> None
     while not condition():
         assert time.monotonic() < deadline, f"timed out waiting for {what}"
         time.sleep(0.05)
-
-
-def teacher_args(model: Path) -> list[str]:
-    return ["teacher", "serve", "--model", str(model), "--engine", "hf", "--dtype", "float32", "--device", "cpu"]
 
 
 # ---------------------------------------------------------------- config alone
@@ -99,19 +95,10 @@ def root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stack(teacher_model: Path, second_teacher: Path, student_model: Path, root: Path,
           service_logs: Path) -> Iterator[dict[str, ServiceProcess]]:
     """hf teachers a and b and an hf student; a test may replace one (same port) in the dict."""
-    running = {
-        "a": start_service("teacher-a", teacher_args(teacher_model), service_logs),
-        "b": start_service("teacher-b", teacher_args(second_teacher), service_logs),
-        "student": start_service("student", ["student", "serve", "--model", str(student_model), "--engine", "hf",
-                                             "--dtype", "float32", "--device", "cpu", "--checkpoint-root", str(root)],
-                                 service_logs),
-    }
-    try:
-        wait_all(*running.values())
+    with started(service_logs, a=("teacher-a", hf_args("teacher", teacher_model)),
+                 b=("teacher-b", hf_args("teacher", second_teacher)),
+                 student=("student", hf_args("student", student_model, root))) as running:
         yield running
-    finally:
-        for proc in running.values():
-            proc.stop()
 
 
 def write_rows(path: Path, rows: list[dict]) -> Path:
@@ -140,24 +127,18 @@ def make(stack: dict[str, ServiceProcess], student_model: Path, data: dict[str, 
     """A short LoRA run with teachers a (default) and b; `a__b=value` overrides `a.b`."""
 
     def config(**overrides: Any) -> RunConfig:
-        tree = {
+        urls = {"teachers": {"a": {"urls": [stack["a"].url]}, "b": {"urls": [stack["b"].url]}},
+                "student_url": stack["student"].url}
+        return build(base_run(student_model, data["train"], tmp_path / "run", root, urls), {
             "name": "teachers",
-            "student": {"model": str(student_model), "dtype": "float32", "device": "cpu", "torch_threads": 1,
-                        "lora": {"rank": 8, "alpha": 16}},
-            "teachers": {"a": {"urls": [stack["a"].url]}, "b": {"urls": [stack["b"].url]}},
-            "student_url": stack["student"].url,
-            "dataset": {"path": str(data["train"]), "eval_path": str(data["eval"]), "eval_size": 8},
-            "sampling": {"prompts_per_step": 8, "samples_per_prompt": 4, "max_tokens": 12},
+            "dataset": {"eval_path": str(data["eval"]), "eval_size": 8},
+            "sampling": {"max_tokens": 12},
             "optimizer": {"lr": 0.02},
-            "steps": 6,
             "eval": {"every": 6, "samples_per_prompt": 2, "verifier": "tests.trainer.test_teachers:has_the"},
             "save_every": 6,
             "seed": 4,
-            "output_dir": str(tmp_path / "run"),
-            "checkpoint_root": str(root),
-            "services": {"max_wait_s": 180, "retries": 1, "max_backoff_s": 1},
-        }
-        return build_config(tree, [f"{k.replace('__', '.')}={v}" for k, v in overrides.items()], environ={})
+            "services": {"retries": 1, "max_backoff_s": 1},
+        }, **overrides)
 
     return config
 
@@ -238,7 +219,7 @@ def test_an_unknown_teacher_name_is_refused_at_start(make, data: dict[str, Path]
 def test_a_teacher_with_another_tokenizer_is_refused_naming_it(
     make, stack: dict[str, ServiceProcess], other_tokenizer_model: Path, service_logs: Path,
 ) -> None:
-    other = start_service("teacher-other", teacher_args(other_tokenizer_model), service_logs)
+    other = start_service("teacher-other", hf_args("teacher", other_tokenizer_model), service_logs)
     try:
         wait_all(other)
         config = make(**{"teachers.b.urls": f"[{stack['b'].url}, {other.url}]"})
@@ -286,7 +267,7 @@ def test_one_teachers_outage_holds_only_its_own_rows(
         wait_for(lambda: "teacher b (opd)" in (trainer.remote.waiting_for or ""), 120, "the run to wait for teacher b")
         wait_for(lambda: sum(n for t, n in asked if t == "a") > scored_a, 120, "teacher a to score step 2 meanwhile")
         assert "teacher b" in trainer.remote.waiting_for and "teacher a" not in trainer.remote.waiting_for
-        stack["b"] = start_service("teacher-b", teacher_args(second_teacher), service_logs, port=old.port)
+        stack["b"] = start_service("teacher-b", hf_args("teacher", second_teacher), service_logs, port=old.port)
         wait_all(stack["b"])
     finally:
         thread.join(300)

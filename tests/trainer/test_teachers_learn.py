@@ -21,15 +21,13 @@ from pathlib import Path
 import pytest
 
 from opd.common.process import ServiceProcess
-from opd.trainer.config import build_config
 from opd.trainer.loop import Trainer
 from opd.trainer.metrics import read_records
-from tests.trainer.conftest import start_service, wait_all
+from tests.trainer.runs import base_run, build, hf_args, started
 from tests.utils.skill_model import SKILL_CONTEXT, SKILL_WORD, build_skill_model
 from tests.utils.tiny_models import WORDS
 
 pytestmark = pytest.mark.slow
-HF = ["--engine", "hf", "--dtype", "float32", "--device", "cpu"]
 OTHER_WORD = "water"
 OTHER_CONTEXT = "Begin every answer with the word water."
 
@@ -51,18 +49,10 @@ def models(models_dir: Path, tiny_tokenizer: Path) -> dict[str, Path]:
 def services(models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory,
              service_logs: Path) -> Iterator[tuple[dict[str, ServiceProcess], Path]]:
     root = tmp_path_factory.mktemp("two-skills-checkpoints")
-    running = {
-        "a": start_service("skill-teacher-a", ["teacher", "serve", "--model", str(models["a"]), *HF], service_logs),
-        "b": start_service("skill-teacher-b", ["teacher", "serve", "--model", str(models["b"]), *HF], service_logs),
-        "student": start_service("skill-student", ["student", "serve", "--model", str(models["a"]), *HF,
-                                                   "--checkpoint-root", str(root)], service_logs),
-    }
-    try:
-        wait_all(*running.values())
+    with started(service_logs, a=("skill-teacher-a", hf_args("teacher", models["a"])),
+                 b=("skill-teacher-b", hf_args("teacher", models["b"])),
+                 student=("skill-student", hf_args("student", models["a"], root))) as running:
         yield running, root
-    finally:
-        for proc in running.values():
-            proc.stop()
 
 
 def rows(n: int, seed: int) -> list[dict]:
@@ -82,29 +72,25 @@ def write(path: Path, data: list[dict]) -> str:
 
 def test_each_group_learns_from_its_own_teacher(services, models: dict[str, Path], tmp_path: Path) -> None:
     running, root = services
-    tree = {
-        "name": "two-skills",
-        "student": {"model": str(models["a"]), "dtype": "float32", "device": "cpu", "torch_threads": 1,
-                    "lora": {"rank": 8, "alpha": 16}},
+    urls = {
         "teachers": {
             "a": {"urls": [running["a"].url], "teacher_prompt": {"system": SKILL_CONTEXT}},
             "b": {"urls": [running["b"].url], "teacher_prompt": {"system": OTHER_CONTEXT}},
         },
         "student_url": running["student"].url,
-        "dataset": {"path": write(tmp_path / "train.jsonl", rows(160, 1)),
-                    "eval_path": write(tmp_path / "eval.jsonl", rows(16, 2)), "eval_size": 16},
-        "sampling": {"prompts_per_step": 8, "samples_per_prompt": 4, "max_tokens": 4},
-        "optimizer": {"lr": 0.01},
+    }
+    train = write(tmp_path / "train.jsonl", rows(160, 1))
+    config = build(base_run(models["a"], train, tmp_path / "run", root, urls), {
+        "name": "two-skills",
+        "dataset": {"eval_path": write(tmp_path / "eval.jsonl", rows(16, 2))},
+        "sampling": {"max_tokens": 4},
         "eval": {"every": 8, "samples_per_prompt": 4,
                  "verifier": "tests.trainer.test_teachers_learn:begins_with_the_teachers_word"},
         "steps": 8,
         "save_every": 8,
         "seed": 5,
-        "output_dir": str(tmp_path / "run"),
-        "checkpoint_root": str(root),
-        "services": {"max_wait_s": 120, "retries": 2, "max_backoff_s": 2},
-    }
-    config = build_config(tree, environ={})
+        "services": {"max_wait_s": 120},
+    })
     assert Trainer(config).run() == "completed"
     evals = [r for r in read_records(Path(config.output_dir) / "metrics.jsonl") if r["kind"] == "eval"]
     assert [e["step"] for e in evals] == [0, 8]
