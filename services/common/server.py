@@ -12,6 +12,8 @@
 - Probes: /health (process alive), /ready (model loaded), /metrics
   (Prometheus text from the app's own registry, so apps in one process do
   not share counters).
+- A dead engine: every route answers 503 and `serve` exits non-zero, so a
+  supervisor restarts the service (services/common/engine_watch.py).
 - Disconnects: `until_disconnect` runs a handler's work and cancels it when
   the client goes away, so the engine stops working for nobody (uvicorn
   does not cancel a handler by itself).
@@ -206,7 +208,19 @@ def configure_logging(level: str = "info") -> None:
 
 
 def serve(app: FastAPI, host: str, port: int, log_level: str = "info") -> None:
+    """Runs the app until a signal, or until its engine dies: then exits with engine_watch.EXIT_CODE."""
+    import sys
+
     import uvicorn
 
+    from opd.common.engine_watch import EXIT_CODE, exit_when_dead
+
     configure_logging(log_level)
-    uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10))
+    watch = exit_when_dead(app, lambda: setattr(server, "should_exit", True))
+    with suppress(KeyboardInterrupt):  # as uvicorn.run
+        server.run()
+    if watch is not None and watch.cause is not None:
+        sys.exit(EXIT_CODE)
+    if not server.started:
+        sys.exit(3)  # uvicorn.run's exit code when the app did not start

@@ -2,8 +2,9 @@
 `POST /weights` swaps to a newer one without a restart.
 
 `build_app(settings)` wires everything; the engine is built in the lifespan
-(or passed in, for tests that share one engine between apps). /ready turns
-false if the engine stops (a vLLM engine that died cannot come back).
+(or passed in, for tests that share one engine between apps). A vLLM engine
+that died cannot come back: every route then answers 503 and the service
+exits, so that its supervisor restarts it (services/common/engine_watch.py).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 
 from opd.common import protocol as p
+from opd.common.engine_watch import EngineWatch, install_engine_watch
 from opd.common.errors import NotReady
 from opd.common.server import Authorized, install_common, until_disconnect
 from opd.common.settings import StudentSettings
@@ -25,7 +27,7 @@ ERRORS = {
     401: {"model": p.ErrorBody, "description": "missing or wrong API key"},
     413: {"model": p.ErrorBody, "description": "over the prompts or rollouts limit"},
     422: {"model": p.ErrorBody, "description": "invalid field, out-of-vocabulary id, or too long"},
-    503: {"model": p.ErrorBody, "description": "loading or overloaded; retry after Retry-After seconds"},
+    503: {"model": p.ErrorBody, "description": "loading, overloaded or the engine died; retry after Retry-After seconds"},
 }
 WEIGHT_ERRORS = {
     400: {"model": p.ErrorBody, "description": "path outside the checkpoint root, or LoRA disabled"},
@@ -33,7 +35,7 @@ WEIGHT_ERRORS = {
     404: {"model": p.ErrorBody, "description": "no checkpoint at that path"},
     409: {"model": p.ErrorBody, "description": "version not newer than the serving one"},
     422: {"model": p.ErrorBody, "description": "the checkpoint does not fit the student model"},
-    500: {"model": p.ErrorBody, "description": "the engine stopped while loading; restart the student"},
+    503: {"model": p.ErrorBody, "description": "the engine died (while loading, say): the student is exiting"},
 }
 
 
@@ -54,7 +56,8 @@ def build_app(settings: StudentSettings, engine: RolloutEngine | None = None) ->
         eng = build_engine(settings) if own else engine
         app.state.service = StudentService(eng, settings, StudentMetrics(registry))
         try:
-            yield
+            async with watch.watching():
+                yield
         finally:
             app.state.service = None
             if own:
@@ -84,6 +87,8 @@ def build_app(settings: StudentSettings, engine: RolloutEngine | None = None) ->
         app, api_key=settings.api_key, max_pending=settings.max_pending, max_body_bytes=settings.max_body_bytes,
         ready=lambda: app.state.service is not None and app.state.service.engine.healthy(), limits=limits,
     )
+    watch = EngineWatch("student", alive=lambda: app.state.service is None or app.state.service.engine.healthy())
+    install_engine_watch(app, watch)
 
     @app.post("/rollouts", dependencies=[Authorized], responses=ERRORS, tags=["student"])
     async def rollouts(body: p.RolloutRequest, service: Service, request: Request) -> p.RolloutResponse:

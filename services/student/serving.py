@@ -31,7 +31,8 @@ from pathlib import Path
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from opd.common import protocol as p
-from opd.common.errors import Conflict, InvalidInput, InvalidRequest, NotReady, OPDError, PayloadTooLarge
+from opd.common.engine_watch import EngineDied
+from opd.common.errors import Conflict, InvalidInput, InvalidRequest, OPDError, PayloadTooLarge
 from opd.common.settings import StudentSettings
 from opd.common.tokenizer import render_prompt
 from opd.student import checkpoints
@@ -40,12 +41,6 @@ from opd.student.versions import VersionLock
 
 log = logging.getLogger("opd.student")
 LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
-
-
-class SwapFailed(OPDError):
-    """The engine failed while loading a checked checkpoint and cannot serve any more (500)."""
-
-    status_code = 500
 
 
 class BrokenPolicy(OPDError):
@@ -190,7 +185,7 @@ class StudentService:
         try:
             prompts = self.to_prompts(request)
             if not self.engine.healthy():
-                raise NotReady("the student's engine has stopped: restart the service")
+                raise EngineDied("the student's engine died: the student is exiting so that its supervisor restarts it")
         except Exception:
             self.metrics.requests.labels("rejected").inc()
             raise
@@ -298,4 +293,5 @@ class StudentService:
                 raise InvalidInput(
                     f"loading {request.path!r} failed ({type(exc).__name__}: {exc}); version {self.version} keeps serving"
                 ) from exc
-            raise SwapFailed(f"the engine stopped while loading {request.path!r} ({exc}): restart the student") from exc
+            raise EngineDied(f"the student's engine died while loading {request.path!r} ({type(exc).__name__}: {exc}): "
+                             "the student is exiting so that its supervisor restarts it") from exc

@@ -24,7 +24,8 @@ Choices:
    temperature 1, without top-p.
 6) vLLM's engine dies on a bad adapter or checkpoint, so checkpoints are
    checked before they get here (checkpoints.py); if it dies anyway,
-   `healthy()` turns false and /ready answers 503.
+   `healthy()` turns false: the service answers 503 and exits
+   (services/common/engine_watch.py).
 7) A request vLLM refuses (its own validation) is the request's fault: a 422
    with vLLM's message, never a 500.
 8) Without a GPU, prompts are prefilled whole (`enable_chunked_prefill=False`;

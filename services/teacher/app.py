@@ -5,7 +5,9 @@ It also answers the scoring subset of vLLM's OpenAI-compatible API
 (compat_routes.py), on the same engine.
 
 `build_app(settings)` wires everything; the engine is built in the lifespan
-(or passed in, for tests that share one engine between apps).
+(or passed in, for tests that share one engine between apps). A vLLM engine
+that died cannot come back: every route then answers 503 and the service
+exits, so that its supervisor restarts it (services/common/engine_watch.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Annotated
 from fastapi import Depends, FastAPI, Request
 
 from opd.common import protocol as p
+from opd.common.engine_watch import EngineWatch, install_engine_watch
 from opd.common.errors import NotReady
 from opd.common.server import Authorized, install_common, until_disconnect
 from opd.common.settings import TeacherSettings
@@ -30,7 +33,7 @@ ERRORS = {
     401: {"model": p.ErrorBody, "description": "missing or wrong API key"},
     413: {"model": p.ErrorBody, "description": "over the sequences or tokens limit"},
     422: {"model": p.ErrorBody, "description": "invalid field, out-of-vocabulary id, or too long"},
-    503: {"model": p.ErrorBody, "description": "loading or overloaded; retry after Retry-After seconds"},
+    503: {"model": p.ErrorBody, "description": "loading, overloaded or the engine died; retry after Retry-After seconds"},
 }
 
 
@@ -52,7 +55,8 @@ def build_app(settings: TeacherSettings, engine: ScoringEngine | None = None) ->
         app.state.service = service = TeacherService(eng, settings, TeacherMetrics(registry))
         app.state.openai, app.state.sglang = OpenAICompletions(service), SGLangGenerate(service)
         try:
-            yield
+            async with watch.watching():
+                yield
         finally:
             app.state.service = app.state.openai = app.state.sglang = None
             if own:
@@ -79,9 +83,11 @@ def build_app(settings: TeacherSettings, engine: ScoringEngine | None = None) ->
 
     registry = install_common(
         app, api_key=settings.api_key, max_pending=settings.max_pending, max_body_bytes=settings.max_body_bytes,
-        ready=lambda: app.state.service is not None, limits=limits,
+        ready=lambda: app.state.service is not None and app.state.service.engine.healthy(), limits=limits,
         error_envelope=compat_routes.PATHS,
     )
+    watch = EngineWatch("teacher", alive=lambda: app.state.service is None or app.state.service.engine.healthy())
+    install_engine_watch(app, watch)
 
     @app.post("/logprobs", dependencies=[Authorized], responses=ERRORS, tags=["teacher"])
     async def logprobs(body: p.LogprobsRequest, service: Service, request: Request) -> p.LogprobsResponse:

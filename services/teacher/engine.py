@@ -56,6 +56,10 @@ class ScoringEngine(ABC):
     def supports_temperature(self, temperature: float) -> bool:
         return True
 
+    def healthy(self) -> bool:
+        """False once the engine can no longer score (a vLLM engine that died)."""
+        return True
+
     async def close(self) -> None:
         return None
 

@@ -26,6 +26,8 @@ Choices:
 6) vLLM generates one token after the prompt, so a sequence holds at most
    max_model_len - 1 tokens (`max_sequence_len`); whatever vLLM still refuses
    as a bad request is a 422 with its message, never a 500.
+7) If the engine dies, `healthy()` turns false: the service answers 503 and
+   exits (services/common/engine_watch.py).
 """
 
 from __future__ import annotations
@@ -59,6 +61,9 @@ class VLLMScoringEngine(ScoringEngine):
 
     def supports_temperature(self, temperature: float) -> bool:
         return temperature == 1.0
+
+    def healthy(self) -> bool:
+        return self.llm is not None and not self.llm.errored
 
     async def score(
         self, jobs: list[ScoreJob], top_k: int = 0, temperature: float = 1.0, ranks: bool = False

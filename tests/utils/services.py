@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -73,3 +73,43 @@ def assert_becomes_idle(pid: int, within: float = 4.0, seconds: float = 2.0, mos
             return
         assert time.monotonic() < deadline, (
             f"the service still used {used:.2f} CPU seconds in {seconds}s, {within}s after its work should have ended")
+
+
+def engine_core(pid: int):
+    """The vLLM engine-core process among a service's descendants (a psutil.Process)."""
+    import psutil
+
+    for child in psutil.Process(pid).children(recursive=True):
+        try:
+            if "EngineCore" in child.name() or "EngineCore" in " ".join(child.cmdline()):
+                return child
+        except psutil.Error:
+            continue
+    raise AssertionError(f"no vLLM engine-core process under pid {pid}")
+
+
+def outcome(send: Callable[[], httpx.Response]) -> tuple[int | str, str]:
+    """(status code, body) of a request, or ("closed", why) when the service went away before answering."""
+    try:
+        r = send()
+    except httpx.TransportError as exc:
+        return "closed", type(exc).__name__
+    return r.status_code, r.text
+
+
+def kill_engine_and_watch(proc: ServiceProcess, request: Callable[[], httpx.Response], within: float = 60.0):
+    """SIGKILLs the service's vLLM engine core, then sends `request` and GET /health over and over until the
+    service process exits. Returns (its exit code, every (status, body) it answered meanwhile); fails if it
+    still runs after `within` seconds."""
+    assert proc.proc is not None
+    core = engine_core(proc.proc.pid)
+    core.kill()
+    core.wait(10)
+    answers = []
+    deadline = time.monotonic() + within
+    while proc.proc.poll() is None:
+        assert time.monotonic() < deadline, f"the service still runs {within}s after its engine died: {answers[-4:]}"
+        answers.append(outcome(request))
+        answers.append(outcome(lambda: httpx.get(proc.url + "/health", timeout=10)))
+        time.sleep(0.1)
+    return proc.proc.returncode, answers

@@ -1,0 +1,56 @@
+"""A teacher whose vLLM engine dies exits, so that its supervisor restarts it.
+
+The real service runs the tiny teacher on vLLM's CPU build; the test SIGKILLs
+its engine-core process (as the OOM killer would) and watches the service;
+then does it again under `opd up`'s supervisor, which starts it again.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from opd.common.engine_watch import EXIT_CODE
+from opd.up.config import RestartPolicy
+from opd.up.supervisor import Supervisor
+from tests.utils.services import engine_core, kill_engine_and_watch, running
+
+pytestmark = pytest.mark.slow
+BODY = {"sequences": [{"token_ids": [5, 6, 7, 8, 9], "start": 2}]}
+
+
+def test_teacher_exits_when_its_engine_dies(teacher_model: Path, tmp_path: Path) -> None:
+    args = ["teacher", "serve", "--model", str(teacher_model), "--engine", "vllm", "--dtype", "float32"]
+    with running("teacher-vllm", args, log_dir=tmp_path) as proc:
+        assert httpx.post(proc.url + "/logprobs", json=BODY, timeout=60).status_code == 200
+        code, answers = kill_engine_and_watch(proc, lambda: httpx.post(proc.url + "/logprobs", json=BODY, timeout=30))
+        log = proc.log_file.read_text()
+    assert code == EXIT_CODE, f"exit code {code}; answers: {answers}"
+    assert all(status in (200, 503, "closed") for status, _ in answers), answers  # never a 500
+    assert not any(status == 200 for status, body in answers if "results" in body), answers
+    assert all("engine died" in body for status, body in answers if status == 503), answers
+    assert "the teacher's engine died" in log and "is exiting" in log
+
+
+def test_the_supervisor_restarts_a_teacher_whose_engine_died(teacher_model: Path, tmp_path: Path) -> None:
+    args = ["teacher", "serve", "--model", str(teacher_model), "--engine", "vllm", "--dtype", "float32"]
+    reports: list[str] = []
+    with running("teacher-vllm", args, log_dir=tmp_path) as proc:
+        supervisor = Supervisor([proc], RestartPolicy(max_restarts=1, backoff_s=0.1), report=reports.append,
+                                startup_timeout_s=300).start()
+        try:
+            first = proc.proc.pid
+            engine_core(first).kill()
+            deadline = time.monotonic() + 360
+            while supervisor.generation("teacher-vllm") < 1:
+                assert supervisor.failure is None, supervisor.failure
+                assert time.monotonic() < deadline, f"not restarted in time: {reports}"
+                time.sleep(0.2)
+        finally:
+            supervisor.close()
+        assert proc.proc.pid != first
+        assert httpx.post(proc.url + "/logprobs", json=BODY, timeout=60).status_code == 200
+    assert f"teacher-vllm exited with code {EXIT_CODE}" in reports[0], reports
