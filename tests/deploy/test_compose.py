@@ -254,6 +254,7 @@ def test_compose_v2_merges_the_files(files: list[str]) -> None:
         assert spec["build"]["args"]["VARIANT"] == ("cuda" if files == FILES[:1] else "cpu")
         assert spec.get("network_mode") == ("host" if files == FILES else None), svc
         assert bool(spec.get("ports")) == (files != FILES), f"{svc}: published ports only with a bridge network"
+        assert spec["restart"] == "on-failure:3", f"{svc}: started again when it exits on its own (engine died: 70)"
     trainer = merged["trainer"]["environment"]
     assert trainer["OPD_TRAIN_TEACHER_URLS"] == ("http://127.0.0.1:8001" if files == FILES else "http://teacher:8001")
 
@@ -310,7 +311,7 @@ def test_the_second_teacher_follows_each_stack_variant(files: list[str]) -> None
     def gpu(spec: dict) -> object:
         return spec.get("deploy", {}).get("resources", {}).get("reservations", {}).get("devices")
 
-    assert b["image"] == teacher["image"] and bool(gpu(b)) == bool(gpu(teacher))
+    assert b["image"] == teacher["image"] and bool(gpu(b)) == bool(gpu(teacher)) and b["restart"] == teacher["restart"]
     assert b.get("network_mode") == teacher.get("network_mode") and bool(b.get("ports")) == bool(teacher.get("ports"))
     port = int(option(b["command"], "--port"))
     assert port != int(option(teacher["command"], "--port")) and urlparse(b["healthcheck"]["test"][-1]).port == port
