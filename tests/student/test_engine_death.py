@@ -11,8 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from opd.common.engine_watch import EXIT_CODE
-from tests.utils.services import kill_engine_and_watch, running
+from tests.utils.services import assert_exited_for_its_engine, running
 
 pytestmark = pytest.mark.slow
 BODY = {"prompts": [{"token_ids": [5, 6, 7, 8]}], "n": 2, "max_tokens": 4, "seed": 1}
@@ -24,10 +23,5 @@ def test_student_exits_when_its_engine_dies(student_model: Path, tmp_path: Path)
             "--checkpoint-root", str(tmp_path)]
     with running("student-vllm", args, log_dir=tmp_path) as proc:
         assert httpx.post(proc.url + "/rollouts", json=BODY, timeout=60).status_code == 200
-        code, answers = kill_engine_and_watch(proc, lambda: httpx.post(proc.url + "/rollouts", json=BODY, timeout=30))
-        log = proc.log_file.read_text()
-    assert code == EXIT_CODE, f"exit code {code}; answers: {answers}"
-    assert all(status in (200, 503, "closed") for status, _ in answers), answers  # never a 500
-    assert not any(status == 200 for status, body in answers if "rollouts" in body), answers
-    assert all("engine died" in body for status, body in answers if status == 503), answers
-    assert "the student's engine died" in log and "is exiting" in log
+        assert_exited_for_its_engine(proc, lambda: httpx.post(proc.url + "/rollouts", json=BODY, timeout=30), "student",
+                                     "rollouts")

@@ -16,7 +16,7 @@ import pytest
 from opd.common.engine_watch import EXIT_CODE
 from opd.up.config import RestartPolicy
 from opd.up.supervisor import Supervisor
-from tests.utils.services import engine_core, kill_engine_and_watch, running
+from tests.utils.services import assert_exited_for_its_engine, engine_core, running
 
 pytestmark = pytest.mark.slow
 BODY = {"sequences": [{"token_ids": [5, 6, 7, 8, 9], "start": 2}]}
@@ -26,13 +26,8 @@ def test_teacher_exits_when_its_engine_dies(teacher_model: Path, tmp_path: Path)
     args = ["teacher", "serve", "--model", str(teacher_model), "--engine", "vllm", "--dtype", "float32"]
     with running("teacher-vllm", args, log_dir=tmp_path) as proc:
         assert httpx.post(proc.url + "/logprobs", json=BODY, timeout=60).status_code == 200
-        code, answers = kill_engine_and_watch(proc, lambda: httpx.post(proc.url + "/logprobs", json=BODY, timeout=30))
-        log = proc.log_file.read_text()
-    assert code == EXIT_CODE, f"exit code {code}; answers: {answers}"
-    assert all(status in (200, 503, "closed") for status, _ in answers), answers  # never a 500
-    assert not any(status == 200 for status, body in answers if "results" in body), answers
-    assert all("engine died" in body for status, body in answers if status == 503), answers
-    assert "the teacher's engine died" in log and "is exiting" in log
+        assert_exited_for_its_engine(proc, lambda: httpx.post(proc.url + "/logprobs", json=BODY, timeout=30), "teacher",
+                                     "results")
 
 
 def test_the_supervisor_restarts_a_teacher_whose_engine_died(teacher_model: Path, tmp_path: Path) -> None:

@@ -113,3 +113,18 @@ def kill_engine_and_watch(proc: ServiceProcess, request: Callable[[], httpx.Resp
         answers.append(outcome(lambda: httpx.get(proc.url + "/health", timeout=10)))
         time.sleep(0.1)
     return proc.proc.returncode, answers
+
+
+def assert_exited_for_its_engine(proc: ServiceProcess, request: Callable[[], httpx.Response], service: str,
+                                 result_key: str) -> None:
+    """Kills the engine core (kill_engine_and_watch): the service exits with engine_watch.EXIT_CODE, answering
+    meanwhile 503 naming the cause or closing the connection, never a 500 nor a result (`result_key` in a body)."""
+    from opd.common.engine_watch import EXIT_CODE
+
+    code, answers = kill_engine_and_watch(proc, request)
+    assert code == EXIT_CODE, f"exit code {code}; answers: {answers}"
+    assert all(status in (200, 503, "closed") for status, _ in answers), answers  # never a 500
+    assert not any(status == 200 for status, body in answers if result_key in body), answers
+    assert all("engine died" in body for status, body in answers if status == 503), answers
+    log = proc.log_file.read_text() if proc.log_file else ""
+    assert f"the {service}'s engine died" in log and "is exiting" in log
