@@ -1,6 +1,6 @@
 """The efficiency study: opd, sft and rl on the shipped skill task, one trainer, one budget, several seeds.
 
-    python benchmarks/efficiency.py --steps 16 --eval-every 4 --seeds 0,1,2   # services/configs/skill.yaml, all four arms (make study)
+    python benchmarks/efficiency.py --seeds 0,1,2      # services/configs/skill.yaml, its settings, all four arms (make study)
     python benchmarks/efficiency.py --arms opd,rl-form --steps 8 --set run.sampling.max_tokens=12
     python benchmarks/efficiency.py --report --workdir runs/efficiency     # the tables and plot of a finished study again
 
