@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+import string
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -155,6 +156,11 @@ class TeacherPromptConfig(Section):
 
     system: str | None = Field(default=None, description="Privileged instructions: the start of the teacher's system message.")
     examples: tuple[ChatTurn, ...] = Field(default=(), description="Few-shot turns before each row's conversation.")
+    hint: str | None = Field(
+        default=None,
+        description="A template filled from each row's fields ('The right answer is: {answer}'), added to the system "
+        "message after `system`: per-row privileged information, such as a reference answer or a retrieved passage.",
+    )
     row_context: str = Field(default="teacher_context", description="A row's field whose text extends the system message.")
     row_messages: str = Field(default="teacher_messages", description="A row's field holding the teacher's whole conversation.")
     render: Literal["auto", "teacher"] = Field(
@@ -162,6 +168,29 @@ class TeacherPromptConfig(Section):
         description="auto: the teacher scores the student's own prompt tokens unless a context applies; teacher: it "
         "always renders the prompt with its own chat template (a teacher whose template differs).",
     )
+
+
+    @field_validator("hint")
+    @classmethod
+    def _hint_names_fields(cls, v: str | None) -> str | None:
+        if v is not None:
+            hint_fields(v)
+        return v
+
+
+def hint_fields(template: str) -> list[str]:
+    """The row fields a hint template names; ValueError for anything but plain {field} names."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"not a template ({e}): write a row's field in braces, {{answer}}, and a brace as {{{{ or }}}}") from e
+    names = [name for _, name, _, _ in parsed if name is not None]
+    for name in names:
+        if not name.isidentifier():
+            raise ValueError(f"{{{name}}} is not a row field's name: write one in braces, as {{answer}}")
+    if not names:
+        raise ValueError("names no row field: write one in braces, as in 'The right answer is: {answer}'")
+    return names
 
 
 class TeacherConfig(Section):

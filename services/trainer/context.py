@@ -8,7 +8,7 @@ The teacher may see what the student never does (instructions, a persona,
 few-shot examples, per-row hints); distilling then moves a behaviour held in a
 prompt into the student's weights. Choices:
 1) The teacher's conversation for a row is, in order: one system message made
-   of `teacher_prompt.system`, the row's `teacher_context` and the system
+   of `teacher_prompt.system`, its `hint` (5), the row's `teacher_context` and the system
    message the row's own conversation opens with, if any (joined by blank
    lines); the few-shot `examples`; then the row's `teacher_messages` when it
    has them, else the student's conversation (less its system message, merged
@@ -26,6 +26,12 @@ prompt into the student's weights. Choices:
    `teacher_prompt` makes its prompt. A name that is not one of the run's
    teachers is refused at set-up, naming the row and the name. The
    single-teacher style ignores the field: its rows all go to its teacher.
+5) `teacher_prompt.hint` is a template filled from each row's own fields
+   ("The right answer is: {answer}"), placed after `system` in the system
+   message: privileged information that differs per row (a reference
+   answer, a retrieved passage) without copying it into a context field of
+   every row. A row without a field the hint names is refused at set-up,
+   naming the row and the field.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ import dataclasses
 from typing import Any
 
 from opd.common import protocol as p
-from opd.trainer.config import ConfigError, RunConfig, TeacherPromptConfig
+from opd.trainer.config import ConfigError, RunConfig, TeacherPromptConfig, hint_fields
 from opd.trainer.data import DatasetError, PromptRow
 
 
@@ -50,15 +56,16 @@ def teacher_prompt(row: PromptRow, cfg: TeacherPromptConfig, where: str = "row")
     extra = row.row.get(cfg.row_context)
     if extra is not None and not isinstance(extra, str):
         raise DatasetError(f"{where}: '{cfg.row_context}' must be a text")
+    hint = filled_hint(cfg.hint, row.row, where) if cfg.hint else None
     own = row.row.get(cfg.row_messages)
     own_messages = row_messages(own, f"{where}: '{cfg.row_messages}'") if own is not None else None
-    if not (cfg.system or cfg.examples or extra or own_messages) and cfg.render == "auto":
+    if not (cfg.system or cfg.examples or hint or extra or own_messages) and cfg.render == "auto":
         return None
     if row.prompt.text is not None and own_messages is None:
-        prefix = "\n\n".join(x for x in (cfg.system, extra) if x)
+        prefix = "\n\n".join(x for x in (cfg.system, hint, extra) if x)
         return p.Prompt(text=f"{prefix}\n\n{row.prompt.text}" if prefix else row.prompt.text)
     conversation = own_messages if own_messages is not None else list(row.prompt.messages or [])
-    parts = [cfg.system, extra]
+    parts = [cfg.system, hint, extra]
     if conversation and conversation[0].role == "system":
         parts.append(conversation[0].content)
         conversation = conversation[1:]
@@ -66,6 +73,17 @@ def teacher_prompt(row: PromptRow, cfg: TeacherPromptConfig, where: str = "row")
     head = [p.ChatMessage(role="system", content=system)] if system else []
     examples = [p.ChatMessage(role=t.role, content=t.content) for t in cfg.examples]
     return p.Prompt(messages=head + examples + conversation)
+
+
+def filled_hint(template: str, row: dict[str, Any], where: str) -> str:
+    """Choice 5: the hint template with the row's fields filled in."""
+    missing = [name for name in hint_fields(template) if name not in row]
+    if missing:
+        raise DatasetError(
+            f"{where}: teacher_prompt.hint names the field {missing[0]!r}, which the row lacks (it has "
+            f"{', '.join(map(repr, row)) or 'no fields'}): add it to every row, or name another field in the hint"
+        )
+    return template.format_map(row)
 
 
 def with_teacher_prompts(rows: list[PromptRow], cfg: TeacherPromptConfig, name: str = "train") -> list[PromptRow]:

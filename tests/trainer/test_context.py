@@ -10,6 +10,7 @@ teacher prompt the test renders itself plus the student's completion ids.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -64,6 +65,40 @@ def test_the_teacher_conversation_is_context_then_the_row() -> None:
     assert only_row[0].teacher is None and roles_and_texts(only_row[1].teacher)[0][1].startswith("The answer is 1969.")
     text = prompt_rows([{"prompt": "Name a year"}], fmt="text")[0]
     assert teacher_prompt(text, TeacherPromptConfig(system="Be brief.")).text == "Be brief.\n\nName a year"
+
+
+def test_a_hint_fills_each_rows_own_fields_into_the_system_message() -> None:
+    rows = prompt_rows([
+        {"prompt": "Capital of Peru?", "answer": "Lima"},
+        {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "2+2?"}], "answer": 4,
+         "teacher_context": "Count on your fingers."},
+    ])
+    cfg = TeacherPromptConfig(system="Answer in one word.", hint="The right answer is: {answer}")
+    peru, sums = with_teacher_prompts(rows, cfg)
+    assert roles_and_texts(peru.teacher) == [("system", "Answer in one word.\n\nThe right answer is: Lima"),
+                                             ("user", "Capital of Peru?")]
+    assert roles_and_texts(sums.teacher)[0] == (
+        "system", "Answer in one word.\n\nThe right answer is: 4\n\nCount on your fingers.\n\nbe kind")
+    # A hint alone is a context: the row is no longer scored on the student's own prompt ids.
+    alone = with_teacher_prompts(rows[:1], TeacherPromptConfig(hint="It is {answer}."))[0].teacher
+    assert roles_and_texts(alone) == [("system", "It is Lima."), ("user", "Capital of Peru?")]
+    text = prompt_rows([{"prompt": "Capital of Peru?", "answer": "Lima"}], fmt="text")[0]
+    assert teacher_prompt(text, cfg).text == "Answer in one word.\n\nThe right answer is: Lima\n\nCapital of Peru?"
+
+
+def test_a_hint_naming_a_missing_or_bad_field_says_what_to_fix() -> None:
+    rows = prompt_rows([{"prompt": "Capital of Peru?", "answer": "Lima"}, {"prompt": "Name a fruit."}])
+    with pytest.raises(DatasetError, match=r"eval row 1: teacher_prompt.hint names the field 'answer', which the row "
+                                           r"lacks \(it has 'prompt'\)"):
+        with_teacher_prompts(rows, TeacherPromptConfig(hint="The right answer is: {answer}"), "eval")
+    base = {"student": {"model": "m"}, "teacher_urls": "http://t", "student_url": "http://s", "dataset": {"path": "d.jsonl"}}
+    for hint, says in [("The answer is {}", "{} is not a row field's name"),
+                       ("The answer is {0}", "{0} is not a row field's name"),
+                       ("The answer is {answer", "not a template"),
+                       ("The answer is known", "names no row field")]:
+        with pytest.raises(ConfigError, match=f"teacher_prompt.hint.*{re.escape(says)}"):
+            build_config(base, [f"teacher_prompt.hint={json.dumps(hint)}"], environ={})
+    assert build_config(base, ["teacher_prompt.hint='Use {answer}, {{not this}}'"], environ={}).teacher_prompt.hint
 
 
 def test_bad_context_rows_and_configs_say_what_to_fix(tmp_path: Path) -> None:
