@@ -64,10 +64,10 @@ def mean_curve(curves: Sequence[list[Point]]) -> list[Point]:
     out = []
     for step in steps:
         pts = [next(pt for pt in c if pt.step == step) for c in curves]
-        names = set.intersection(*(set(pt.measures) for pt in pts))
+        names = [n for n in pts[0].measures if all(n in pt.measures for pt in pts)]  # in the runs' order
         out.append(Point(step, fmean(pt.seconds for pt in pts), round(fmean(pt.tokens for pt in pts)),
                          fmean(pt.accuracy for pt in pts), fmean(pt.teacher_kl for pt in pts),
-                         {n: fmean(pt.measures[n] for pt in pts) for n in sorted(names)}))
+                         {n: fmean(pt.measures[n] for pt in pts) for n in names}))
     return out
 
 

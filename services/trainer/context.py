@@ -30,8 +30,8 @@ prompt into the student's weights. Choices:
    ("The right answer is: {answer}"), placed after `system` in the system
    message: privileged information that differs per row (a reference
    answer, a retrieved passage) without copying it into a context field of
-   every row. A row without a field the hint names is refused at set-up,
-   naming the row and the field.
+   every row. A row without a field the hint names fails the run as it
+   sets up, naming the row and the field.
 """
 
 from __future__ import annotations

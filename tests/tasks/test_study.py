@@ -71,6 +71,9 @@ def test_a_mean_curve_averages_the_seeds_at_the_steps_all_of_them_evaluated(tmp_
     assert [pt.step for pt in mean] == [0, 4], "step 2 is one seed's only"
     assert mean[1].accuracy == pytest.approx(0.8) and mean[1].seconds == 9.0 and mean[1].tokens == 25
     assert mean[1].teacher_kl == pytest.approx(0.5) and mean[1].measures["content"] == pytest.approx(0.2)
+    two = [Point(0, 0.0, 0, 0.0, 1.0, {"correct": 0.1, "content": 0.2, "short": 0.5}),
+           Point(0, 0.0, 0, 0.0, 1.0, {"correct": 0.3, "content": 0.4})]
+    assert list(mean_curve([[two[0]], [two[1]]])[0].measures) == ["correct", "content"], "the runs' order, all seeds'"
     out = plot({"opd": mean}, {"accuracy": 0.8, "content": 0.25}, tmp_path / "mean.png")
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
