@@ -158,8 +158,8 @@ class TeacherPromptConfig(Section):
     examples: tuple[ChatTurn, ...] = Field(default=(), description="Few-shot turns before each row's conversation.")
     hint: str | None = Field(
         default=None,
-        description="A template filled from each row's fields ('The right answer is: {answer}'), added to the system "
-        "message after `system`: per-row privileged information, such as a reference answer or a retrieved passage.",
+        description="A template filled from each row's fields ('Hint: {answer}'), on a line of its own at the end of "
+        "the row's last user turn: per-row privileged information, such as a reference answer or a retrieved passage.",
     )
     row_context: str = Field(default="teacher_context", description="A row's field whose text extends the system message.")
     row_messages: str = Field(default="teacher_messages", description="A row's field holding the teacher's whole conversation.")
@@ -189,7 +189,7 @@ def hint_fields(template: str) -> list[str]:
         if not name.isidentifier():
             raise ValueError(f"{{{name}}} is not a row field's name: write one in braces, as {{answer}}")
     if not names:
-        raise ValueError("names no row field: write one in braces, as in 'The right answer is: {answer}'")
+        raise ValueError("names no row field: write one in braces, as in 'Hint: {answer}'")
     return names
 
 

@@ -8,7 +8,7 @@ The teacher may see what the student never does (instructions, a persona,
 few-shot examples, per-row hints); distilling then moves a behaviour held in a
 prompt into the student's weights. Choices:
 1) The teacher's conversation for a row is, in order: one system message made
-   of `teacher_prompt.system`, its `hint` (5), the row's `teacher_context` and the system
+   of `teacher_prompt.system`, the row's `teacher_context` and the system
    message the row's own conversation opens with, if any (joined by blank
    lines); the few-shot `examples`; then the row's `teacher_messages` when it
    has them, else the student's conversation (less its system message, merged
@@ -27,11 +27,16 @@ prompt into the student's weights. Choices:
    teachers is refused at set-up, naming the row and the name. The
    single-teacher style ignores the field: its rows all go to its teacher.
 5) `teacher_prompt.hint` is a template filled from each row's own fields
-   ("The right answer is: {answer}"), placed after `system` in the system
-   message: privileged information that differs per row (a reference
-   answer, a retrieved passage) without copying it into a context field of
-   every row. A row without a field the hint names fails the run as it
-   sets up, naming the row and the field.
+   ("Hint: {answer}"): privileged information that differs per row (a
+   reference answer, a retrieved passage) without copying it into a context
+   field of every row. It goes on a line of its own at the end of the row's
+   last user turn (text mode: after the prompt), next to the question, where
+   few-shot examples written the same way show the teacher how to use it.
+   Measured on the demo's task (SmolLM2-135M-Instruct, 64 held-out
+   questions x 4 samples): the reference answer in the system message lifted
+   the teacher's right answers from 0.152 to 0.168, after the question with
+   examples that show it from 0.152 to 0.754. A row without a field the hint
+   names fails the run as it sets up, naming the row and the field.
 """
 
 from __future__ import annotations
@@ -62,10 +67,13 @@ def teacher_prompt(row: PromptRow, cfg: TeacherPromptConfig, where: str = "row")
     if not (cfg.system or cfg.examples or hint or extra or own_messages) and cfg.render == "auto":
         return None
     if row.prompt.text is not None and own_messages is None:
-        prefix = "\n\n".join(x for x in (cfg.system, hint, extra) if x)
-        return p.Prompt(text=f"{prefix}\n\n{row.prompt.text}" if prefix else row.prompt.text)
+        prefix = "\n\n".join(x for x in (cfg.system, extra) if x)
+        text = f"{row.prompt.text}\n{hint}" if hint else row.prompt.text
+        return p.Prompt(text=f"{prefix}\n\n{text}" if prefix else text)
     conversation = own_messages if own_messages is not None else list(row.prompt.messages or [])
-    parts = [cfg.system, hint, extra]
+    if hint:
+        conversation = with_hint(conversation, hint, where)
+    parts = [cfg.system, extra]
     if conversation and conversation[0].role == "system":
         parts.append(conversation[0].content)
         conversation = conversation[1:]
@@ -73,6 +81,15 @@ def teacher_prompt(row: PromptRow, cfg: TeacherPromptConfig, where: str = "row")
     head = [p.ChatMessage(role="system", content=system)] if system else []
     examples = [p.ChatMessage(role=t.role, content=t.content) for t in cfg.examples]
     return p.Prompt(messages=head + examples + conversation)
+
+
+def with_hint(conversation: list[p.ChatMessage], hint: str, where: str) -> list[p.ChatMessage]:
+    """Choice 5: the hint on a line of its own at the end of the last user turn."""
+    last = max((i for i, m in enumerate(conversation) if m.role == "user"), default=None)
+    if last is None:
+        raise DatasetError(f"{where}: teacher_prompt.hint goes at the end of the last user turn, and the row has none")
+    turn = conversation[last]
+    return [*conversation[:last], p.ChatMessage(role="user", content=f"{turn.content}\n{hint}"), *conversation[last + 1:]]
 
 
 def filled_hint(template: str, row: dict[str, Any], where: str) -> str:

@@ -28,6 +28,7 @@ def held_out_conversations(stack_file: Path, verify: Callable, monkeypatch) -> l
     for row in with_teacher_prompts(held, run.teacher_prompt, "eval"):
         student = [m.content for m in row.prompt.messages]
         teacher = [m.content for m in row.teacher.messages]
-        assert student == [row.row["prompt"]] and teacher[-1] == row.row["prompt"]
+        hint = f"\n{run.teacher_prompt.hint.format_map(row.row)}" if run.teacher_prompt.hint else ""
+        assert student == [row.row["prompt"]] and teacher[-1] == row.row["prompt"] + hint
         out.append((student, teacher))
     return out

@@ -74,7 +74,10 @@ def test_the_skill_stack_gives_the_teacher_a_context_the_student_never_sees(monk
     for _, teacher in held_out_conversations(SKILL, verify, monkeypatch):
         answers = teacher[2:-1:2]  # system, then user/assistant pairs, then the question
         assert answers and all(verify({}, a) for a in answers)
-        assert not any(verify({}, q) for q in teacher[1:-1:2])  # the example questions are sentences
+        assert not any(verify({}, q.split("\n")[0]) for q in teacher[1:-1:2])  # the example questions are sentences
+        # Each example's question shows the hint the row's question gets: its own answer, on the next line.
+        assert all(q.endswith(f"\nHint: {a}") for q, a in zip(teacher[1:-1:2], answers, strict=True))
+        assert teacher[-1].count("\nHint: ") == 1 and teacher[-1].split("\nHint: ")[1]
 
 
 def test_the_skill_stack_reports_correct_and_content_beside_the_form() -> None:

@@ -67,30 +67,39 @@ def test_the_teacher_conversation_is_context_then_the_row() -> None:
     assert teacher_prompt(text, TeacherPromptConfig(system="Be brief.")).text == "Be brief.\n\nName a year"
 
 
-def test_a_hint_fills_each_rows_own_fields_into_the_system_message() -> None:
+def test_a_hint_fills_each_rows_own_fields_into_its_last_user_turn() -> None:
     rows = prompt_rows([
         {"prompt": "Capital of Peru?", "answer": "Lima"},
-        {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "2+2?"}], "answer": 4,
+        {"messages": [{"role": "system", "content": "be kind"}, {"role": "user", "content": "2+2?"},
+                      {"role": "assistant", "content": "Five?"}, {"role": "user", "content": "Sure?"}], "answer": 4,
          "teacher_context": "Count on your fingers."},
     ])
-    cfg = TeacherPromptConfig(system="Answer in one word.", hint="The right answer is: {answer}")
+    cfg = TeacherPromptConfig(system="Answer in one word.", hint="Hint: {answer}",
+                              examples=({"role": "user", "content": "Capital of Chad?\nHint: N'Djamena"},
+                                        {"role": "assistant", "content": "N'Djamena"}))
     peru, sums = with_teacher_prompts(rows, cfg)
-    assert roles_and_texts(peru.teacher) == [("system", "Answer in one word.\n\nThe right answer is: Lima"),
-                                             ("user", "Capital of Peru?")]
-    assert roles_and_texts(sums.teacher)[0] == (
-        "system", "Answer in one word.\n\nThe right answer is: 4\n\nCount on your fingers.\n\nbe kind")
+    assert roles_and_texts(peru.teacher) == [("system", "Answer in one word."), ("user", "Capital of Chad?\nHint: N'Djamena"),
+                                             ("assistant", "N'Djamena"), ("user", "Capital of Peru?\nHint: Lima")]
+    assert roles_and_texts(sums.teacher) == [
+        ("system", "Answer in one word.\n\nCount on your fingers.\n\nbe kind"), *roles_and_texts(peru.teacher)[1:3],
+        ("user", "2+2?"), ("assistant", "Five?"), ("user", "Sure?\nHint: 4")]
+    assert rows[0].prompt.messages[-1].content == "Capital of Peru?", "the student's own prompt is untouched"
     # A hint alone is a context: the row is no longer scored on the student's own prompt ids.
     alone = with_teacher_prompts(rows[:1], TeacherPromptConfig(hint="It is {answer}."))[0].teacher
-    assert roles_and_texts(alone) == [("system", "It is Lima."), ("user", "Capital of Peru?")]
+    assert roles_and_texts(alone) == [("user", "Capital of Peru?\nIt is Lima.")]
     text = prompt_rows([{"prompt": "Capital of Peru?", "answer": "Lima"}], fmt="text")[0]
-    assert teacher_prompt(text, cfg).text == "Answer in one word.\n\nThe right answer is: Lima\n\nCapital of Peru?"
+    assert teacher_prompt(text, TeacherPromptConfig(system="Be brief.", hint="Hint: {answer}")).text == (
+        "Be brief.\n\nCapital of Peru?\nHint: Lima")
+    with pytest.raises(DatasetError, match="row 0: teacher_prompt.hint goes at the end of the last user turn"):
+        with_teacher_prompts(prompt_rows([{"prompt": "x", "answer": "y", "teacher_messages": [
+            {"role": "system", "content": "only this"}]}]), TeacherPromptConfig(hint="Hint: {answer}"))
 
 
 def test_a_hint_naming_a_missing_or_bad_field_says_what_to_fix() -> None:
     rows = prompt_rows([{"prompt": "Capital of Peru?", "answer": "Lima"}, {"prompt": "Name a fruit."}])
     with pytest.raises(DatasetError, match=r"eval row 1: teacher_prompt.hint names the field 'answer', which the row "
                                            r"lacks \(it has 'prompt'\)"):
-        with_teacher_prompts(rows, TeacherPromptConfig(hint="The right answer is: {answer}"), "eval")
+        with_teacher_prompts(rows, TeacherPromptConfig(hint="Hint: {answer}"), "eval")
     base = {"student": {"model": "m"}, "teacher_urls": "http://t", "student_url": "http://s", "dataset": {"path": "d.jsonl"}}
     for hint, says in [("The answer is {}", "{} is not a row field's name"),
                        ("The answer is {0}", "{0} is not a row field's name"),
