@@ -32,11 +32,11 @@ prompt into the student's weights. Choices:
    field of every row. It goes on a line of its own at the end of the row's
    last user turn (text mode: after the prompt), next to the question, where
    few-shot examples written the same way show the teacher how to use it.
-   Measured on the demo's task (SmolLM2-135M-Instruct, 64 held-out
-   questions x 4 samples): the reference answer in the system message lifted
-   the teacher's right answers from 0.152 to 0.168, after the question with
-   examples that show it from 0.152 to 0.754. A row without a field the hint
-   names fails the run as it sets up, naming the row and the field.
+   On the demo's task a 135M teacher barely used the reference answer in
+   its system message, and mostly gave it after the question with examples
+   that show it (README, "A teacher that knows the answers"). A row without
+   a field the hint names fails the run as it sets up, naming the row and
+   the field.
 """
 
 from __future__ import annotations
