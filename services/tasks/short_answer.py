@@ -8,12 +8,14 @@ The data (`services/data/questions/`, 184 train + 64 held-out short
 questions: capitals, colours, animal sounds and legs, opposites, plurals,
 sums and products, "name a ...") are plain questions. The privileged context,
 in `services/configs/skill.yaml` (`run.teacher_prompt`), is a system message
-asking for the bare answer in one to three words and six few-shot turns that
-show it. SmolLM2-135M-Instruct does so in 79% of its held-out replies when
-shown the context and in 4% without (it answers in sentences:
-`python benchmarks/task_gap.py`), so the student has the skill rarely and
-the teacher mostly: on-policy distillation has samples of both kinds to
-grade, and moves the skill into the student's weights.
+asking for the bare answer in one to three words, six few-shot turns that
+show it, and the row's reference answer as a hint after its question
+(`hint: "Hint: {answer}"`, which the few-shot questions show too).
+SmolLM2-135M-Instruct does so in 96% of its held-out replies when shown the
+context and in 4% without (it answers in sentences), and gives the right
+answer in 77% and 19% (`python benchmarks/task_gap.py`), so the student has
+the skill rarely and the teacher mostly: on-policy distillation has samples
+of both kinds to grade, and moves the skill into the student's weights.
 
 Each row carries a reference answer (`answer`, and `accept` variants), so
 three measures are reported:
