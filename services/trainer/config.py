@@ -169,7 +169,6 @@ class TeacherPromptConfig(Section):
         "always renders the prompt with its own chat template (a teacher whose template differs).",
     )
 
-
     @field_validator("hint")
     @classmethod
     def _hint_names_fields(cls, v: str | None) -> str | None:

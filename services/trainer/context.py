@@ -45,7 +45,7 @@ import dataclasses
 from typing import Any
 
 from opd.common import protocol as p
-from opd.trainer.config import ConfigError, RunConfig, TeacherPromptConfig, hint_fields
+from opd.trainer.config import ConfigError, RunConfig, TeacherPromptConfig
 from opd.trainer.data import DatasetError, PromptRow
 
 
@@ -94,13 +94,13 @@ def with_hint(conversation: list[p.ChatMessage], hint: str, where: str) -> list[
 
 def filled_hint(template: str, row: dict[str, Any], where: str) -> str:
     """Choice 5: the hint template with the row's fields filled in."""
-    missing = [name for name in hint_fields(template) if name not in row]
-    if missing:
+    try:
+        return template.format_map(row)  # the config checked the template: only a missing field can fail
+    except KeyError as e:
         raise DatasetError(
-            f"{where}: teacher_prompt.hint names the field {missing[0]!r}, which the row lacks (it has "
+            f"{where}: teacher_prompt.hint names the field {e.args[0]!r}, which the row lacks (it has "
             f"{', '.join(map(repr, row)) or 'no fields'}): add it to every row, or name another field in the hint"
-        )
-    return template.format_map(row)
+        ) from None
 
 
 def with_teacher_prompts(rows: list[PromptRow], cfg: TeacherPromptConfig, name: str = "train") -> list[PromptRow]:
