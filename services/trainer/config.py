@@ -449,7 +449,7 @@ def build_config(
     data: Mapping[str, Any], overrides: Sequence[str] = (), environ: Mapping[str, str] | None = None
 ) -> RunConfig:
     """A mapping (from YAML or JSON), then env variables, then `a.b=value` overrides."""
-    tree = yaml.safe_load(yaml.safe_dump(dict(data)))  # a deep, plain copy
+    tree = yaml.safe_load(yaml.safe_dump(dict(data), sort_keys=False))  # a deep, plain copy, in the given order
     for path, value in env_overrides(os.environ if environ is None else environ):
         set_path(tree, path, value)
     for item in overrides:

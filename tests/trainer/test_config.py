@@ -36,6 +36,16 @@ def test_yaml_then_env_then_set(tmp_path: Path) -> None:
     assert config.sampling.temperature == 1.0 and config.student.finetune == "lora"
 
 
+def test_measures_keep_the_order_they_are_given_in(tmp_path: Path) -> None:
+    """Tables and logs list eval.measures in the config's order (they were sorted by name)."""
+    measures = {"correct": "opd.tasks.short_answer:correct", "content": "opd.tasks.short_answer:content"}
+    data = {**BASE, "eval": {"measures": measures}}
+    assert list(build_config(data, environ={}).eval.measures) == ["correct", "content"]
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    assert list(load_config(path, environ={}).eval.measures) == ["correct", "content"]
+
+
 def test_a_given_environment_is_the_only_one(monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests build configs with environ={}: variables of the process running them must not leak in."""
     monkeypatch.setenv("OPD_TRAIN_STEPS", "99")
