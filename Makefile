@@ -68,7 +68,7 @@ bench-step: venv $(TRL_STAMP)
 task-gap: venv
 	$(BIN)/python benchmarks/task_gap.py --samples 4
 
-# opd, sft, rl-form and rl-correct on the demo's task and settings, 3 seeds: about an hour on 2 CPU cores.
+# opd, sft, rl-form and rl-correct on the demo's task and settings, 3 seeds: about 95 minutes on 2 CPU cores.
 study: venv
 	$(BIN)/python benchmarks/efficiency.py --seeds 0,1,2
 
