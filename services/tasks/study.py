@@ -137,15 +137,16 @@ def table(curves: dict[str, list[Point]], teacher_accuracy: float, fraction: flo
                 else f"not in {points[-1].step} ({points[-1].tokens:,} tokens, {points[-1].seconds:.0f} s) | - | -")
         kl = f"{points[0].teacher_kl:.3f} | {points[-1].teacher_kl:.3f}"
         lines.append(f"| {arm} | {points[0].accuracy:.3f} | {points[-1].accuracy:.3f} | {best:.3f} | {kl} | {cost} |")
-    if "opd" in curves:
-        lines += ["", "| ratio to opd | steps | tokens | seconds | the blog |", "|---|---|---|---|---|"]
-        for arm in curves:
-            blog = (f"{BLOG['rl_steps']} fewer steps than RL" if arm.startswith("rl")
-                    else f"{BLOG['compute']} less compute" if arm == "sft" else None)
-            if blog is not None:
-                last = curves[arm][-1]
-                cells = [ratio(reached[arm], reached["opd"], f, last) for f in ("step", "tokens", "seconds")]
-                lines.append(f"| {arm.upper()}/OPD | {' | '.join(cells)} | {blog} |")
+    ratios = []
+    for arm in curves:
+        blog = (f"{BLOG['rl_steps']} fewer steps than RL" if arm.startswith("rl")
+                else f"{BLOG['compute']} less compute" if arm == "sft" else None)
+        if blog is not None and "opd" in curves:
+            last = curves[arm][-1]
+            cells = [ratio(reached[arm], reached["opd"], f, last) for f in ("step", "tokens", "seconds")]
+            ratios.append(f"| {arm.upper()}/OPD | {' | '.join(cells)} | {blog} |")
+    if ratios:  # a study of opd alone (a sweep), or without opd, has nothing to compare
+        lines += ["", "| ratio to opd | steps | tokens | seconds | the blog |", "|---|---|---|---|---|", *ratios]
     return "\n".join(lines)
 
 

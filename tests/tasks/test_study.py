@@ -91,3 +91,11 @@ def test_every_rl_arm_is_compared_with_opd() -> None:
     text = table(curves, teacher_accuracy=0.8)
     assert "| RL-FORM/OPD | 2.0x | 1.3x | 1.5x | 7-10x fewer steps than RL |" in text
     assert "| RL-CORRECT/OPD | >2.0x | >1.3x | >1.5x |" in text
+
+
+def test_a_study_of_one_arm_has_no_table_of_ratios() -> None:
+    """A sweep runs opd alone (or sft alone): no ratio to compare, so no empty table under the costs."""
+    for arm in ("opd", "sft"):
+        text = table({arm: curve(records({0: 0.1, 2: 0.75}, seconds=4.0, tokens=10, scored=True))}, teacher_accuracy=0.8)
+        assert f"| {arm} | 0.100 | 0.750 |" in text
+        assert "ratio to opd" not in text, text
