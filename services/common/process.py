@@ -15,6 +15,7 @@ fork, and the child would run on with nobody holding its pid to stop it.
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -49,8 +50,36 @@ def port_free(host: str, port: int) -> bool:
     return True
 
 
+_GIVEN: set[int] = set()
+_RANDOM = random.SystemRandom()  # unmoved by a test's random.seed
+
+
+def _ephemeral_start() -> int:
+    """The lowest port the kernel hands out as the local end of outgoing connections (Linux; 32768 elsewhere)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    with socket.socket() as s:
+    """A port free now, for a server started soon after, below the ephemeral range: a port the kernel picked
+    (bind to 0) could be taken meanwhile as the local end of any outgoing connection, and the server then
+    fails with "address already in use". Never the same port twice in one process."""
+    top = min(_ephemeral_start(), 65536)
+    low = max(1024, top - 12000)
+    for _ in range(200 if top - low >= 100 else 0):
+        port = _RANDOM.randrange(low, top)
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _GIVEN.add(port)
+        return port
+    with socket.socket() as s:  # the range is full: let the kernel pick
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 

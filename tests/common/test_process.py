@@ -55,3 +55,16 @@ def test_signals_are_deferred_to_the_end_of_the_block_and_handled_once() -> None
         assert heard == [signal.SIGTERM, signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_free_ports_are_distinct_and_below_the_ephemeral_range() -> None:
+    """A port from the ephemeral range can be taken by any outgoing connection before the server binds it."""
+    import socket
+
+    from opd.common.process import _ephemeral_start
+
+    ports = [free_port() for _ in range(20)]
+    assert len(set(ports)) == 20
+    assert all(1024 <= port < _ephemeral_start() for port in ports), ports
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", ports[-1]))  # free
