@@ -30,7 +30,7 @@ _EXPORTS: dict[str, str] = {
     **dict.fromkeys(
         ["ChatMessage", "Prompt", "ScoreSequence", "LogprobsRequest", "TopLogprob", "SequenceLogprobs", "Usage",
          "LogprobsResponse", "RolloutRequest", "Rollout", "RolloutResponse", "WeightsRequest", "WeightsResponse",
-         "ServiceInfo", "Health", "ErrorBody", "RunCreated", "RunStatus", "RunList", "RunMetrics"],
+         "ServiceInfo", "TrainerInfo", "Health", "ErrorBody", "RunCreated", "RunStatus", "RunList", "RunMetrics"],
         "opd.common.protocol",
     ),
     **dict.fromkeys(["OPDError", "ServiceError", "ServiceUnavailable", "TokenizerMismatch"], "opd.common.errors"),

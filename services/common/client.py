@@ -250,6 +250,9 @@ class TrainerClient(SyncClient):
     def stop_run(self, run_id: str) -> p.RunStatus:
         return self.request("POST", f"/runs/{run_id}/stop", model=p.RunStatus)
 
+    def info(self) -> p.TrainerInfo:  # type: ignore[override]  # the trainer serves no model: its own answer
+        return self.request("GET", "/info", model=p.TrainerInfo)
+
 
 class AsyncTrainerClient(AsyncClient):
     async def start_run(self, config: dict) -> p.RunCreated:
@@ -266,3 +269,6 @@ class AsyncTrainerClient(AsyncClient):
 
     async def stop_run(self, run_id: str) -> p.RunStatus:
         return await self.request("POST", f"/runs/{run_id}/stop", model=p.RunStatus)
+
+    async def info(self) -> p.TrainerInfo:  # type: ignore[override]  # the trainer serves no model: its own answer
+        return await self.request("GET", "/info", model=p.TrainerInfo)

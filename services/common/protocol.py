@@ -279,3 +279,17 @@ class RunMetrics(Response):
         description='One record per training step ("kind": "train") and per evaluation ("kind": "eval"); '
         "null stands for a number that was not finite (a skipped update's loss)."
     )
+
+
+class TrainerInfo(Response):
+    """The trainer's GET /info: what this service is and how many runs it takes (its ServiceInfo: no model of
+    its own, a run names its student)."""
+
+    service: Literal["trainer"] = "trainer"
+    version: str | None = Field(default=None, description="The opd package's version (null when unknown).")
+    nproc: int = Field(description="Trainer processes (FSDP2 under torchrun above 1); rank 0 serves this API.")
+    runs_dir: str = Field(description="Where a run without an output_dir writes (runs_dir/<id>).")
+    max_runs: int = Field(description="Runs at once; POST /runs answers 409 while active_runs is at it.")
+    active_runs: int = Field(description="Runs in progress now.")
+    limits: dict[str, int] = Field(default={}, description="As the teacher's and the student's: max_pending (requests "
+                                   "in flight or queued before 503), max_body_bytes (largest request body, 413 above).")

@@ -14,6 +14,8 @@ from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 Engine = Literal["vllm", "hf"]
+HOST = "Address to bind."
+PORT = "Port to bind."
 DType = Literal["auto", "bfloat16", "float16", "float32"]
 
 
@@ -22,34 +24,50 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="OPD_", extra="ignore", populate_by_name=True)
 
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field(default="127.0.0.1", description=HOST)
+    port: int = Field(default=8000, description=PORT)
     api_key: str | None = Field(
         default=None,
         validation_alias=AliasChoices("OPD_API_KEY"),
         description="When set, every endpoint but /health needs 'Authorization: Bearer <key>'.",
     )
-    log_level: str = "info"
+    log_level: str = Field(default="info", description="Log level of the service's and uvicorn's logs: debug, info, warning, error.")
     max_pending: int = Field(default=64, ge=1, description="Requests in flight or queued before 503.")
-    max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="Largest request body accepted (413 above).")
+    max_body_bytes: int = Field(
+        default=64 * 2**20, ge=1024, description="Largest request body accepted, by its Content-Length (413 above).",
+    )
 
 
 class EngineSettings(ServiceSettings):
     """What the teacher and the student share: a model behind an engine."""
 
-    model: str = Field(default="", description="Local folder or hub id of the model.")
-    engine: Engine = "vllm"
-    dtype: DType = "auto"
-    max_model_len: int | None = Field(default=None, ge=16)
-    seed: int = 0
+    model: str = Field(default="", description="Local folder or hub id of the model; `serve` refuses to start without one.")
+    engine: Engine = Field(default="vllm", description="vllm (production) or hf (transformers).")
+    dtype: DType = Field(
+        default="auto", description="Weights dtype; auto: the engine's choice from the model's config (hf: the "
+        "config's dtype, float32 where it names none).",
+    )
+    max_model_len: int | None = Field(
+        default=None, ge=16, description="Longest sequence (prompt + completion) in tokens; unset: the model's own "
+        "(hf: never above max_position_embeddings, 2048 where the config has none).",
+    )
+    seed: int = Field(default=0, description="vLLM's engine seed; the hf engine does not read it.")
     # vLLM only.
-    kv_cache_gib: float = Field(default=2.0, gt=0, description="KV cache size (CPU build).")
-    gpu_memory_utilization: float = Field(default=0.85, gt=0, le=1)
-    tensor_parallel_size: int = Field(default=1, ge=1)
+    kv_cache_gib: float = Field(
+        default=2.0, gt=0, description="vLLM without a GPU: KV cache GiB (VLLM_CPU_KVCACHE_SPACE, rounded to a whole "
+        "GiB, at least 1; an exported VLLM_CPU_KVCACHE_SPACE wins). Unused on a GPU.",
+    )
+    gpu_memory_utilization: float = Field(
+        default=0.85, gt=0, le=1, description="vLLM on a GPU: the share of the GPU's memory the engine may take.",
+    )
+    tensor_parallel_size: int = Field(
+        default=1, ge=1, description="vLLM: tensor-parallel size, the devices one model is split across.",
+    )
     # hf only.
     micro_batch_tokens: int | None = Field(
         default=None, ge=16,
-        description="Padded tokens per forward; default: 8192 on a CPU, from the free memory on CUDA.",
+        description="hf engine: padded tokens per forward (a teacher's scored sequences; a student's prompt + "
+        "max_tokens per rollout); unset: 8192 on a CPU, on CUDA what half the free memory holds (at least 8192).",
     )
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]' (hf engine).")
 
@@ -57,7 +75,7 @@ class EngineSettings(ServiceSettings):
 class TeacherSettings(EngineSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_TEACHER_", extra="ignore")
 
-    port: int = 8001
+    port: int = Field(default=8001, description=PORT)
     max_sequences: int = Field(default=512, ge=1, description="Sequences in one /logprobs request (413 above).")
     max_request_tokens: int = Field(default=262_144, ge=1, description="Tokens in one /logprobs request (413 above).")
 
@@ -65,9 +83,9 @@ class TeacherSettings(EngineSettings):
 class StudentSettings(EngineSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_STUDENT_", extra="ignore")
 
-    port: int = 8002
+    port: int = Field(default=8002, description=PORT)
     checkpoint_root: str = Field(default="checkpoints", description="Folder that /weights paths are relative to.")
-    max_prompts: int = Field(default=256, ge=1)
+    max_prompts: int = Field(default=256, ge=1, description="Prompts in one /rollouts request (413 above).")
     max_rollouts: int = Field(default=1024, ge=1, description="prompts * n in one request (413 above).")
     max_tokens: int = Field(
         default=4096, ge=1, description="Largest max_tokens of one /rollouts request (422 above); prompt + max_tokens "
@@ -79,8 +97,14 @@ class StudentSettings(EngineSettings):
     cuda_graphs: bool = Field(
         default=True, description="hf engine on CUDA: each decode step one CUDA graph replay (a fixed-size KV cache).",
     )
-    max_lora_rank: int = Field(default=64, ge=1)
-    enable_lora: bool = True
+    max_lora_rank: int = Field(
+        default=64, ge=1, description="Largest LoRA rank a weight swap may bring (422 above); vLLM's adapter mode "
+        "sizes its LoRA slots by it.",
+    )
+    enable_lora: bool = Field(
+        default=True, description="Accept LoRA versions on POST /weights; false: full checkpoints only, and vLLM "
+        "runs without LoRA.",
+    )
     lora_mode: Literal["auto", "adapter", "merge"] = Field(
         default="auto",
         description="How a LoRA version is served: 'adapter' (vLLM's LoRA kernels, peft in the hf engine), 'merge' "
@@ -100,7 +124,7 @@ class StudentSettings(EngineSettings):
 class TrainerSettings(ServiceSettings):
     model_config = SettingsConfigDict(env_prefix="OPD_TRAINER_", extra="ignore")
 
-    port: int = 8003
+    port: int = Field(default=8003, description=PORT)
     max_runs: int = Field(default=1, ge=1, description="Runs at once; POST /runs answers 409 above.")
     runs_dir: str = Field(default="runs", description="Where a run without an output_dir writes (runs_dir/<id>).")
     nproc: int = Field(default=1, ge=1, description="Trainer processes on this machine (FSDP2 under torchrun; one run at a time above 1).")

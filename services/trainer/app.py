@@ -5,6 +5,7 @@
     GET  /runs/{id}        state, step, latest metrics
     GET  /runs/{id}/metrics  every metrics record so far
     POST /runs/{id}/stop   ends the run at the next step boundary
+    GET  /info             version, trainer processes, runs dir, runs at once and in progress, limits
 
 One run at a time unless `OPD_TRAINER_MAX_RUNS` says otherwise (409 when
 busy). An invalid config is a 422 whose detail names the field. Auth,
@@ -14,6 +15,7 @@ probes and error mapping are those of every opd service (`install_common`).
 from __future__ import annotations
 
 from contextlib import asynccontextmanager
+from importlib import metadata
 from typing import Annotated
 
 from fastapi import Depends, FastAPI, Request
@@ -38,6 +40,14 @@ def get_runs(request: Request) -> RunManager:
 
 
 Runs = Annotated[RunManager, Depends(get_runs)]
+
+
+def package_version() -> str | None:
+    """The installed opd package's version; None from a source tree nobody installed."""
+    try:
+        return metadata.version("opd")
+    except metadata.PackageNotFoundError:
+        return None
 
 
 def build_app(settings: TrainerSettings) -> FastAPI:
@@ -93,5 +103,14 @@ def build_app(settings: TrainerSettings) -> FastAPI:
         handle = runs.get(run_id)
         handle.request_stop()
         return handle.status()
+
+    @app.get("/info", dependencies=[Authorized], tags=["trainer"])
+    async def info() -> p.TrainerInfo:
+        """Version, trainer processes, runs dir, runs at once and in progress, limits."""
+        return p.TrainerInfo(
+            version=package_version(), nproc=settings.nproc, runs_dir=settings.runs_dir, max_runs=settings.max_runs,
+            active_runs=active_runs(),
+            limits={"max_pending": settings.max_pending, "max_body_bytes": settings.max_body_bytes},
+        )
 
     return app

@@ -66,25 +66,27 @@ class Section(BaseModel):
 
 
 class LoraSettings(Section):
-    rank: PositiveInt = 16
-    alpha: Annotated[float, Field(gt=0)] = 32.0
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
+    rank: PositiveInt = Field(default=16, description="LoRA rank (the student serves up to its max_lora_rank).")
+    alpha: Annotated[float, Field(gt=0)] = Field(default=32.0, description="LoRA alpha: the update is scaled by alpha / rank.")
+    dropout: Annotated[float, Field(ge=0, lt=1)] = Field(default=0.0, description="LoRA dropout, in training.")
     # The linear layers vLLM can serve LoRA on for Llama-style models.
-    target_modules: Annotated[tuple[str, ...], Field(min_length=1)] = LLAMA_LINEAR
+    target_modules: Annotated[tuple[str, ...], Field(min_length=1)] = Field(
+        default=LLAMA_LINEAR, description="The linear layers to adapt; default: those vLLM can serve LoRA on for "
+        "Llama-style models.")
 
 
 class StudentConfig(Section):
     model: Annotated[str, Field(min_length=1, description="The model the student service serves (folder or hub id).")]
-    finetune: Literal["lora", "full"] = "lora"
+    finetune: Literal["lora", "full"] = Field(default="lora", description="lora: train a LoRA adapter; full: every parameter.")
     lora: LoraSettings = LoraSettings()
-    dtype: Literal["float32", "bfloat16"] = "float32"
+    dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="The dtype the trainer loads and trains the student in.")
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     micro_batch_tokens: PositiveInt | None = Field(
         default=None, description="Padded tokens per training forward; default: 4096 on a CPU, from the free memory on CUDA.",
     )
     # None: torch's default (every core). Idle vLLM engines spin for only a second
     # after their last step, so a trainer beside them can use every core.
-    torch_threads: PositiveInt | None = None
+    torch_threads: PositiveInt | None = Field(default=None, description="The trainer's torch threads; default: torch's (every core).")
 
 
 class DatasetConfig(Section):
@@ -92,7 +94,9 @@ class DatasetConfig(Section):
     split: str = Field(default="train", description="Split to train on when `path` is a folder.")
     eval_path: str | None = Field(default=None, description="Held-out prompts; default: `eval_size` rows held out of `path`.")
     eval_split: str | None = Field(default=None, description="Held-out split when `path` is a folder.")
-    eval_size: PositiveInt = 32
+    eval_size: PositiveInt = Field(
+        default=32, description="Held-out prompts: rows held out of `path` at random (seeded), or the first rows of "
+        "eval_path / eval_split.")
     prompt_format: Literal["chat", "text"] = Field(
         default="chat", description="chat: a `prompt` text becomes one user message, rendered by the chat template."
     )
@@ -102,14 +106,17 @@ class DatasetConfig(Section):
 
 
 class SamplingConfig(Section):
-    prompts_per_step: PositiveInt = 8
-    samples_per_prompt: Annotated[int, Field(ge=1, le=64)] = 4
-    max_tokens: PositiveInt = 64
+    prompts_per_step: PositiveInt = Field(default=8, description="Prompts drawn for each step.")
+    samples_per_prompt: Annotated[int, Field(ge=1, le=64)] = Field(default=4, description="Rollouts sampled per prompt.")
+    max_tokens: PositiveInt = Field(default=64, description="Longest completion, in tokens.")
     # The student reports logprobs after temperature and top-p, and the trainer
     # scores with the same temperature and nucleus (services/common/hf.py).
     # Greedy rollouts (temperature below MIN_TEMPERATURE) have no sampling logprobs.
-    temperature: Annotated[float, Field(ge=MIN_TEMPERATURE, le=10)] = 1.0
-    top_p: Annotated[float, Field(gt=0, le=1)] = 1.0
+    temperature: Annotated[float, Field(ge=MIN_TEMPERATURE, le=10)] = Field(
+        default=1.0, description="Sampling temperature; the trainer scores at the same one (no greedy rollouts: they "
+        "have no sampling logprobs).")
+    top_p: Annotated[float, Field(gt=0, le=1)] = Field(
+        default=1.0, description="Nucleus sampling; the trainer scores with the same nucleus.")
     max_staleness: Annotated[int, Field(ge=0, le=1)] = Field(
         default=0,
         description="1: sample the next step's rollouts while this step scores and trains (one policy version "
@@ -118,22 +125,28 @@ class SamplingConfig(Section):
 
 
 class OptimizerConfig(Section):
-    lr: Annotated[float, Field(gt=0)] = 1e-4
-    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.999)
-    eps: Annotated[float, Field(gt=0)] = 1e-8
-    weight_decay: Annotated[float, Field(ge=0)] = 0.0
+    lr: Annotated[float, Field(gt=0)] = Field(default=1e-4, description="AdamW learning rate (after warmup).")
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        default=(0.9, 0.999), description="AdamW betas.")
+    eps: Annotated[float, Field(gt=0)] = Field(default=1e-8, description="AdamW epsilon.")
+    weight_decay: Annotated[float, Field(ge=0)] = Field(default=0.0, description="AdamW weight decay.")
     grad_clip: Annotated[float, Field(ge=0, description="Max global gradient norm; 0 turns clipping off.")] = 1.0
-    warmup_steps: Annotated[int, Field(ge=0)] = 0
+    warmup_steps: Annotated[int, Field(ge=0)] = Field(
+        default=0, description="Optimizer steps over which the learning rate rises linearly to lr; 0: none.")
 
 
 class LossConfig(Section):
-    kind: Literal["importance_sampling", "ppo"] = "importance_sampling"
-    clip_range: Annotated[float, Field(gt=0, lt=1)] = 0.2
+    kind: Literal["importance_sampling", "ppo"] = Field(
+        default="importance_sampling", description="importance_sampling: the advantage weighted by the importance "
+        "ratio; ppo: PPO's clipped objective. The sft objective uses neither.")
+    clip_range: Annotated[float, Field(gt=0, lt=1)] = Field(
+        default=0.2, description="PPO's clip: the ratio is clipped to [1 - clip_range, 1 + clip_range] (ppo); also the band the "
+        "clip_fraction metric counts.")
 
 
 class EvalConfig(Section):
     every: Annotated[int, Field(ge=0, description="Evaluate every N steps (and before the first and after the last); 0: never.")] = 10
-    samples_per_prompt: Annotated[int, Field(ge=1, le=64)] = 1
+    samples_per_prompt: Annotated[int, Field(ge=1, le=64)] = Field(default=1, description="Completions per held-out prompt.")
     max_tokens: PositiveInt | None = Field(default=None, description="Default: sampling.max_tokens.")
     verifier: str | None = Field(default=None, description="'module:function' (row, completion_text) -> bool: eval accuracy.")
     measures: dict[str, str] = Field(
@@ -143,8 +156,8 @@ class EvalConfig(Section):
 
 
 class ChatTurn(Section):
-    role: Annotated[str, Field(min_length=1)]
-    content: str
+    role: Annotated[str, Field(min_length=1, description="The turn's role (system, user, assistant).")]
+    content: str = Field(description="The turn's text.")
 
 
 class TeacherPromptConfig(Section):
@@ -199,7 +212,9 @@ class TeacherConfig(Section):
         min_length=1, description="The teacher's replicas, used round robin.")]
     protocol: TeacherProtocol = Field(default="opd", description="opd, openai or sglang: as teacher_protocol.")
     api_key: str | None = Field(default=None, repr=False, description="Default: the run's api_key.")
-    teacher_prompt: TeacherPromptConfig = TeacherPromptConfig()
+    teacher_prompt: TeacherPromptConfig = Field(
+        default=TeacherPromptConfig(), description="What this teacher sees before the completion, as the run's "
+        "teacher_prompt.")
 
     @field_validator("urls", mode="before")
     @classmethod
@@ -208,14 +223,18 @@ class TeacherConfig(Section):
 
 
 class ServicesConfig(Section):
-    request_timeout_s: Annotated[float, Field(gt=0)] = 300.0
-    retries: Annotated[int, Field(ge=0)] = 4
-    max_backoff_s: Annotated[float, Field(gt=0)] = 10.0
+    request_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=300.0, description="Timeout of one request to a teacher or student, in seconds.")
+    retries: Annotated[int, Field(ge=0)] = Field(default=4, description="Tries after the first for a failed request.")
+    max_backoff_s: Annotated[float, Field(gt=0)] = Field(
+        default=10.0, description="Longest pause between retries, and between checks on a service that is down.")
     max_wait_s: Annotated[float, Field(ge=0, description="How long a run waits for a service that is down before failing.")] = 900.0
 
 
 class RunConfig(Section):
-    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = "opd"
+    name: Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")] = Field(
+        default="opd", description="The run's name: its versions' folder under checkpoint_root, a trainer "
+        "service's run id prefix, the plot's title.")
     student: StudentConfig
     teacher_urls: Annotated[tuple[str, ...] | None, Field(
         min_length=1, description="Teacher replicas, used round robin (or give teachers).")] = None
@@ -242,21 +261,27 @@ class RunConfig(Section):
     teacher_sampler_url: str | None = Field(
         default=None, description="objective sft: a student service serving the teacher's model, sampling its completions."
     )
-    api_key: str | None = Field(default=None, repr=False)
+    api_key: str | None = Field(default=None, repr=False, description="Key for the teacher and student services; "
+                                "default: OPD_API_KEY.")
     dataset: DatasetConfig
     sampling: SamplingConfig = SamplingConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     loss: LossConfig = LossConfig()
-    kl_coef: Annotated[float, Field(ge=0)] = 1.0
-    kl_discount: Annotated[float, Field(ge=0, le=1)] = 0.0
+    kl_coef: Annotated[float, Field(ge=0)] = Field(
+        default=1.0, description="Weight of the per-token reverse KL in the advantage (objective opd).")
+    kl_discount: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=0.0, description="A token's advantage also sums later tokens' KL, discounted by this per token; 0: "
+        "its own KL only.")
     reward_fn: str | None = Field(default=None, description="'module:function' (row, completion_text) -> float, group-centered.")
     teacher_prompt: TeacherPromptConfig = TeacherPromptConfig()
-    substeps: PositiveInt = 1
-    steps: PositiveInt = 100
+    substeps: PositiveInt = Field(
+        default=1, description="Optimizer steps per step, each on its share of the step's rollouts.")
+    steps: PositiveInt = Field(default=100, description="Training steps.")
     eval: EvalConfig = EvalConfig()
     save_every: Annotated[int, Field(ge=1, description="Checkpoint the trainer state every N steps (and at the end).")] = 10
     keep_versions: Annotated[int, Field(ge=1, description="Policy versions kept under checkpoint_root.")] = 2
-    seed: int = 0
+    seed: int = Field(
+        default=0, description="Seeds the held-out split, the prompt order, the LoRA initialisation and the rollouts.")
     output_dir: str = Field(default="runs/opd", description="Metrics, TensorBoard, plot and trainer checkpoints.")
     checkpoint_root: str = Field(default="checkpoints", description="The student service's --checkpoint-root.")
     resume: bool = Field(

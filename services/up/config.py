@@ -3,7 +3,7 @@ and the distillation run to submit to the trainer.
 
     workdir: runs/demo
     teacher: {model: {prepare: smollm2-135m-instruct}, engine: vllm, port: 8001}
-    student: {model: {prepare: smollm2-135m-instruct, layers: 12}, engine: vllm, port: 8002}   # replicas: 2 -> 8002, 8003
+    student: {model: {prepare: smollm2-135m-instruct, layers: 12}, engine: vllm, port: 8002}   # replicas: 2 -> 8002, 8012
     trainer: {port: 8003, nproc: 1}                      # nproc > 1: FSDP2 under torchrun
     run: {steps: 30, sampling: {max_tokens: 48}, ...}     # a trainer run config
     restart: {policy: on-failure, max_restarts: 3, backoff_s: 1, max_backoff_s: 30}
@@ -13,9 +13,10 @@ and the distillation run to submit to the trainer.
 (service URLs, the student model, checkpoint and output folders); those are
 filled in. The file is YAML; `--set section.field=value` overrides any field.
 
-Student replicas: `student: {replicas: 2, port: 8002, ...}` runs two student
-processes, on ports 8002 and 8003 (or `port: [8002, 8012]`, a port each),
-each supervised on its own; the run gets their URLs as `student_urls`.
+Student replicas: `student: {replicas: 2, port: 8002, ...}` (or
+`opd up --set student.replicas=2`) runs two student processes, replica i on
+port + 10*i: 8002 and 8012, clear of the trainer's 8003 (or `port: [8002, 8012]`,
+a port each), each supervised on its own; the run gets their URLs as `student_urls`.
 
 Several teachers: `teachers: {math: {model: ..., port: 8001}, style: {model: ..., port: 8011}}` in place
 of `teacher:` (one or the other) runs a process per teacher, `teacher-math`, `teacher-style`, each
@@ -60,10 +61,13 @@ class _Section(BaseModel):
 class ModelSource(_Section):
     """A model folder or hub id (`path`), or a model `opd models prepare` builds (`prepare`)."""
 
-    path: str | None = None
-    prepare: str | None = None
-    layers: Annotated[int | None, Field(ge=1)] = None
-    drop_layers: Annotated[str | None, Field(pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")] = None
+    path: str | None = Field(default=None, description="A model folder or hub id; or give prepare.")
+    prepare: str | None = Field(
+        default=None, description="A model `opd models prepare` builds under <workdir>/models (smollm2-135m-instruct).")
+    layers: Annotated[int | None, Field(ge=1)] = Field(
+        default=None, description="With prepare: keep only the first N decoder layers.")
+    drop_layers: Annotated[str | None, Field(pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")] = Field(
+        default=None, description="With prepare: remove spans of middle layers, '12-21' or '3,7-9'.")
 
     @model_validator(mode="after")
     def _one(self) -> ModelSource:
@@ -77,19 +81,24 @@ class ModelSource(_Section):
 
 
 Port = Annotated[int, Field(ge=1, le=65535)]
+# Replica i of a single first student port serves on port + 10*i (8002, 8012, ...): clear of the trainer's 8003
+# and of a second teacher's conventional 8011.
+REPLICA_PORT_STEP = 10
 
 
 class EngineService(_Section):
-    model: ModelSource
-    engine: Literal["vllm", "hf"] = "vllm"
-    port: Port
-    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
-    kv_cache_gib: Annotated[float, Field(gt=0)] = 1.0
+    model: ModelSource = Field(description="The model it serves: give path or prepare.")
+    engine: Literal["vllm", "hf"] = Field(default="vllm", description="vllm (production) or hf (transformers).")
+    port: Port = Field(description="The port it serves on.")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description="Weights dtype (--dtype).")
+    kv_cache_gib: Annotated[float, Field(gt=0)] = Field(
+        default=1.0, description="vLLM without a GPU: KV cache GiB (--kv-cache-gib).")
 
 
 class StudentService(EngineService):
     port: Port | Annotated[tuple[Port, ...], Field(min_length=1)] = Field(  # type: ignore[assignment]
-        description="The student's port; with replicas the first of consecutive ones, or a list: a port per replica."
+        description="The student's port; with replicas the first, replica i on port + 10*i (8002, 8012, ...), "
+                    "or a list: a port per replica."
     )
     replicas: Annotated[int, Field(ge=1, le=64)] | None = Field(
         default=None, description="Student processes, each step's prompts split across them (default 1, or one per port listed)."
@@ -103,8 +112,9 @@ class StudentService(EngineService):
         if isinstance(self.port, tuple) and self.replicas not in (None, len(self.port)):
             raise ValueError(f"replicas: {self.replicas} replicas, but {len(self.port)} ports listed in 'port'; "
                              "give one port per replica, or a single first port")
-        if not isinstance(self.port, tuple) and self.port + self.count - 1 > 65535:
-            raise ValueError(f"port: {self.count} replicas from port {self.port} pass 65535")
+        if not isinstance(self.port, tuple) and self.ports[-1] > 65535:
+            raise ValueError(f"port: {self.count} replicas from port {self.port}, {REPLICA_PORT_STEP} apart, pass 65535 "
+                             f"(the last would be {self.ports[-1]}); give a lower first port or list a port per replica")
         return self
 
     @property
@@ -114,7 +124,9 @@ class StudentService(EngineService):
     @property
     def ports(self) -> list[int]:
         """One port per replica."""
-        return list(self.port) if isinstance(self.port, tuple) else [self.port + i for i in range(self.count)]
+        if isinstance(self.port, tuple):
+            return list(self.port)
+        return [self.port + REPLICA_PORT_STEP * i for i in range(self.count)]
 
     @property
     def names(self) -> list[str]:
@@ -123,7 +135,7 @@ class StudentService(EngineService):
 
 
 class TrainerService(_Section):
-    port: Annotated[int, Field(ge=1, le=65535)] = 8003
+    port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8003, description="The trainer service's port.")
     nproc: Annotated[int, Field(ge=1, description="Trainer processes (FSDP2 under torchrun); rank 0 serves the port.")] = 1
 
 
@@ -135,27 +147,38 @@ class RestartPolicy(_Section):
     run), its next crash stops everything.
     """
 
-    policy: Literal["on-failure", "no"] = "on-failure"
-    max_restarts: Annotated[int, Field(ge=0, le=100)] = 3
-    backoff_s: Annotated[float, Field(gt=0, le=600)] = 1.0
-    max_backoff_s: Annotated[float, Field(gt=0, le=3600)] = 30.0
+    policy: Literal["on-failure", "no"] = Field(
+        default="on-failure", description="on-failure: restart a service that exits on its own; no: stop everything.")
+    max_restarts: Annotated[int, Field(ge=0, le=100)] = Field(
+        default=3, description="Restarts of one service over the whole run; its next crash stops everything.")
+    backoff_s: Annotated[float, Field(gt=0, le=600)] = Field(
+        default=1.0, description="The n-th restart waits backoff_s * 2^(n-1) seconds.")
+    max_backoff_s: Annotated[float, Field(gt=0, le=3600)] = Field(
+        default=30.0, description="The longest wait before a restart, in seconds.")
 
 
 class StackConfig(_Section):
-    workdir: str = "runs/demo"
-    host: str = "127.0.0.1"
-    teacher: EngineService | None = None
+    workdir: str = Field(default="runs/demo", description="Logs, prepared models, checkpoints and the run's output go here.")
+    host: str = Field(default="127.0.0.1", description="The address every service binds.")
+    teacher: EngineService | None = Field(default=None, description="The teacher service; or give teachers.")
     teachers: Annotated[dict[TeacherName, EngineService], Field(min_length=1)] | None = Field(
         default=None, description="Several teachers by name, each its own process (teacher-<name>); or give teacher.")
     student: StudentService
     trainer: TrainerService = TrainerService()
-    run: dict[str, Any] = {}
-    startup_timeout_s: Annotated[float, Field(gt=0)] = 900.0
-    samples_to_show: Annotated[int, Field(ge=0, le=8)] = 2
+    run: dict[str, Any] = Field(
+        default={}, description="A trainer run config, without what opd up fills in (service URLs, student.model, "
+        "api_key, checkpoint_root, output_dir).")
+    startup_timeout_s: Annotated[float, Field(gt=0)] = Field(
+        default=900.0, description="Seconds a service has to become ready, at start and after a restart.")
+    samples_to_show: Annotated[int, Field(ge=0, le=8)] = Field(
+        default=2, description="Prompts whose completions are shown before and after a completed run: the last "
+        "rows of the run's JSONL eval_path, else of its path.")
     restart: RestartPolicy = RestartPolicy()
     # After the first Ctrl-C the trainer gets this long, plus the longest step
     # seen so far, to stop at its next safe point and checkpoint.
-    stop_grace_s: Annotated[float, Field(ge=0, le=3600)] = 10.0
+    stop_grace_s: Annotated[float, Field(ge=0, le=3600)] = Field(
+        default=10.0, description="After the first Ctrl-C the trainer gets this long, plus the longest step seen so "
+        "far, to stop at its next safe point and checkpoint.")
 
     @model_validator(mode="after")
     def _distinct_ports(self) -> StackConfig:

@@ -37,7 +37,7 @@ CLIENT_MODULES = ["opd.common.client", "opd.common.compat_client", "opd.common.p
 # What a pipeline imports from `opd` itself: the clients, the compatible-protocol clients, the models they return.
 TOP_LEVEL = ["TeacherClient", "AsyncTeacherClient", "StudentClient", "AsyncStudentClient", "TrainerClient",
              "AsyncTrainerClient", "teacher_client", "OpenAITeacherClient", "SGLangTeacherClient",
-             "LogprobsResponse", "SequenceLogprobs", "RolloutResponse", "WeightsResponse", "ServiceInfo",
+             "LogprobsResponse", "SequenceLogprobs", "RolloutResponse", "WeightsResponse", "ServiceInfo", "TrainerInfo",
              "RunCreated", "RunStatus", "RunMetrics", "ServiceError"]
 HEAVY = {"torch", "transformers", "vllm", "fastapi", "numpy"}
 

@@ -108,3 +108,16 @@ def test_unknown_run_auth_and_probes(http: httpx.Client, trainer_url: str) -> No
     assert httpx.get(trainer_url + "/runs").status_code == 401
     assert httpx.get(trainer_url + "/health").json() == {"status": "ok"}
     assert http.get("/ready").status_code == 200
+
+
+def test_info_over_the_client_and_its_key(trainer_url: str) -> None:
+    """GET /info of the served trainer, through TrainerClient.info(): its defaults, and 401 without the key."""
+    from opd.common.client import TrainerClient
+    from opd.common.errors import ServiceError
+
+    info = TrainerClient(trainer_url, api_key=KEY).info()
+    assert info.service == "trainer" and info.nproc == 1 and info.max_runs == 1 and info.active_runs == 0
+    assert Path(info.runs_dir).is_dir() and info.limits["max_pending"] == 64
+    assert httpx.get(trainer_url + "/info").status_code == 401
+    with pytest.raises(ServiceError, match="401"):
+        TrainerClient(trainer_url, retries=0).info()

@@ -25,6 +25,16 @@ def test_every_shipped_stack_file_validates() -> None:
         load_stack(DEFAULT_CONFIG.parent / name)
 
 
+def test_every_shipped_stack_file_takes_two_student_replicas_as_is() -> None:
+    """`opd up --set student.replicas=2` needs no port of its own: the second replica goes 10 past the first,
+    clear of the teacher's and the trainer's default ports."""
+    for name in ("skill.yaml", "heal.yaml", "answer_format.yaml"):
+        stack = load_stack(DEFAULT_CONFIG.parent / name, ["student.replicas=2"])
+        first = stack.student.ports[0]
+        assert stack.student.ports == [first, first + 10] and stack.student.names == ["student-1", "student-2"]
+    assert load_stack(None, ["student.replicas=2"]).student.ports == [8002, 8012]
+
+
 def test_a_relative_dataset_path_is_found_from_any_folder(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     shipped = "services/data/questions/train.jsonl"
@@ -46,8 +56,9 @@ def test_the_run_opd_up_submits_names_the_shipped_data_absolutely(tmp_path, monk
 
 
 def test_student_replicas_run_as_processes_of_their_own_and_the_run_gets_their_urls(tmp_path) -> None:
-    """`student: {replicas: 2, port: P}` is two students on P and P+1 (or a listed port each); the run opd up
-    submits names both as student_urls, a lone student stays student_url, and a port taken twice is refused."""
+    """`student: {replicas: 2, port: P}` is two students on P and P+10 (or a listed port each), so the default
+    8002 with replicas clears the trainer's 8003; the run opd up submits names both as student_urls, a lone
+    student stays student_url, and a port taken twice, or replicas past 65535, are refused."""
     def stack(student: dict, **more) -> Stack:
         data = {"workdir": str(tmp_path / "w"), "trainer": {"port": 8100},
                 "teacher": {"model": {"prepare": "smollm2-135m-instruct"}, "port": 8101},
@@ -59,7 +70,7 @@ def test_student_replicas_run_as_processes_of_their_own_and_the_run_gets_their_u
         return made
 
     two = stack({"replicas": 2, "port": 8102}, run={"student_url": "http://mine"})  # opd up gives its own
-    assert two.config.student.ports == [8102, 8103] and two.config.student.names == ["student-1", "student-2"]
+    assert two.config.student.ports == [8102, 8112] and two.config.student.names == ["student-1", "student-2"]
     run = two.run_config("student-model")
     assert run["student_urls"] == ["http://student-1", "http://student-2"] and "student_url" not in run
     listed = stack({"port": [8110, 8120, 8130]})
@@ -67,8 +78,11 @@ def test_student_replicas_run_as_processes_of_their_own_and_the_run_gets_their_u
     one = stack({"port": 8102})
     assert one.config.student.names == ["student"] and one.run_config("m")["student_url"] == "http://student"
     assert "student_urls" not in one.run_config("m")
-    with pytest.raises(InvalidInput, match=r"different ports; got \[8101, 8099, 8100, 8100\]"):
-        stack({"replicas": 2, "port": 8099})
+    assert stack({"replicas": 3, "port": 8102}).config.student.ports == [8102, 8112, 8122]
+    with pytest.raises(InvalidInput, match=r"different ports; got \[8101, 8090, 8100, 8100\]"):
+        stack({"replicas": 2, "port": 8090})
+    with pytest.raises(InvalidInput, match=r"3 replicas from port 65520, 10 apart, pass 65535 \(the last would be 65540\)"):
+        stack({"replicas": 3, "port": 65520})
     with pytest.raises(InvalidInput, match=r"replicas: 3 replicas, but 2 ports listed"):
         stack({"replicas": 3, "port": [8110, 8120]})
 

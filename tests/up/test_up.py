@@ -81,28 +81,40 @@ def test_up_runs_a_distillation_and_leaves_nothing_behind(tmp_path, teacher_mode
         assert port_free("127.0.0.1", stack[name]["port"]), f"{name}'s port is still held"
 
 
+def first_of_two_replica_ports(taken: list[int]) -> int:
+    """A free port P whose second replica's port, P+10, is free too and not among `taken`."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10 not in taken and port_free("127.0.0.1", port + 10):
+            return port
+    raise AssertionError("no free port P with P+10 free as well")
+
+
 def test_up_runs_two_student_replicas_each_its_own_process(tmp_path, teacher_model, student_model) -> None:
-    """`student: {replicas: 2}` (hf engines, to keep it quick): two student processes with logs of their own,
-    the run gets both URLs as student_urls, each replica loads every version and samples, all stop at the end."""
+    """`opd up --set student.replicas=2` (hf engines, to keep it quick) with the stack's single student port P:
+    two student processes, on P and P+10, with logs of their own, the run gets both URLs as student_urls,
+    each replica loads every version and samples, all stop at the end."""
     mark = uuid.uuid4().hex
     config = stack_yaml(tmp_path, teacher_model, student_model, steps=2)
     stack = yaml.safe_load(config.read_text())
     for service in ("teacher", "student"):
         stack[service]["engine"] = "hf"
-    stack["student"].update(port=[free_port(), free_port()], replicas=2)
+    first = first_of_two_replica_ports([stack["teacher"]["port"], stack["trainer"]["port"]])
+    stack["student"]["port"] = first  # one port, no replicas: the --set below makes two, as the docs say
     config.write_text(yaml.safe_dump(stack))
-    result = opd("up", str(config), mark=mark)
+    result = opd("up", str(config), "--set", "student.replicas=2", mark=mark)
     out = result.stdout + result.stderr
     assert result.returncode == 0 and "state: completed after 2 steps" in out, out[-5000:]
     workdir = Path(stack["workdir"])
     urls = json.loads((workdir / "run" / "config.json").read_text())["student_urls"]
-    assert urls == [f"http://127.0.0.1:{port}" for port in stack["student"]["port"]]
+    ports = [first, first + 10]
+    assert urls == [f"http://127.0.0.1:{port}" for port in ports]
     for name, url in zip(("student-1", "student-2"), urls, strict=True):
         assert f"ready {name} at {url}" in out
         log = (workdir / "logs" / f"{name}.log").read_text()
         assert log.count("POST /weights") >= 2 + 2 and "POST /rollouts" in log, f"{name} missed versions or samples"
     assert marked_processes(mark) == [], "opd up left processes running"
-    assert all(port_free("127.0.0.1", port) for port in stack["student"]["port"])
+    assert all(port_free("127.0.0.1", port) for port in ports)
 
 
 def test_up_refuses_a_taken_port_and_a_missing_model(tmp_path, teacher_model, student_model) -> None:
