@@ -3,14 +3,26 @@
     python benchmarks/rollout_throughput.py            # the default run (about 7 minutes on 2 cores)
     python benchmarks/rollout_throughput.py --prompts 4 --n 2 --max-tokens 32 --layers 12 --rows vllm,serve   # quick
 
-Rows, one after the other (never two engines at once: they would share the CPU):
-1) `vllm engine`: the student's VLLMRolloutEngine in this process, as the
-   service runs it (LoRA enabled); then again with a LoRA version serving.
+Rows, one after the other (never two engines at once: they would share the CPU).
+Every opd row runs the student's default `lora_mode: auto`: on a machine without
+a GPU a LoRA version is merged into the serving weights (no LoRA kernels); on a
+GPU the vLLM engine serves it through vLLM's LoRA kernels and the hf engine
+merges it. Each row's label says which ("merge" or "adapter").
+1) `vllm engine (LoRA merge|adapter)`: the student's VLLMRolloutEngine in this
+   process, as the service runs it, the base weights serving; then
+   `vllm engine + LoRA (merged|adapter)`: again with a rank-16 LoRA version.
 2) `vllm engine (--no-lora)`: the same without LoRA support (full-weight runs).
-3) `hf engine`: the student's HFRolloutEngine in this process; then with a LoRA version.
-4) `student service`: `opd student serve --engine vllm` as a process, over HTTP.
+3) `hf engine (LoRA merge)`: the student's HFRolloutEngine in this process;
+   then `hf engine + LoRA (merged)`, with a LoRA version merged by peft.
+4) `student service (HTTP, vLLM, LoRA merge|adapter)`: `opd student serve
+   --engine vllm` as a process, over HTTP.
 5) `vllm serve`: stock vLLM's OpenAI server as a process, /v1/completions
    with token-id prompts: the baseline.
+
+Before `lora_mode` existed (the figures of commit 4e4e5f2 in
+benchmarks/ROLLOUT_RESULTS.md) rows 1 and 4 served LoRA through vLLM's CPU
+LoRA kernels and row 3 served a peft adapter unmerged: those figures are not
+what these rows measure now.
 
 Every row samples the same chat prompts with the same settings (n samples per
 prompt, max_tokens, temperature 1, top_p 1, a seed, the sampled token's
@@ -69,7 +81,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--swap-repeats", type=int, default=3)
-    ap.add_argument("--rows", default="vllm,vllm-nolora,hf,service,serve", help="Which rows to run, comma-separated.")
+    ap.add_argument("--rows", default="vllm,vllm-nolora,hf,service,serve",
+                    help="Which rows to run, comma-separated: vllm (and its + LoRA row), vllm-nolora, "
+                    "hf (and its + LoRA row), service, serve.")
     ap.add_argument("--kv-cache-gib", type=float, default=2.0)
     return ap.parse_args()
 
@@ -131,12 +145,15 @@ async def engine_row(args: argparse.Namespace, model: Path, prompts: list[list[i
     from opd.student.engine import Sampling, build_engine
 
     root = args.workdir / "versions"
-    name = f"{kind} engine" + ("" if lora else " (--no-lora)")
-    engine = build_engine(settings_for(args, model, kind).model_copy(update={"enable_lora": lora}))
+    settings = settings_for(args, model, kind).model_copy(update={"enable_lora": lora})
+    merge = lora and settings.merge_lora  # lora_mode auto: merged on a machine without a GPU (vLLM) or always (hf)
+    name = f"{kind} engine " + (f"(LoRA {'merge' if merge else 'adapter'})" if lora else "(--no-lora)")
+    engine = build_engine(settings)
     sampling = Sampling(n=args.n, max_tokens=args.max_tokens, seed=0)
     try:
         await engine.sample(prompts[:1], Sampling(n=1, max_tokens=8))  # warm-up
-        row = Row(name, note="LoRA-enabled engine, base weights serving" if kind == "vllm" and lora else "")
+        row = Row(name, note=("base weights; LoRA versions merged into them" if merge
+                              else "base weights; LoRA versions served as adapters" if lora else "no LoRA support"))
         row.tokens, row.seconds = await timed_sample(engine, prompts, sampling)
         for i in range(args.swap_repeats):
             row.full_swap.append(await timed(engine.load_full(root / f"full-{1 + i % 2}")))
@@ -144,7 +161,8 @@ async def engine_row(args: argparse.Namespace, model: Path, prompts: list[list[i
                 row.lora_swap.append(await timed(engine.load_lora(root / f"lora-{1 + i % 2}", version=i + 1)))
         if not lora:
             return [row]
-        with_lora = Row(f"{kind} engine + LoRA", note="a rank-16 adapter on every linear layer serving")
+        how = "merged into the weights" if merge else "served as an adapter"
+        with_lora = Row(f"{kind} engine + LoRA ({'merged' if merge else 'adapter'})", note=f"a rank-16 LoRA on every linear layer, {how}")
         with_lora.tokens, with_lora.seconds = await timed_sample(engine, prompts, sampling)
         return [row, with_lora]
     finally:
@@ -178,7 +196,9 @@ def service_row(args: argparse.Namespace, model: Path, prompts: list[list[int]])
         client = StudentClient(proc.url, timeout=1800)
         body = {"prompts": [{"token_ids": p} for p in prompts], "n": args.n, "max_tokens": args.max_tokens, "seed": 0}
         client.rollouts({"prompts": body["prompts"][:1], "max_tokens": 8})  # warm-up
-        row = Row("student service (HTTP)")
+        merge = settings_for(args, model, "vllm").merge_lora  # the service's default lora_mode, auto
+        row = Row(f"student service (HTTP, vLLM, LoRA {'merge' if merge else 'adapter'})",
+                  note="LoRA swaps " + ("merge into the weights" if merge else "load an adapter"))
         began = time.perf_counter()
         out = client.rollouts(body)
         row.seconds, row.tokens = time.perf_counter() - began, out.usage.generated_tokens
