@@ -7,7 +7,7 @@ For the first --prompts held-out questions of the skill task, the mean
 log-probability (transformers forward, float32) of the opening's tokens right
 after the student's chat prompt: under the base model, and with a LoRA
 version applied. It says how far an on-policy run moved a behaviour the
-student does not yet sample (README: "A skill learned").
+student does not yet sample (docs/results.md: "The first task tried").
 """
 
 from __future__ import annotations

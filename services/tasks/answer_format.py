@@ -8,7 +8,7 @@ sums and products, "name a ...") are plain questions. The privileged context,
 in `services/configs/skill.yaml` (`run.teacher_prompt`), is a system message
 asking for replies of the form `ANSWER: <answer>` and three few-shot turns
 that show it. SmolLM2-135M-Instruct follows it most of the time when shown
-it and never without (benchmarks/task_gap.py; figures in README.md), so
+it and never without (benchmarks/task_gap.py; figures in docs/results.md), so
 distilling with the context moves the format into the student's weights.
 
 Choices:

@@ -34,7 +34,7 @@ prompt into the student's weights. Choices:
    few-shot examples written the same way show the teacher how to use it.
    On the demo's task a 135M teacher barely used the reference answer in
    its system message, and mostly gave it after the question with examples
-   that show it (README, "A teacher that knows the answers"). A row without
+   that show it (docs/results.md, "The teacher's gap"). A row without
    a field the hint names fails the run as it sets up, naming the row and
    the field.
 """

@@ -22,7 +22,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-# The tests' budget per service; OPD_FUZZ_SECONDS=90 for the longer runs the README reports.
+# The tests' budget per service; OPD_FUZZ_SECONDS=90 for the longer runs docs/benchmarks.md reports.
 FUZZ_SECONDS = int(os.environ.get("OPD_FUZZ_SECONDS", "30"))
 
 CONFIG = """\
