@@ -11,7 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.utils.services import assert_exited_for_its_engine, running
+from tests.utils.engine_death import assert_exited_for_its_engine
+from tests.utils.services import running
 
 pytestmark = pytest.mark.slow
 BODY = {"prompts": [{"token_ids": [5, 6, 7, 8]}], "n": 2, "max_tokens": 4, "seed": 1}

@@ -1,8 +1,8 @@
 """A teacher whose vLLM engine dies exits, so that its supervisor restarts it.
 
-The real service runs the tiny teacher on vLLM's CPU build; the test SIGKILLs
-its engine-core process (as the OOM killer would) and watches the service;
-then does it again under `opd up`'s supervisor, which starts it again.
+The real service runs the tiny teacher on vLLM's CPU build under `opd up`'s
+supervisor; the test SIGKILLs its engine-core process (as the OOM killer
+would) and watches the service exit, then the supervisor start it again.
 """
 
 from __future__ import annotations
@@ -16,29 +16,25 @@ import pytest
 from opd.common.engine_watch import EXIT_CODE
 from opd.up.config import RestartPolicy
 from opd.up.supervisor import Supervisor
-from tests.utils.services import assert_exited_for_its_engine, engine_core, running
+from tests.utils.engine_death import assert_exited_for_its_engine
+from tests.utils.services import running
 
 pytestmark = pytest.mark.slow
 BODY = {"sequences": [{"token_ids": [5, 6, 7, 8, 9], "start": 2}]}
 
 
-def test_teacher_exits_when_its_engine_dies(teacher_model: Path, tmp_path: Path) -> None:
-    args = ["teacher", "serve", "--model", str(teacher_model), "--engine", "vllm", "--dtype", "float32"]
-    with running("teacher-vllm", args, log_dir=tmp_path) as proc:
-        assert httpx.post(proc.url + "/logprobs", json=BODY, timeout=60).status_code == 200
-        assert_exited_for_its_engine(proc, lambda: httpx.post(proc.url + "/logprobs", json=BODY, timeout=30), "teacher",
-                                     "results")
-
-
-def test_the_supervisor_restarts_a_teacher_whose_engine_died(teacher_model: Path, tmp_path: Path) -> None:
+def test_a_teacher_whose_engine_died_exits_and_the_supervisor_restarts_it(teacher_model: Path, tmp_path: Path) -> None:
     args = ["teacher", "serve", "--model", str(teacher_model), "--engine", "vllm", "--dtype", "float32"]
     reports: list[str] = []
     with running("teacher-vllm", args, log_dir=tmp_path) as proc:
+        assert httpx.post(proc.url + "/logprobs", json=BODY, timeout=60).status_code == 200
         supervisor = Supervisor([proc], RestartPolicy(max_restarts=1, backoff_s=0.1), report=reports.append,
                                 startup_timeout_s=300).start()
         try:
             first = proc.proc.pid
-            engine_core(first).kill()
+            # It answers 503 or nothing, and exits with EXIT_CODE (the supervisor then starts another).
+            assert_exited_for_its_engine(proc, lambda: httpx.post(proc.url + "/logprobs", json=BODY, timeout=30),
+                                         "teacher", "results")
             deadline = time.monotonic() + 360
             while supervisor.generation("teacher-vllm") < 1:
                 assert supervisor.failure is None, supervisor.failure

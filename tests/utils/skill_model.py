@@ -60,7 +60,23 @@ def encode(tokenizer, messages: list[dict], answer: str) -> tuple[list[int], int
 def build_skill_model(out: Path, tokenizer_dir: Path, *, steps: int = 150, batch: int = 32, seed: int = 0,
                       skills: tuple[Skill, ...] = ((SKILL_WORD, SKILL_CONTEXT),), cues: tuple[str, ...] = ()) -> Path:
     """Trains (answer tokens only, AdamW) and saves the model with its tokenizer. Several `skills` give a model
-    that holds each in its own system message; another seed gives other weights for the same skills."""
+    that holds each in its own system message; another seed gives other weights for the same skills.
+
+    Trains on one torch thread, then gives the caller its thread count back: a model this small gains nothing
+    from a second thread, and on two shared cores its threads wait on each other (150 steps: 8 s on one thread,
+    over 2 minutes on two under load); the weights are the same bytes either way."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return _train_skill_model(out, tokenizer_dir, steps, batch, seed, skills, cues)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _train_skill_model(out: Path, tokenizer_dir: Path, steps: int, batch: int, seed: int,
+                       skills: tuple[Skill, ...], cues: tuple[str, ...]) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
