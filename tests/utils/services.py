@@ -95,36 +95,3 @@ def outcome(send: Callable[[], httpx.Response]) -> tuple[int | str, str]:
     except httpx.TransportError as exc:
         return "closed", type(exc).__name__
     return r.status_code, r.text
-
-
-def kill_engine_and_watch(proc: ServiceProcess, request: Callable[[], httpx.Response], within: float = 60.0):
-    """SIGKILLs the service's vLLM engine core, then sends `request` and GET /health over and over until the
-    service process exits. Returns (its exit code, every (status, body) it answered meanwhile); fails if it
-    still runs after `within` seconds."""
-    assert proc.proc is not None
-    core = engine_core(proc.proc.pid)
-    core.kill()
-    core.wait(10)
-    answers = []
-    deadline = time.monotonic() + within
-    while proc.proc.poll() is None:
-        assert time.monotonic() < deadline, f"the service still runs {within}s after its engine died: {answers[-4:]}"
-        answers.append(outcome(request))
-        answers.append(outcome(lambda: httpx.get(proc.url + "/health", timeout=10)))
-        time.sleep(0.1)
-    return proc.proc.returncode, answers
-
-
-def assert_exited_for_its_engine(proc: ServiceProcess, request: Callable[[], httpx.Response], service: str,
-                                 result_key: str) -> None:
-    """Kills the engine core (kill_engine_and_watch): the service exits with engine_watch.EXIT_CODE, answering
-    meanwhile 503 naming the cause or closing the connection, never a 500 nor a result (`result_key` in a body)."""
-    from opd.common.engine_watch import EXIT_CODE
-
-    code, answers = kill_engine_and_watch(proc, request)
-    assert code == EXIT_CODE, f"exit code {code}; answers: {answers}"
-    assert all(status in (200, 503, "closed") for status, _ in answers), answers  # never a 500
-    assert not any(status == 200 for status, body in answers if result_key in body), answers
-    assert all("engine died" in body for status, body in answers if status == 503), answers
-    log = proc.log_file.read_text() if proc.log_file else ""
-    assert f"the {service}'s engine died" in log and "is exiting" in log
