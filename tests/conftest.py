@@ -26,11 +26,27 @@ from tests.utils.tiny_models import build_llama, build_tokenizer
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# pytest-xdist (`make test` runs two workers): each worker picks the ports of the services it starts from a
+# range of its own, so two workers never hand the same port to two services starting side by side.
+WORKER = os.environ.get("PYTEST_XDIST_WORKER", "")
+if WORKER and "OPD_FREE_PORTS" not in os.environ:
+    from opd.common.process import _free_port_range
+
+    _low, _top = _free_port_range()
+    _span = (_top - _low) // int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    _first = _low + int(WORKER.removeprefix("gw")) * _span
+    os.environ["OPD_FREE_PORTS"] = f"{_first}-{_first + _span - 100}"  # a gap: replicas sit 10 ports above
+
 
 @pytest.fixture(scope="session", autouse=True)
 def opd_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's cache folder, for this process and every service or `opd` command it starts."""
-    path = tmp_path_factory.mktemp("opd-cache")
+    """The session's cache folder, for this process and every service or `opd` command it starts; under
+    pytest-xdist one folder for all workers (a model is dequantized once; models.py writes it atomically)."""
+    if WORKER:
+        path = tmp_path_factory.getbasetemp().parent / "opd-cache"
+        path.mkdir(exist_ok=True)
+    else:
+        path = tmp_path_factory.mktemp("opd-cache")
     os.environ["OPD_CACHE_DIR"] = str(path)
     return path
 
@@ -74,3 +90,24 @@ def hf_engine(teacher_settings: TeacherSettings):
     from opd.teacher.engine import HFScoringEngine
 
     return HFScoringEngine(teacher_settings)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The order in which pytest-xdist hands out work, longest first so that both workers end together: the
+    modules on the trainer's shared services (tests/trainer/conftest.py `services`: a vLLM teacher and student),
+    then the other modules that start engines or services (a test marked slow), then the quick ones. Under
+    `--dist loadgroup` (`make test`) each module is one unit of work, and the modules on the shared services
+    are one unit together, so that pair starts once per run."""
+    def shares(item: pytest.Item) -> bool:
+        return "services" in item.fixturenames and item.path.parent.name == "trainer" \
+            and not hasattr(getattr(item, "module", None), "services")  # a module's own `services` is its own
+
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    shared = {item.path for item in items if shares(item)}
+    items.sort(key=lambda item: (item.path not in shared, item.path not in slow))  # stable within each part
+    if not WORKER:
+        return
+    for item in items:
+        unit = "trainer-services" if item.path in shared else item.path.relative_to(config.rootpath).as_posix()
+        item.add_marker(pytest.mark.xdist_group(unit))

@@ -83,6 +83,9 @@ def dequantized(name: str) -> Path:
     fresh.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / "opd-source.json").write_text(json.dumps(key))
+    if marker.is_file() and json.loads(marker.read_text()) == key:  # another process finished first: keep its copy,
+        shutil.rmtree(tmp, ignore_errors=True)                     # which it may be reading now
+        return folder
     shutil.rmtree(folder, ignore_errors=True)
     try:
         tmp.rename(folder)

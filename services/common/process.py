@@ -62,13 +62,28 @@ def _ephemeral_start() -> int:
         return 32768
 
 
+def _free_port_range() -> tuple[int, int]:
+    """[low, top) that free_port picks from: OPD_FREE_PORTS ("20000-26000"), else the 12,000 ports below the
+    ephemeral range. Processes that pick ports side by side (pytest-xdist workers) get disjoint ranges."""
+    given = os.environ.get("OPD_FREE_PORTS", "")
+    if given:
+        try:
+            low, top = (int(x) for x in given.split("-"))
+        except ValueError:
+            raise ValueError(f"OPD_FREE_PORTS={given!r}: expected LOW-HIGH, for example 20000-26000") from None
+        if not 1024 <= low < top <= 65536:
+            raise ValueError(f"OPD_FREE_PORTS={given!r}: expected 1024 <= LOW < HIGH <= 65536")
+        return low, top
+    top = min(_ephemeral_start(), 65536)
+    return max(1024, top - 12000), top
+
+
 def free_port() -> int:
     """A port free now, for a server started soon after, below the ephemeral range: a port the kernel picked
     (bind to 0) could be taken meanwhile as the local end of any outgoing connection, and the server then
     fails with "address already in use". Never the same port twice in one process."""
-    top = min(_ephemeral_start(), 65536)
-    low = max(1024, top - 12000)
-    for _ in range(200 if top - low >= 100 else 0):
+    low, top = _free_port_range()
+    for _ in range(200 if top - low >= 10 else 0):
         port = _RANDOM.randrange(low, top)
         if port in _GIVEN:
             continue
@@ -184,22 +199,27 @@ class ServiceProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
-    def ready(self, api_key: str | None = None, timeout: float = 5.0) -> bool:
+    def ready(self, api_key: str | None = None, timeout: float = 5.0, http: httpx.Client | None = None) -> bool:
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         try:
-            return httpx.get(self.url + self.ready_path, headers=headers, timeout=timeout).status_code == 200
+            if http is None:
+                return httpx.get(self.url + self.ready_path, headers=headers, timeout=timeout).status_code == 200
+            return http.get(self.url + self.ready_path, headers=headers, timeout=timeout).status_code == 200
         except httpx.TransportError:
             return False
 
-    def wait_ready(self, timeout: float = 600.0, api_key: str | None = None) -> None:
+    def wait_ready(self, timeout: float = 600.0, api_key: str | None = None, interval: float = 0.2) -> None:
+        """Polls /ready every `interval` seconds over one connection pool (a client per poll costs an SSL
+        context, tens of ms of CPU) until it answers 200; fails at once when the process exits."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not self.alive():
-                where = f"; see {self.log_file}" if self.log_file else ""
-                raise StartupFailed(f"{self.name} {self.exit_description()} before it was ready{where}")
-            if self.ready(api_key):
-                return
-            time.sleep(0.5)
+        with httpx.Client() as http:
+            while time.monotonic() < deadline:
+                if not self.alive():
+                    where = f"; see {self.log_file}" if self.log_file else ""
+                    raise StartupFailed(f"{self.name} {self.exit_description()} before it was ready{where}")
+                if self.ready(api_key, http=http):
+                    return
+                time.sleep(interval)
         raise StartupFailed(f"{self.name} was not ready after {timeout:.0f}s")
 
     def exit_description(self) -> str:

@@ -346,7 +346,10 @@ class Trainer:
             log.warning("stopped while waiting for a service; the run resumes after step %d",
                         self.step if not self.in_step else self.saved_step)
         finally:
-            self.finish()
+            try:
+                self.finish()
+            finally:
+                self.remote.close()  # the clients' connections (a later call would open new ones)
         return self.state
 
     def finish(self) -> None:

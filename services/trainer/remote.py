@@ -148,6 +148,14 @@ class Remote:
         self._waiting: dict[object, str] = {}  # call -> what it waits for; replicas' calls wait at once
         self._pausing, self._pauses_began = 0, 0.0
 
+    def close(self) -> None:
+        """Closes every client's connections; a client used afterwards opens new ones."""
+        clients = [*self.students, *([self.teacher_sampler] if self.teacher_sampler else [])]
+        for t in self.teachers.values():
+            clients += [t.client, *t.replicas]
+        for client in clients:
+            client.close()
+
     @staticmethod
     def _teacher(name: str, config: TeacherConfig, named: bool, kwargs: dict[str, Any]) -> Teacher:
         kwargs = {**kwargs, "api_key": config.api_key or kwargs["api_key"]}

@@ -94,3 +94,19 @@ def test_replica_urls_expand_only_multi_address_names(monkeypatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: fake)
     assert replica_urls("http://teacher:8001/") == ["http://172.18.0.2:8001/", "http://172.18.0.3:8001/"]
     assert TeacherClient("http://teacher:8001", expand_dns=True).urls == ["http://172.18.0.2:8001", "http://172.18.0.3:8001"]
+
+
+def test_one_client_serves_many_threads_and_reopens_after_close(live_url: str) -> None:
+    """The sync client keeps one connection pool for its life (a pool per request cost an SSL context, tens of
+    ms of CPU, each time), shared by threads; `close()` ends it and a later request opens a new one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with TeacherClient(live_url, retries=0) as client:
+        ask = lambda n: client.logprobs([{"token_ids": list(range(3, 3 + n))}]).results[0].logprobs  # noqa: E731
+        with ThreadPoolExecutor(8) as pool:
+            lengths = [len(lp) for lp in pool.map(ask, [2 + i % 5 for i in range(40)])]
+        assert lengths == [1 + i % 5 for i in range(40)]
+        pool_before = client._client()
+        client.close()
+        assert len(ask(4)) == 3 and client._client() is not pool_before
+    assert client._http is None  # the with block closed it

@@ -68,3 +68,15 @@ def test_free_ports_are_distinct_and_below_the_ephemeral_range() -> None:
     assert all(1024 <= port < _ephemeral_start() for port in ports), ports
     with socket.socket() as s:
         s.bind(("127.0.0.1", ports[-1]))  # free
+
+
+def test_free_ports_come_from_opd_free_ports(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processes that start services side by side (pytest-xdist workers) pick from disjoint ranges."""
+    monkeypatch.setenv("OPD_FREE_PORTS", "21000-21050")
+    ports = [free_port() for _ in range(10)]
+    assert all(21000 <= port < 21050 for port in ports) and len(set(ports)) == 10, ports
+    for bad, says in [("21000", "expected LOW-HIGH"), ("30-21000", "1024 <= LOW < HIGH"),
+                      ("22000-21000", "1024 <= LOW < HIGH")]:
+        monkeypatch.setenv("OPD_FREE_PORTS", bad)
+        with pytest.raises(ValueError, match=says):
+            free_port()

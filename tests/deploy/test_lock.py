@@ -45,7 +45,12 @@ def read_lock(text: str) -> dict[str, str]:
 
 
 def installed() -> dict[str, str]:
-    return {normalise(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
+    """What the venv's site-packages hold. Not sys.path: once a test has imported setuptools, its vendored
+    packages (setuptools/_vendor: jaraco, wheel, an older packaging ...) are on it and look installed."""
+    import sysconfig
+
+    where = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    return {normalise(d.metadata["Name"]): d.version for d in metadata.distributions(path=where) if d.metadata["Name"]}
 
 
 def test_the_lock_pins_every_package_once() -> None:
