@@ -16,15 +16,18 @@ SmolLM2 is dequantized from its GGUF file once per session, not once per
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 
 from opd.common.settings import TeacherSettings
 from tests.utils.tiny_models import build_llama, build_tokenizer
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+TORCH_THREADS = torch.get_num_threads()  # torch's own choice for this machine, before any test changes it
 
 # pytest-xdist (`make test` runs two workers): each worker picks the ports of the services it starts from a
 # range of its own, so two workers never hand the same port to two services starting side by side.
@@ -49,6 +52,16 @@ def opd_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         path = tmp_path_factory.mktemp("opd-cache")
     os.environ["OPD_CACHE_DIR"] = str(path)
     return path
+
+
+@pytest.fixture(autouse=True)
+def torch_threads_kept() -> Iterator[None]:
+    """Every test starts with torch's own thread count: a test that changes it (an in-process run with
+    `student.torch_threads`) would otherwise change the float sums of the tests after it on the same worker,
+    and one that compares a service process with an in-process engine to the bit would fail by test order."""
+    yield
+    if torch.get_num_threads() != TORCH_THREADS:
+        torch.set_num_threads(TORCH_THREADS)
 
 
 @pytest.fixture(scope="session")

@@ -207,6 +207,8 @@ def follow(group: Group) -> None:
         if name == "open":
             policy = Policy(args[0], group)
         elif name == "close":
+            if policy is not None:
+                policy.close()
             policy = None
         else:
             assert policy is not None, f"command {name!r} before a run opened its policy"
@@ -237,6 +239,7 @@ class Leader:
 
     def close(self) -> None:
         self.group.send(("close",))
+        self.policy.close()
 
     def __getattr__(self, name: str) -> Any:  # what rank 0 alone reads or does: tokenizer, lr, save_base
         return getattr(self.policy, name)

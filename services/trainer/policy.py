@@ -49,7 +49,9 @@ class Policy:
         self.finetune = student.finetune
         self.tokenizer = load_tokenizer(student.model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        if student.torch_threads:
+        self._threads_before: int | None = None
+        if student.torch_threads:  # process-wide: close() gives the service its own count back
+            self._threads_before = torch.get_num_threads()
             torch.set_num_threads(student.torch_threads)
         torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here
         model = load_causal_lm(student.model, student.dtype, group.device if group else student.device)
@@ -158,7 +160,11 @@ class Policy:
         load_training_state(Path(folder), self.model, self.optimizer, self.scheduler, self.group.rank if self.group else 0)
 
     def close(self) -> None:
-        """The run is over (under torchrun the workers drop their shards)."""
+        """The run is over (under torchrun the workers drop their shards); torch's thread count is what it was
+        before the run set `student.torch_threads` (a later run without the setting gets the service's own)."""
+        if self._threads_before is not None:
+            torch.set_num_threads(self._threads_before)
+            self._threads_before = None
 
 
 def model_folder(model: str) -> Path:

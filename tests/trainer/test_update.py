@@ -101,3 +101,13 @@ def test_micro_batches_accumulate_the_gradient_of_one_batch(student_model: Path)
     assert grads_one.keys() == grads_micro.keys() and len(grads_one) > 0
     for name, g in grads_one.items():
         assert torch.allclose(grads_micro[name], g, rtol=1e-4, atol=1e-7), name
+
+
+def test_a_runs_torch_threads_end_with_its_policy(student_model: Path) -> None:
+    """`student.torch_threads` is process-wide: a trainer service that ran one run with it gives the next run
+    its own thread count back when the run's policy closes."""
+    before = torch.get_num_threads()
+    policy = Policy(config(student_model, student__torch_threads=before + 1))
+    assert torch.get_num_threads() == before + 1
+    policy.close()
+    assert torch.get_num_threads() == before
