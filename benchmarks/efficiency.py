@@ -141,8 +141,9 @@ def run_arm(run: RunConfig, reuse: bool, console: Console) -> list[Point]:
     points = curve(done)
     for pt in points:
         measures = "".join(f"  {name} {value:.3f}" for name, value in pt.measures.items())
-        console.print(f"  step {pt.step:>3}  accuracy {pt.accuracy:.3f}{measures}  teacher KL {pt.teacher_kl:.3f}  "
-                      f"({pt.seconds:.0f} s, {pt.tokens:,} tokens of training)")
+        completion = "" if pt.teacher_kl_per_completion is None else f", {pt.teacher_kl_per_completion:.3f}/completion"
+        console.print(f"  step {pt.step:>3}  accuracy {pt.accuracy:.3f}{measures}  teacher KL {pt.teacher_kl:.3f}/token"
+                      f"{completion}  ({pt.seconds:.0f} s, {pt.tokens:,} tokens of training)")
     return points
 
 

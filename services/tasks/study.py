@@ -19,6 +19,10 @@ Choices:
    its range (lowest-highest); `mean_curve` averages an arm's curves step by
    step for the plot. A point's `measures` are the task's further verdicts
    (`eval.measures`: correct, content), held out like the accuracy.
+5) Beside the held-out teacher KL per token (`teacher_kl`) the tables and the
+   plot give the KL per completion (`teacher_kl_per_completion`, the sum over
+   a reply's tokens) where the records have it ("-" where they do not); it
+   changes nothing the study measures or compares.
 """
 
 from __future__ import annotations
@@ -41,6 +45,19 @@ class Point:
     accuracy: float
     teacher_kl: float
     measures: dict[str, float] = field(default_factory=dict)
+    teacher_kl_per_completion: float | None = None  # None: records from before the figure
+
+
+def per_completion(points: Sequence[Point]) -> list[float] | None:
+    """The points' held-out KL per completion; None unless every point has it."""
+    values = [pt.teacher_kl_per_completion for pt in points]
+    return None if any(v is None for v in values) else [float(v) for v in values]  # type: ignore[arg-type]
+
+
+def kl_cells(before: Sequence[Point], after: Sequence[Point]) -> str:
+    """'before | after' of the KL per completion over seeds (spread), '- | -' where a run lacks it."""
+    b, a = per_completion(before), per_completion(after)
+    return f"{spread(b)} | {spread(a)}" if b is not None and a is not None else "- | -"
 
 
 def curve(records: list[dict[str, Any]]) -> list[Point]:
@@ -53,8 +70,10 @@ def curve(records: list[dict[str, Any]]) -> list[Point]:
         tokens = sum(int(r.get("tokens_sampled", 0)) + int(r.get("tokens_scored", 0)) + int(r.get("tokens_trained", 0))
                      for r in done)
         measures = {k.removeprefix("accuracy_"): float(v) for k, v in e.items() if k.startswith("accuracy_")}
+        completion = e.get("teacher_kl_per_completion")
         out.append(Point(e["step"], seconds, tokens, float(e.get("accuracy", float("nan"))),
-                         float(e.get("teacher_kl", float("nan"))), measures))
+                         float(e.get("teacher_kl", float("nan"))), measures,
+                         float(completion) if isinstance(completion, (int, float)) else None))
     return out
 
 
@@ -65,9 +84,11 @@ def mean_curve(curves: Sequence[list[Point]]) -> list[Point]:
     for step in steps:
         pts = [next(pt for pt in c if pt.step == step) for c in curves]
         names = [n for n in pts[0].measures if all(n in pt.measures for pt in pts)]  # in the runs' order
+        completion = per_completion(pts)
         out.append(Point(step, fmean(pt.seconds for pt in pts), round(fmean(pt.tokens for pt in pts)),
                          fmean(pt.accuracy for pt in pts), fmean(pt.teacher_kl for pt in pts),
-                         {n: fmean(pt.measures[n] for pt in pts) for n in names}))
+                         {n: fmean(pt.measures[n] for pt in pts) for n in names},
+                         None if completion is None else fmean(completion)))
     return out
 
 
@@ -80,8 +101,8 @@ def spread(values: Sequence[float], digits: int = 3) -> str:
 
 def seeds_table(runs: dict[int, dict[str, list[Point]]], teachers: dict[int, dict[str, float]],
                 measures: Sequence[str] = ("correct", "content")) -> str:
-    """A markdown table over seeds: per arm, held-out form (the verifier), each measure and teacher KL, before and
-    after, as the mean and range over seeds; the teacher (with its context) first.
+    """A markdown table over seeds: per arm, held-out form (the verifier), each measure and teacher KL (per token,
+    then per completion), before and after, as the mean and range over seeds; the teacher (with its context) first.
 
     runs: seed -> arm -> curve; teachers: seed -> {"accuracy": ..., measure: ...}, the teacher's held-out figures."""
     seeds = sorted(runs)
@@ -90,9 +111,10 @@ def seeds_table(runs: dict[int, dict[str, list[Point]]], teachers: dict[int, dic
     head = " | ".join(f"{n} before | {n} after" for n in names)
     lines = [f"{len(seeds)} seed{'s' if len(seeds) > 1 else ''} ({', '.join(map(str, seeds))}): the mean over seeds, "
              "and its range in brackets; held out, after the last step",
-             "", f"| arm | {head} | teacher KL before | teacher KL after |", "|---|" + "---|" * (2 * len(names) + 2)]
+             "", f"| arm | {head} | teacher KL before | teacher KL after | KL per completion before "
+             "| KL per completion after |", "|---|" + "---|" * (2 * len(names) + 4)]
     teacher_cells = " | ".join(f"- | {spread([teachers[s].get(k, float('nan')) for s in seeds])}" for k in keys)
-    lines.append(f"| teacher, with the context | {teacher_cells} | - | - |")
+    lines.append(f"| teacher, with the context | {teacher_cells} | - | - | - | - |")
     arms = list(dict.fromkeys(arm for s in seeds for arm in runs[s]))
     for arm in arms:
         curves = [runs[s][arm] for s in seeds if arm in runs[s]]
@@ -102,6 +124,7 @@ def seeds_table(runs: dict[int, dict[str, list[Point]]], teachers: dict[int, dic
 
         cells = [f"{spread([value(c[0], k) for c in curves])} | {spread([value(c[-1], k) for c in curves])}" for k in keys]
         kl = f"{spread([c[0].teacher_kl for c in curves])} | {spread([c[-1].teacher_kl for c in curves])}"
+        kl += f" | {kl_cells([c[0] for c in curves], [c[-1] for c in curves])}"
         lines.append(f"| {arm} | {' | '.join(cells)} | {kl} |")
     return "\n".join(lines)
 
@@ -125,9 +148,9 @@ def table(curves: dict[str, list[Point]], teacher_accuracy: float, fraction: flo
     lines = [
         f"teacher held-out accuracy {teacher_accuracy:.3f}; target {fraction:.0%} of it = {target:.3f}",
         "",
-        "| arm | accuracy before | after | best | teacher KL before | after | steps to target | tokens to target "
-        "| seconds to target |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| arm | accuracy before | after | best | teacher KL before | after | KL per completion before | after "
+        "| steps to target | tokens to target | seconds to target |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     reached = {}
     for arm, points in curves.items():
@@ -135,7 +158,7 @@ def table(curves: dict[str, list[Point]], teacher_accuracy: float, fraction: flo
         best = max((pt.accuracy for pt in points), default=float("nan"))
         cost = (f"{hit.step} | {hit.tokens:,} | {hit.seconds:.0f}" if hit is not None
                 else f"not in {points[-1].step} ({points[-1].tokens:,} tokens, {points[-1].seconds:.0f} s) | - | -")
-        kl = f"{points[0].teacher_kl:.3f} | {points[-1].teacher_kl:.3f}"
+        kl = f"{points[0].teacher_kl:.3f} | {points[-1].teacher_kl:.3f} | {kl_cells(points[:1], points[-1:])}"
         lines.append(f"| {arm} | {points[0].accuracy:.3f} | {points[-1].accuracy:.3f} | {best:.3f} | {kl} | {cost} |")
     ratios = []
     for arm in curves:
@@ -152,8 +175,8 @@ def table(curves: dict[str, list[Point]], teacher_accuracy: float, fraction: flo
 
 def plot(curves: dict[str, list[Point]], teacher: float | dict[str, float], out: Path, fraction: float = 0.9) -> Path:
     """Held-out form accuracy against step and against training seconds, the `content` measure (when the runs have
-    it) against step, and held-out teacher KL; one line per arm. `teacher`: its held-out accuracy, or its figures
-    by name ("accuracy", "content", ...)."""
+    it) against step, held-out teacher KL per completion (when the runs have it) and per token; one line per arm.
+    `teacher`: its held-out accuracy, or its figures by name ("accuracy", "content", ...)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -161,7 +184,9 @@ def plot(curves: dict[str, list[Point]], teacher: float | dict[str, float], out:
 
     teacher = teacher if isinstance(teacher, dict) else {"accuracy": teacher}
     content = all("content" in pt.measures for points in curves.values() for pt in points)
-    fig, axes = plt.subplots(1, 4 if content else 3, figsize=(20 if content else 15, 4), dpi=120)
+    completion = all(per_completion(points) is not None for points in curves.values())
+    count = 3 + content + completion
+    fig, axes = plt.subplots(1, count, figsize=(5 * count, 4), dpi=120)
     panels = [(axes[0], "step", "accuracy", "training step"), (axes[1], "seconds", "accuracy", "training seconds (wall clock)")]
     if content:
         panels.append((axes[2], "step", "content", "training step"))
@@ -176,11 +201,13 @@ def plot(curves: dict[str, list[Point]], teacher: float | dict[str, float], out:
         ax.set_xlabel(label)
         ax.set_ylabel("held-out accuracy (verifier: the form)" if y == "accuracy" else "held-out content (the right answer)")
         ax.grid(alpha=0.3)
-    for arm, points in curves.items():
-        axes[-1].plot([pt.step for pt in points], [pt.teacher_kl for pt in points], "o-", label=arm)
-    axes[-1].set_xlabel("training step")
-    axes[-1].set_ylabel("held-out teacher KL (nats/token)")
-    axes[-1].grid(alpha=0.3)
+    kl_panels = [(axes[-2], "teacher_kl_per_completion", "nats/completion")] if completion else []
+    for ax, key, unit in [*kl_panels, (axes[-1], "teacher_kl", "nats/token")]:
+        for arm, points in curves.items():
+            ax.plot([pt.step for pt in points], [getattr(pt, key) for pt in points], "o-", label=arm)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(f"held-out teacher KL ({unit})")
+        ax.grid(alpha=0.3)
     axes[1].legend(loc="lower right")
     fig.suptitle("the student under each objective: held-out form and content, and how far it moved from the teacher")
     fig.tight_layout()

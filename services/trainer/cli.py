@@ -2,9 +2,11 @@
 
 `opd train` resumes from the checkpoint in the config's output_dir when there
 is one (unless `--set resume=false`), shows a progress bar with ETA, and ends
-with the path of the teacher-KL plot. The first Ctrl-C ends the run after the
-current step, with a checkpoint; a second one ends it at once. Exit status:
-0 completed, 1 failed, 2 invalid config, 130 stopped.
+with the path of the teacher-KL plot and the held-out teacher KL (per
+completion and per token) at the first evaluation and the last. The first
+Ctrl-C ends the run after the current step, with a checkpoint; a second one
+ends it at once. Exit status: 0 completed, 1 failed, 2 invalid config, 130
+stopped.
 """
 
 from __future__ import annotations
@@ -85,6 +87,8 @@ def train(
     from opd.trainer import distributed
     from opd.trainer.config import load_config
     from opd.trainer.loop import Trainer
+    from opd.trainer.metrics import read_records
+    from opd.trainer.summary import held_out_before_after
 
     quiet_logging(log_level)
     try:
@@ -120,6 +124,8 @@ def train(
         distributed.shutdown()
     out = Path(run_config.output_dir)
     typer.echo(f"{outcome}: metrics {out / 'metrics.jsonl'}, plot {out / 'teacher_kl.png'}")
+    for line in held_out_before_after(read_records(out / "metrics.jsonl")):
+        typer.echo(line)
     if outcome != "completed":
         raise typer.Exit(130)
 

@@ -4,7 +4,9 @@ Prepares SmolLM2-135M-Instruct (the teacher, 30 layers) and its first 12
 layers (the student), starts the teacher and student services (vLLM by
 default) on the ports of the config's URLs, with the student's checkpoint
 root and dtype set to the config's, runs the training in the foreground with a
-progress bar, copies the plot where asked, and stops both services.
+progress bar, stops both services, prints the held-out teacher KL (per
+completion and per token) at the first evaluation and the last, and copies
+the plot where asked.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from rich.console import Console
 
 from opd.common.process import ServiceProcess
 from opd.trainer.config import RunConfig
+from opd.trainer.metrics import read_records
+from opd.trainer.summary import held_out_before_after
 
 
 def port_of(url: str) -> int:
@@ -59,6 +63,8 @@ def run_demo(config: RunConfig, models: Path, engine: str, plot_to: Path | None)
     finally:
         teacher.stop()
         student.stop()
+    for line in held_out_before_after(read_records(out / "metrics.jsonl")):
+        console.print(line, soft_wrap=True)
     if plot_to is not None:
         plot_to.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(out / "teacher_kl.png", plot_to)

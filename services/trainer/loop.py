@@ -34,14 +34,17 @@ Choices:
    as a new version, and the trainer logs that it noticed. With replicas
    (`student_urls`) every replica loads every version, and each is checked.
 5) With several teachers each sample is scored by its row's teacher, and
-   the records carry `teacher_kl/<name>` (and `accuracy/<name>`,
-   `train_accuracy/<name>` with a verifier) beside the overall figures; a run
-   of one teacher writes the records it always did.
+   the records carry `teacher_kl/<name>`, `teacher_kl_per_completion/<name>`
+   (and `accuracy/<name>`, `train_accuracy/<name>` with a verifier) beside
+   the overall figures; a run of one teacher writes no per-teacher fields.
 6) With `sampling.max_staleness: 1`, step n+1's rollouts are sampled in a
    background thread while step n scores and trains, from the version step n
    started with; the student's swap to step n's version waits for them. The
    importance ratio corrects the one-version lag (`staleness` in the metrics).
    A resumed run samples its first step afresh, on-policy.
+7) The records, log lines and progress bar give the teacher KL per
+   completion (`teacher_kl_per_completion`: what the objective minimises)
+   beside the mean per token (`teacher_kl`), and `mean_length` (rollouts.py).
 """
 
 from __future__ import annotations
@@ -63,7 +66,7 @@ from opd.trainer.checkpoint import CheckpointError, PolicyStore, TrainerState, l
 from opd.trainer.config import RunConfig
 from opd.trainer.context import with_teachers
 from opd.trainer.data import PromptRow, PromptSampler, load_prompts
-from opd.trainer.metrics import MetricsWriter, plot_teacher_kl
+from opd.trainer.metrics import KL, KL_PER_COMPLETION, MetricsWriter, plot_teacher_kl
 from opd.trainer.pause import pause_point
 from opd.trainer.remote import Remote, RunStopped
 from opd.trainer.rollouts import Sample, StaleRollouts, kl_summary, load_callable, sample, score
@@ -78,6 +81,12 @@ RESUMABLE = ("steps", "eval", "save_every", "keep_versions", "resume", "services
              "name", "student.torch_threads", "student.device")
 RESUMABLE_TEACHER = re.compile(r"teachers\.[^.]+\.(urls|protocol|api_key)")  # where a teacher is, not what it sees
 SECRETS: dict[str, Any] = {"api_key": True, "teachers": {"__all__": {"api_key"}}}  # never written to config.json
+
+
+def figure(record: dict[str, Any], key: str) -> float:
+    """A record's number, NaN where it has none (the rl and sft arms' steps have no teacher KL; null is NaN)."""
+    value = record.get(key)
+    return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -273,9 +282,8 @@ class Trainer:
         self.step = step
         self.in_step = False
         assert self.metrics is not None
-        log.info("step %d/%d teacher_kl %.4f%s loss %.4f tokens %d (%.1fs)", step, c.steps,
-                 record.get("teacher_kl", float("nan")), self.per_teacher(record), record["loss"], record["tokens"],
-                 record["time_step"])
+        log.info("step %d/%d %s loss %.4f tokens %d (%.1fs)", step, c.steps, self.kl_log(record), record["loss"],
+                 record["tokens"], record["time_step"])
         return self.metrics.write("train", step, record)
 
     def evaluate(self) -> dict[str, Any]:
@@ -290,19 +298,26 @@ class Trainer:
         record: dict[str, Any] = kl_summary(samples, self.teacher_names)
         record.update(accuracies(samples, self.verifier, self.measures, teachers=self.teacher_names))
         record["time_eval"] = time.perf_counter() - began
-        log.info("eval at step %d: teacher_kl %.4f%s", self.step, record["teacher_kl"], self.per_teacher(record))
+        log.info("eval at step %d: %s", self.step, self.kl_log(record))
         assert self.metrics is not None
         shown = [{"prompt": x.row.get("prompt") or x.row.get("messages"), "completion": x.text,
-                  "teacher_kl": sum(x.rkl) / len(x.token_ids), **({"teacher": x.teacher} if self.teacher_names else {})}
+                  "teacher_kl": sum(x.rkl) / len(x.token_ids), "teacher_kl_per_completion": sum(x.rkl),
+                  **({"teacher": x.teacher} if self.teacher_names else {})}
                  for x in samples[:EVAL_SHOWN]]
         self.metrics.write_samples(self.step, shown)
         return self.metrics.write("eval", self.step, record)
 
-    def per_teacher(self, record: dict[str, Any]) -> str:
-        """' (math 0.12, chat 0.34)': each teacher's KL in a run of several; '' otherwise."""
-        figures = [f"{name} {record[f'teacher_kl/{name}']:.3f}" for name in self.teacher_names
-                   if isinstance(record.get(f"teacher_kl/{name}"), float)]
+    def per_teacher(self, record: dict[str, Any], key: str = KL) -> str:
+        """' (math 0.12, chat 0.34)': each teacher's KL (`key`: per token, or per completion) in a run of several;
+        '' otherwise."""
+        figures = [f"{name} {record[f'{key}/{name}']:.3f}" for name in self.teacher_names
+                   if isinstance(record.get(f"{key}/{name}"), float)]
         return f" ({', '.join(figures)})" if figures else ""
+
+    def kl_log(self, record: dict[str, Any]) -> str:
+        """'teacher_kl_per_completion 5.432 teacher_kl 0.8057 mean_length 6.7' (each teacher's figures beside)."""
+        return (f"{KL_PER_COMPLETION} {figure(record, KL_PER_COMPLETION):.3f}{self.per_teacher(record, KL_PER_COMPLETION)} "
+                f"{KL} {figure(record, KL):.4f}{self.per_teacher(record)} mean_length {figure(record, 'mean_length'):.1f}")
 
     def seed_of(self, step: int) -> int:
         # The student seeds rollout k of a request `seed + k`: spacing the steps'
@@ -388,8 +403,9 @@ class Trainer:
             task = bar.add_task(self.config.name, total=self.config.steps, completed=self.step, info="")
 
             def advance(record: dict[str, Any]) -> None:
-                info = (f"teacher KL {record.get('teacher_kl', float('nan')):.3f}{self.per_teacher(record)}  "
-                        f"{record['time_step']:.1f}s/step")
+                info = (f"teacher KL per completion {figure(record, KL_PER_COMPLETION):.3f}"
+                        f"{self.per_teacher(record, KL_PER_COMPLETION)}, per token {figure(record, KL):.3f}"
+                        f"{self.per_teacher(record)}  {record['time_step']:.1f}s/step")
                 bar.update(task, completed=self.step, info=info)
 
             yield advance

@@ -10,7 +10,10 @@ Records are `{"kind": "train" | "eval", "step": N, ...numbers}`. Choices:
    and the trainer's API answers with these records.
 3) The plot (matplotlib's Agg backend: no display) shows the teacher reverse
    KL per training step and on the held-out prompts; with several teachers,
-   also each teacher's held-out KL (`teacher_kl/<name>`).
+   also each teacher's held-out KL (`teacher_kl/<name>`). Its top panel is the
+   KL per completion (`teacher_kl_per_completion`: the sum over a reply's
+   tokens, what the objective minimises), the one below the mean per token;
+   records without the first (older runs) give the per-token panel alone.
 """
 
 from __future__ import annotations
@@ -88,48 +91,60 @@ class MetricsWriter:
             self._tb = None
 
 
-TEACHER_KL = "teacher_kl/"  # a run of several teachers: teacher_kl/<name> beside the overall teacher_kl
+# The teacher reverse KL of a record; a run of several teachers adds <key>/<name> beside the overall figure.
+KL = "teacher_kl"  # mean per sampled token
+KL_PER_COMPLETION = "teacher_kl_per_completion"  # mean over completions of the sum over a completion's tokens
+PANELS = ((KL_PER_COMPLETION, "reverse KL to the teacher\n(nats / completion)"),
+          (KL, "reverse KL to the teacher\n(nats / token)"))
 
 
-def per_teacher_kl(record: Record) -> dict[str, float]:
-    """A record's teacher KL per teacher, by name in name order (`teacher_kl/<name>`); empty for a single-teacher run."""
-    return {key.removeprefix(TEACHER_KL): float(value) for key, value in sorted(record.items())
-            if key.startswith(TEACHER_KL) and isinstance(value, (int, float))}
+def per_teacher_kl(record: Record, key: str = KL) -> dict[str, float]:
+    """A record's teacher KL per teacher (`<key>/<name>`: `teacher_kl/<name>`, or `teacher_kl_per_completion/<name>`
+    with key=KL_PER_COMPLETION), by name in name order; empty for a single-teacher run."""
+    prefix = f"{key}/"
+    return {k.removeprefix(prefix): float(value) for k, value in sorted(record.items())
+            if k.startswith(prefix) and isinstance(value, (int, float))}
 
 
-def kl_series(records: list[Record]) -> dict[str, list[tuple[int, float]]]:
-    """The plot's lines: label -> [(step, KL)]; empty lines are left out."""
+def kl_series(records: list[Record], key: str = KL) -> dict[str, list[tuple[int, float]]]:
+    """The lines of one panel: label -> [(step, KL)] of `key` (KL or KL_PER_COMPLETION); empty lines are left out."""
+    def has(r: Record) -> bool:
+        return isinstance(r.get(key), (int, float))
+
     series = {
-        "training samples": [(r["step"], r["teacher_kl"]) for r in records if r["kind"] == "train" and "teacher_kl" in r],
-        "held-out prompts": [(r["step"], r["teacher_kl"]) for r in records if r["kind"] == "eval" and "teacher_kl" in r],
+        "training samples": [(r["step"], r[key]) for r in records if r["kind"] == "train" and has(r)],
+        "held-out prompts": [(r["step"], r[key]) for r in records if r["kind"] == "eval" and has(r)],
     }
     evals = [r for r in records if r["kind"] == "eval"]
-    for name in sorted({name for r in evals for name in per_teacher_kl(r)}):
-        series[f"held-out, teacher {name}"] = [(r["step"], per_teacher_kl(r)[name]) for r in evals if name in per_teacher_kl(r)]
+    for name in sorted({name for r in evals for name in per_teacher_kl(r, key)}):
+        series[f"held-out, teacher {name}"] = [(r["step"], per_teacher_kl(r, key)[name]) for r in evals
+                                               if name in per_teacher_kl(r, key)]
     return {label: points for label, points in series.items() if points}
 
 
 def plot_teacher_kl(records: list[Record], out: Path, title: str = "teacher reverse KL") -> Path | None:
     """PNG of the teacher KL per step (train samples, held-out prompts, and each teacher's held-out prompts where
-    there are several); None when there is nothing to plot."""
+    there are several): per completion on top, per token below; None when there is nothing to plot."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    series = kl_series(records)
-    if not series:
+    panels = [(kl_series(records, key), label) for key, label in PANELS]
+    panels = [(series, label) for series, label in panels if series]
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(7, 3.4 * len(panels) + 0.6), dpi=120, sharex=True, squeeze=False)
     styles = {"training samples": {"color": "tab:blue", "alpha": 0.7}, "held-out prompts": {"fmt": "o-", "color": "tab:red"}}
-    for label, points in series.items():
-        style = dict(styles.get(label, {"fmt": "s--"}))
-        ax.plot(*zip(*points, strict=True), style.pop("fmt", "-"), label=label, **style)
-    ax.set_xlabel("step")
-    ax.set_ylabel("reverse KL to the teacher (nats / token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
+    for ax, (series, label) in zip(axes[:, 0], panels, strict=True):
+        for name, points in series.items():
+            style = dict(styles.get(name, {"fmt": "s--"}))
+            ax.plot(*zip(*points, strict=True), style.pop("fmt", "-"), label=name, **style)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    axes[-1, 0].set_xlabel("step")
+    axes[0, 0].set_title(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)

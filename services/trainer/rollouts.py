@@ -23,6 +23,11 @@ Choices:
    that stops at `length` may fill max_model_len) loses its last tokens
    before scoring: the tokens kept are still on-policy samples. The count is
    reported as `trimmed_tokens`.
+5) Two teacher KLs: `teacher_kl`, the mean over the sampled tokens, and
+   `teacher_kl_per_completion`, the mean over completions of each one's sum
+   over its tokens: the KL of a whole reply, which the objective minimises.
+   When replies shrink the first can rise while the second falls; the ratio
+   of the two is `mean_length`.
 """
 
 from __future__ import annotations
@@ -160,12 +165,18 @@ def teacher_kl(samples: list[Sample]) -> float:
     return sum(sum(s.rkl) for s in samples) / max(1, sum(len(s.token_ids) for s in samples))
 
 
+def teacher_kl_per_completion(samples: list[Sample]) -> float:
+    """Mean over the samples of each one's reverse KL summed over its tokens (0 without samples)."""
+    return sum(sum(s.rkl) for s in samples) / max(1, len(samples))
+
+
 def kl_summary(samples: list[Sample], teachers: Sequence[str] = ()) -> dict[str, float]:
-    """Mean per-token teacher reverse KL (when scored), the sample estimate of the sampler's entropy, lengths.
-    With `teachers` (a run of several), also `teacher_kl/<name>` over each teacher's samples that it has."""
+    """Teacher reverse KL (when scored) per token and per completion, the sample estimate of the sampler's entropy,
+    lengths. With `teachers` (a run of several), also `teacher_kl/<name>` and `teacher_kl_per_completion/<name>`
+    over each teacher's samples that it has."""
     tokens = sum(len(s.token_ids) for s in samples)
     if tokens == 0:
-        return {"teacher_kl": 0.0, "entropy": 0.0, "tokens": 0, "sequences": 0}
+        return {"teacher_kl": 0.0, "teacher_kl_per_completion": 0.0, "entropy": 0.0, "tokens": 0, "sequences": 0}
     out = {
         # -E[log p(x)] over the sampler's own samples estimates its entropy per token.
         "entropy": -sum(sum(s.sampling_logprobs) for s in samples) / tokens,
@@ -176,9 +187,13 @@ def kl_summary(samples: list[Sample], teachers: Sequence[str] = ()) -> dict[str,
         "trimmed_tokens": sum(s.trimmed for s in samples),
     }
     if all(s.teacher_logprobs is not None for s in samples):  # the rl and sft arms ask no teacher while training
-        per_teacher = {f"teacher_kl/{name}": teacher_kl(mine) for name in teachers
-                       if (mine := [s for s in samples if s.teacher == name])}
-        out = {"teacher_kl": teacher_kl(samples), **per_teacher, **out}
+        per_teacher = {}
+        for name in teachers:
+            if mine := [s for s in samples if s.teacher == name]:
+                per_teacher[f"teacher_kl/{name}"] = teacher_kl(mine)
+                per_teacher[f"teacher_kl_per_completion/{name}"] = teacher_kl_per_completion(mine)
+        out = {"teacher_kl": teacher_kl(samples), "teacher_kl_per_completion": teacher_kl_per_completion(samples),
+               **per_teacher, **out}
     return out
 
 

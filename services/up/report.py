@@ -13,53 +13,41 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from opd.trainer.metrics import per_teacher_kl, read_records
+from opd.trainer.metrics import KL, per_teacher_kl, read_records
+from opd.trainer.summary import held_out_before_after, kl_text
 
 DONE = {"completed", "failed", "stopped"}
 STEP_DIR = re.compile(r"^step-(\d{6,})$")  # the trainer's checkpoint folders (trainer/checkpoint.py)
 
 
 def step_line(record: dict[str, Any]) -> str:
+    """The teacher KL per completion and per token (summary.py), accuracy, entropy, tokens, mean length, times."""
     parts = [f"step {record['step']:>3}"]
-    if "teacher_kl" in record:  # the rl and sft arms ask no teacher while training
-        parts.append(f"teacher KL {record['teacher_kl']:.4f}")
-    for key, label in (("train_accuracy", "accuracy"), ("entropy", "entropy"), ("tokens", "tokens")):
+    if KL in record:  # the rl and sft arms ask no teacher while training
+        parts.append(f"teacher KL {kl_text(record)}")
+    for key, label in (("train_accuracy", "accuracy"), ("entropy", "entropy"), ("tokens", "tokens"),
+                       ("mean_length", "mean length")):
         if key in record:
-            parts.append(f"{label} {record[key]:.3f}" if isinstance(record[key], float) else f"{label} {record[key]}")
+            digits = 1 if key == "mean_length" else 3
+            parts.append(f"{label} {record[key]:.{digits}f}" if isinstance(record[key], float) else f"{label} {record[key]}")
     times = [f"{k.removeprefix('time_')} {record[k]:.1f}s" for k in ("time_sample", "time_score", "time_train", "time_sync")
              if k in record]
     return "  ".join(parts) + ("  (" + ", ".join(times) + ")" if times else "")
 
 
 def eval_line(record: dict[str, Any]) -> str:
-    """Teacher KL, the verifier's `accuracy`, and each further measure by its name (`accuracy_correct`: correct)."""
+    """Teacher KL per completion and per token (and the mean length), the verifier's `accuracy`, each further measure
+    by its name (`accuracy_correct`: correct), and each teacher's figures in a run of several."""
+    length = f" (mean length {record['mean_length']:.1f})" if isinstance(record.get("mean_length"), (int, float)) else ""
     accuracy = f", accuracy {record['accuracy']:.3f}" if "accuracy" in record else ""
     accuracy += "".join(f", {key.removeprefix('accuracy_')} {value:.3f}" for key, value in record.items()
                         if key.startswith("accuracy_") and isinstance(value, (int, float)))
-    per_teacher = per_teacher_kl(record)
-    by_teacher = "; per teacher: " + ", ".join(
-        f"{name} {kl:.4f}" + (f" (accuracy {record[f'accuracy/{name}']:.3f})"
-                              if isinstance(record.get(f"accuracy/{name}"), (int, float)) else "")
-        for name, kl in per_teacher.items()) if per_teacher else ""
-    return (f"[cyan]eval    teacher KL on held-out prompts {record.get('teacher_kl', float('nan')):.4f}{accuracy}"
+    by_teacher = "; per teacher: " + "; ".join(
+        f"{name} {kl_text(record, name)}" + (f" (accuracy {record[f'accuracy/{name}']:.3f})"
+                                            if isinstance(record.get(f"accuracy/{name}"), (int, float)) else "")
+        for name in per_teacher_kl(record)) if per_teacher_kl(record) else ""
+    return (f"[cyan]eval    teacher KL on held-out prompts {kl_text(record)}{length}{accuracy}"
             f"{by_teacher} (step {record['step']})[/cyan]")
-
-
-def teachers_before_after(records: list[dict[str, Any]]) -> list[str]:
-    """Each teacher's held-out KL (and accuracy, with a verifier) at the first evaluation and at the last, one line
-    each; none for a single-teacher run (its records carry no teacher_kl/<name>)."""
-    evals = [r for r in records if r.get("kind") == "eval" and per_teacher_kl(r)]
-    if not evals:
-        return []
-    first, last = evals[0], evals[-1]
-    lines = [f"teacher KL on held-out prompts per teacher, step {first['step']} -> step {last['step']}:"]
-    for name in per_teacher_kl(first) | per_teacher_kl(last):
-        before, after = per_teacher_kl(first).get(name, float("nan")), per_teacher_kl(last).get(name, float("nan"))
-        line = f"  {name}: {before:.4f} -> {after:.4f}"
-        if isinstance(first.get(f"accuracy/{name}"), (int, float)) and isinstance(last.get(f"accuracy/{name}"), (int, float)):
-            line += f"  (accuracy {first[f'accuracy/{name}']:.3f} -> {last[f'accuracy/{name}']:.3f})"
-        lines.append(line)
-    return lines
 
 
 class RunWatcher:
@@ -121,7 +109,7 @@ def end_summary(output_dir: Path, steps: int, restarts: dict[str, int]) -> list[
         f"steps completed: {done} of {steps}",
         "restarts: " + ", ".join(f"{name} {count}" for name, count in restarts.items()),
         f"last checkpoint: {where}",
-        *teachers_before_after(records),
+        *held_out_before_after(records),
     ]
 
 

@@ -32,9 +32,10 @@ def test_the_table_gives_costs_to_target_and_ratios_to_opd(tmp_path: Path) -> No
     }
     text = table(curves, teacher_accuracy=0.8)
     assert "target 90% of it = 0.720" in text
-    assert "| opd | 0.100 | 0.800 | 0.800 | 1.000 | 0.200 | 2 | 60 | 8 |" in text
-    assert "| rl | 0.100 | 0.760 | 0.760 | 1.000 | 0.059 | 16 | 320 | 48 |" in text
-    assert "| sft | 0.100 | 0.600 | 0.600 | 1.000 | 0.048 | not in 20 (400 tokens, 40 s) | - | - |" in text
+    # records without the KL per completion (runs from before it): "-" in its columns
+    assert "| opd | 0.100 | 0.800 | 0.800 | 1.000 | 0.200 | - | - | 2 | 60 | 8 |" in text
+    assert "| rl | 0.100 | 0.760 | 0.760 | 1.000 | 0.059 | - | - | 16 | 320 | 48 |" in text
+    assert "| sft | 0.100 | 0.600 | 0.600 | 1.000 | 0.048 | - | - | not in 20 (400 tokens, 40 s) | - | - |" in text
     assert "| RL/OPD | 8.0x | 5.3x | 6.0x | 7-10x fewer steps than RL |" in text
     assert "| SFT/OPD | >10.0x | >6.7x | >5.0x | 9-30x less compute |" in text, "a run that never got there: a lower bound"
     out = plot(curves, 0.8, tmp_path / "accuracy.png")
@@ -53,14 +54,15 @@ def test_seeds_give_the_mean_and_range_of_every_measure_and_the_teachers_figures
     teachers = {0: {"accuracy": 0.75, "correct": 0.2, "content": 0.25}, 1: {"accuracy": 0.85, "correct": 0.1, "content": 0.15}}
     text = seeds_table(runs, teachers)
     assert text.startswith("2 seeds (0, 1)")
-    assert "| teacher, with the context | - | 0.800 (0.750-0.850) | - | 0.150 (0.100-0.200) | - | 0.200 (0.150-0.250) | - | - |" in text
-    # form before/after, correct before/after, content before/after, KL before/after
+    assert ("| teacher, with the context | - | 0.800 (0.750-0.850) | - | 0.150 (0.100-0.200) | - | 0.200 (0.150-0.250) "
+            "| - | - | - | - |") in text
+    # form before/after, correct before/after, content before/after, KL before/after, KL per completion before/after
     assert ("| opd | 0.050 (0.000-0.100) | 0.700 (0.600-0.800) | 0.000 (0.000-0.000) | 0.145 (0.090-0.200) "
-            "| 0.200 (0.200-0.200) | 0.200 (0.150-0.250) | 0.800 (0.800-0.800) | 0.400 (0.300-0.500) |") in text
+            "| 0.200 (0.200-0.200) | 0.200 (0.150-0.250) | 0.800 (0.800-0.800) | 0.400 (0.300-0.500) | - | - |") in text
     assert "| rl-correct | 0.050 (0.000-0.100) | 0.600 (0.500-0.700) |" in text
     assert text.index("| opd |") < text.index("| rl-correct |"), "arms in the order they ran"
     one = seeds_table({3: runs[0]}, {3: teachers[0]})
-    assert one.startswith("1 seed (3)") and "| opd | 0.000 | 0.800 | 0.000 | 0.200 | 0.200 | 0.250 | 0.800 | 0.300 |" in one
+    assert one.startswith("1 seed (3)") and "| opd | 0.000 | 0.800 | 0.000 | 0.200 | 0.200 | 0.250 | 0.800 | 0.300 | - | - |" in one
 
 
 def test_a_mean_curve_averages_the_seeds_at_the_steps_all_of_them_evaluated(tmp_path: Path) -> None:
@@ -99,3 +101,34 @@ def test_a_study_of_one_arm_has_no_table_of_ratios() -> None:
         text = table({arm: curve(records({0: 0.1, 2: 0.75}, seconds=4.0, tokens=10, scored=True))}, teacher_accuracy=0.8)
         assert f"| {arm} | 0.100 | 0.750 |" in text
         assert "ratio to opd" not in text, text
+
+
+def test_the_kl_per_completion_stands_beside_the_kl_per_token_without_changing_the_rest(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replies that shrink: per token 0.5 -> 1.0, per completion (x mean length 8 -> 2) 4.0 -> 2.0."""
+    import matplotlib.pyplot as plt
+
+    def run(seconds: float, after: float) -> list[dict]:
+        out = records({0: 0.1, 2: 0.75}, seconds=seconds, tokens=10, scored=True)
+        for r, (kl, completion) in zip(out[-2:], ((0.5, 4.0), (1.0, after)), strict=True):
+            r.update(teacher_kl=kl, teacher_kl_per_completion=completion)
+        return out
+
+    opd = curve(run(4.0, 2.0))
+    assert [(pt.teacher_kl, pt.teacher_kl_per_completion) for pt in opd] == [(0.5, 4.0), (1.0, 2.0)]
+    assert opd == curve(run(4.0, 2.0)) and opd[0].accuracy == 0.1 and opd[1].seconds == 8.0, "the rest is as it was"
+    assert "| opd | 0.100 | 0.750 | 0.750 | 0.500 | 1.000 | 4.000 | 2.000 | 2 | 60 | 8 |" in table({"opd": opd}, 0.8)
+    other = curve(run(4.0, 3.0))
+    assert mean_curve([opd, other])[1].teacher_kl_per_completion == pytest.approx(2.5)
+    assert mean_curve([opd, curve(records({0: 0.1, 2: 0.75}, seconds=4.0, tokens=10, scored=True))])[1] \
+        .teacher_kl_per_completion is None, "a seed without the figure: no mean of it"
+    text = seeds_table({0: {"opd": opd}, 1: {"opd": other}}, {0: {"accuracy": 0.8}, 1: {"accuracy": 0.8}}, measures=())
+    assert "| KL per completion before | KL per completion after |" in text
+    assert "| 0.500 (0.500-0.500) | 1.000 (1.000-1.000) | 4.000 (4.000-4.000) | 2.500 (2.000-3.000) |" in text
+    figures = []
+    close = plt.close
+    monkeypatch.setattr(plt, "close", lambda fig: (figures.append(fig), close(fig)))
+    plot({"opd": opd}, 0.8, tmp_path / "accuracy.png")
+    labels = [ax.get_ylabel() for ax in figures[-1].axes]
+    assert labels[-2:] == ["held-out teacher KL (nats/completion)", "held-out teacher KL (nats/token)"]
+    assert list(figures[-1].axes[-2].get_lines()[0].get_ydata()) == [4.0, 2.0]

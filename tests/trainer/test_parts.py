@@ -13,7 +13,7 @@ from opd.common.errors import InvalidInput
 from opd.trainer import checkpoint as ck
 from opd.trainer.config import DatasetConfig, build_config
 from opd.trainer.data import DatasetError, PromptSampler, load_prompts, read_rows
-from opd.trainer.metrics import MetricsWriter, kl_series, plot_teacher_kl, read_records
+from opd.trainer.metrics import KL_PER_COMPLETION, MetricsWriter, kl_series, plot_teacher_kl, read_records
 from opd.trainer.remote import ScoreLimits
 from opd.trainer.rollouts import Sample, chunks, fit
 from opd.trainer.update import advantages, task_rewards
@@ -127,6 +127,11 @@ def test_the_plot_has_a_held_out_line_per_teacher_where_there_are_several(tmp_pa
     assert kl_series(records) == {"training samples": [(1, 0.7)], "held-out prompts": [(0, 0.8), (1, 0.5)],
                                   "held-out, teacher chat": [(0, 0.6)], "held-out, teacher math": [(0, 1.0), (1, 0.4)]}
     assert list(kl_series(records[1:2])) == ["training samples"], "one teacher: the lines of before"
+    assert kl_series(records, KL_PER_COMPLETION) == {}, "records without the KL per completion: no line of it"
+    both = [{**r, KL_PER_COMPLETION: 4 * r["teacher_kl"], f"{KL_PER_COMPLETION}/math": 2.0} for r in records]
+    assert kl_series(both, KL_PER_COMPLETION) == {"training samples": [(1, 2.8)], "held-out prompts": [(0, 3.2), (1, 2.0)],
+                                                  "held-out, teacher math": [(0, 2.0), (1, 2.0)]}
+    assert kl_series(both) == kl_series(records), "the per-token lines do not change"
     assert plot_teacher_kl(records, tmp_path / "kl.png").read_bytes()[:4] == b"\x89PNG"
 
 

@@ -161,16 +161,19 @@ def by_hand(samples: list[Sample], teacher: str) -> tuple[float, float, int]:
     mine = [s for s in samples if s.row.get("teacher", "a") == teacher]
     if not mine:
         return float("nan"), float("nan"), 0
-    tokens = sum(len(s.token_ids) for s in mine)
-    kl = sum(lp - t for s in mine for lp, t in zip(s.sampling_logprobs, s.teacher_logprobs, strict=True)) / tokens
-    return kl, sum(has_the(s.row, s.text) for s in mine) / len(mine), len(mine)
+    return kl_sum(mine) / sum(len(s.token_ids) for s in mine), sum(has_the(s.row, s.text) for s in mine) / len(mine), len(mine)
+
+
+def kl_sum(samples: list[Sample]) -> float:
+    """The reverse KL summed over every token of the samples, from the raw numbers."""
+    return sum(lp - t for s in samples for lp, t in zip(s.sampling_logprobs, s.teacher_logprobs, strict=True))
 
 
 @pytest.mark.slow
 def test_each_group_is_scored_by_its_own_teacher(make, stack: dict[str, ServiceProcess], monkeypatch) -> None:
     """Each sample carries the scores of its row's teacher (rescored here by both teachers: its own matches, the
-    other does not); every record's teacher_kl/<name> and accuracy/<name> (train and held out) equal the figures
-    of that teacher's samples computed by hand.
+    other does not); every record's teacher_kl/<name>, teacher_kl_per_completion/<name> and accuracy/<name> (train
+    and held out) equal the figures of that teacher's samples computed by hand.
     That each group learns from its own teacher (held-out KL falls per teacher) is test_teachers_learn.py's:
     these random teachers hold no skill to learn in a few steps."""
     seen = watch_summaries(monkeypatch)
@@ -186,9 +189,12 @@ def test_each_group_is_scored_by_its_own_teacher(make, stack: dict[str, ServiceP
         for name in ("a", "b"):
             kl, accuracy, count = by_hand(samples, name)
             assert count > 0 and record[f"teacher_kl/{name}"] == pytest.approx(kl, abs=1e-9)
+            mine = [s for s in samples if s.row.get("teacher", "a") == name]
+            assert record[f"teacher_kl_per_completion/{name}"] == pytest.approx(kl_sum(mine) / count, abs=1e-9)
             assert record[f"{prefix}accuracy/{name}"] == pytest.approx(accuracy, abs=1e-9)
         assert record["teacher_kl"] == pytest.approx(
             sum(sum(s.sampling_logprobs) - sum(s.teacher_logprobs) for s in samples) / record["tokens"], abs=1e-9)
+        assert record["teacher_kl_per_completion"] == pytest.approx(kl_sum(samples) / len(samples), abs=1e-9)
     clients = {name: TeacherClient(stack[name].url) for name in ("a", "b")}
     last = seen[-1]
     for name, other in (("a", "b"), ("b", "a")):

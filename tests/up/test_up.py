@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from opd.common.process import free_port, port_free
+from opd.trainer.summary import kl_change, kl_text
 
 pytestmark = pytest.mark.slow
 
@@ -232,11 +233,13 @@ def test_up_runs_two_teachers_each_its_own_process(tmp_path, teacher_model, stud
         assert "POST /logprobs" in log, f"teacher {name} scored nothing"
     evals = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in evals if r["kind"] == "eval"]
-    assert evals and all(isinstance(r.get(f"teacher_kl/{name}"), float) for r in evals for name in "ab")
+    assert evals and all(isinstance(r.get(f"{key}/{name}"), float) for r in evals for name in "ab"
+                         for key in ("teacher_kl", "teacher_kl_per_completion"))
     last = evals[-1]
-    assert f"per teacher: a {last['teacher_kl/a']:.4f}, b {last['teacher_kl/b']:.4f} (step {last['step']})" in out
+    flat = " ".join(out.split())  # the eval lines are wider than the terminal: rich wraps them
+    assert f"per teacher: a {kl_text(last, 'a')}; b {kl_text(last, 'b')} (step {last['step']})" in flat
     assert "teacher KL on held-out prompts per teacher" in out
-    assert f"  a: {evals[0]['teacher_kl/a']:.4f} -> {last['teacher_kl/a']:.4f}" in out
-    assert f"  b: {evals[0]['teacher_kl/b']:.4f} -> {last['teacher_kl/b']:.4f}" in out
+    assert f"  a: {kl_change(evals[0], last, 'a')}" in out and f"  b: {kl_change(evals[0], last, 'b')}" in out
+    assert f"teacher KL on held-out prompts, step 0 -> step {last['step']}: {kl_change(evals[0], last)}" in out
     assert marked_processes(mark) == [], "opd up left processes running"
     assert all(port_free("127.0.0.1", port) for port in ports.values())
