@@ -7,7 +7,7 @@
   student's: distillation has something to do.
 - `other_tokenizer_model`: a Llama on a different vocabulary (mismatch tests).
 
-vLLM on the CPU: each engine gets a 1 GiB KV cache unless told otherwise.
+vLLM on the CPU: each engine gets a 0.25 GiB KV cache unless told otherwise.
 `OPD_CACHE_DIR` points at a folder of this session (`opd_cache`), so the real
 SmolLM2 is dequantized from its GGUF file once per session, not once per
 `opd models prepare`, and the user's own cache is never touched.
@@ -25,7 +25,10 @@ import torch
 from opd.common.settings import TeacherSettings
 from tests.utils.tiny_models import build_llama, build_tokenizer
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+# vLLM on the CPU: a quarter GiB of KV cache per engine (the tiny models need little; each GiB is memory two
+# test workers side by side run short of), for the engines built here and the services started from here.
+for _role in ("TEACHER", "STUDENT"):
+    os.environ.setdefault(f"OPD_{_role}_KV_CACHE_GIB", "0.25")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 TORCH_THREADS = torch.get_num_threads()  # torch's own choice for this machine, before any test changes it
 

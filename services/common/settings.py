@@ -54,8 +54,8 @@ class EngineSettings(ServiceSettings):
     seed: int = Field(default=0, description="vLLM's engine seed; the hf engine does not read it.")
     # vLLM only.
     kv_cache_gib: float = Field(
-        default=2.0, gt=0, description="vLLM without a GPU: KV cache GiB (VLLM_CPU_KVCACHE_SPACE, rounded to a whole "
-        "GiB, at least 1; an exported VLLM_CPU_KVCACHE_SPACE wins). Unused on a GPU.",
+        default=2.0, gt=0, description="vLLM without a GPU: KV cache GiB, fractions too (vLLM's kv_cache_memory_bytes; an "
+        "exported VLLM_CPU_KVCACHE_SPACE, whole GiB, wins). Unused on a GPU.",
     )
     gpu_memory_utilization: float = Field(
         default=0.85, gt=0, le=1, description="vLLM on a GPU: the share of the GPU's memory the engine may take.",

@@ -1,8 +1,9 @@
 """Builds vLLM's AsyncLLM from opd engine settings (teacher and student alike).
 
-On machines without a GPU (vLLM's CPU build), the KV cache is sized by
-`VLLM_CPU_KVCACHE_SPACE` (GiB; taken from `kv_cache_gib` unless already set)
-and CUDA graphs are off (`enforce_eager`). vLLM's automatic CPU binding keeps
+On machines without a GPU (vLLM's CPU build), the KV cache takes `kv_cache_gib`
+(vLLM's `kv_cache_memory_bytes`: fractions of a GiB too; an exported
+`VLLM_CPU_KVCACHE_SPACE`, vLLM's legacy variable in whole GiB, wins) and CUDA
+graphs are off (`enforce_eager`). vLLM's automatic CPU binding keeps
 one core for its scheduler and runs the model on the others: on a 2-core
 machine that is one core, the same one for the teacher and the student, while
 the other idles. Unless `VLLM_CPU_OMP_THREADS_BIND` is set, an engine binds
@@ -30,7 +31,8 @@ def build_async_llm(settings: EngineSettings, **extra: Any):
 
     gpu = on_gpu()
     if not gpu:
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, round(settings.kv_cache_gib))))
+        if not os.environ.get("VLLM_CPU_KVCACHE_SPACE"):  # exported, vLLM's platform code would override this
+            extra.setdefault("kv_cache_memory_bytes", int(settings.kv_cache_gib * 2**30))
         if settings.tensor_parallel_size == 1:
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", ",".join(map(str, sorted(os.sched_getaffinity(0)))))
     args = AsyncEngineArgs(

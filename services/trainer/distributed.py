@@ -202,7 +202,8 @@ def follow(group: Group) -> None:
     policy: Policy | None = None
     while True:
         name, *args = group.receive()
-        if name == "exit":
+        if name == "exit":  # leave the process group before the interpreter does: gloo's threads, left running
+            shutdown()      # into exit, abort the process ("terminate called without an active exception")
             return
         if name == "open":
             policy = Policy(args[0], group)

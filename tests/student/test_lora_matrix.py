@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 import torch
 from prometheus_client import CollectorRegistry
 
@@ -25,7 +26,8 @@ from opd.student.serving import BrokenPolicy, StudentMetrics, StudentService
 from tests.student.conftest import LORA_TARGETS, save_lora
 from tests.student.test_hf_engine import as_rollouts
 
-pytestmark = pytest.mark.slow
+# One event loop for the module: the merging vLLM engine (a module fixture, one engine start) serves two tests.
+pytestmark = [pytest.mark.slow, pytest.mark.asyncio(loop_scope="module")]
 ATOL = 1e-3  # what the issue asks; float32 agrees to ~1e-6 on the tiny model
 ATTENTION, MLP = ["q_proj", "k_proj", "v_proj", "o_proj"], ["gate_proj", "up_proj", "down_proj"]
 # name -> (targets, LoraConfig fields); in the order they are loaded.
@@ -41,7 +43,7 @@ MATRIX: dict[str, tuple[list[str], dict]] = {
 }
 # Per-layer ranks and alphas: peft and vLLM's LoRA kernels serve them; a merge with one scale cannot.
 PATTERNS = (["q_proj", "down_proj"], {"rank_pattern": {"q_proj": 4}, "alpha_pattern": {"down_proj": 3.0}})
-ENGINES = [("hf", "adapter"), ("hf", "merge"), ("vllm", "merge"), ("vllm", "adapter")]
+ENGINES = [("hf", "adapter"), ("hf", "merge"), ("vllm", "adapter")]  # and vLLM merging: `merging_vllm`
 
 
 def build_adapter(base: Path, out: Path, targets: list[str], config: dict, seed: int) -> Path:
@@ -98,23 +100,41 @@ def make_engine(settings: StudentSettings, engine: str, mode: str):
     return VLLMRolloutEngine(settings)
 
 
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def merging_vllm(student_settings: StudentSettings):
+    """The tiny student on vLLM, merging LoRA versions into its weights: the matrix, then the refusals."""
+    engine = make_engine(student_settings, "vllm", "merge")
+    yield engine
+    await engine.close()
+
+
+async def check_matrix(engine, student_model: Path, adapters: Path, prompts, label: str) -> None:
+    names = list(MATRIX) + (["patterns"] if engine.lora_patterns else [])
+    errors = {name: await served_error(engine, student_model, adapters / name, i + 1, prompts)
+              for i, name in enumerate(names)}
+    wrong = {name: round(e, 4) for name, e in errors.items() if not e < ATOL}
+    assert not wrong, f"{label}: served logprobs off a peft forward (nats): {wrong}"
+
+
 @pytest.mark.parametrize(("engine_name", "mode"), ENGINES)
 async def test_every_adapter_is_served_exactly(
     student_settings: StudentSettings, student_model: Path, adapters: Path, prompts, engine_name: str, mode: str
 ) -> None:
     engine = make_engine(student_settings, engine_name, mode)
     try:
-        names = list(MATRIX) + (["patterns"] if engine.lora_patterns else [])
-        errors = {name: await served_error(engine, student_model, adapters / name, i + 1, prompts)
-                  for i, name in enumerate(names)}
-        wrong = {name: round(e, 4) for name, e in errors.items() if not e < ATOL}
-        assert not wrong, f"{engine_name}/{mode}: served logprobs off a peft forward (nats): {wrong}"
+        await check_matrix(engine, student_model, adapters, prompts, f"{engine_name}/{mode}")
     finally:
         await engine.close()
 
 
+async def test_every_adapter_is_served_exactly_by_a_merging_vllm(
+    merging_vllm, student_model: Path, adapters: Path, prompts
+) -> None:
+    await check_matrix(merging_vllm, student_model, adapters, prompts, "vllm/merge")
+
+
 async def test_a_merging_vllm_student_refuses_what_it_cannot_merge(
-    student_settings: StudentSettings, student_model: Path, adapters: Path, tmp_path: Path, prompts
+    merging_vllm, student_settings: StudentSettings, student_model: Path, adapters: Path, tmp_path: Path, prompts
 ) -> None:
     """rank_pattern, alpha_pattern, DoRA, modules_to_save, a module the model lacks: a 4xx naming the reason,
     and the serving version does not change."""
@@ -130,25 +150,21 @@ async def test_a_merging_vllm_student_refuses_what_it_cannot_merge(
 
     save_file({k.replace("q_proj", "c_attn"): v for k, v in load_file(renamed).items()}, renamed)
     settings = student_settings.model_copy(update={"engine": "vllm", "lora_mode": "merge", "checkpoint_root": str(root)})
-    engine = make_engine(settings, "vllm", "merge")
-    service = StudentService(engine, settings, StudentMetrics(CollectorRegistry()))
-    try:
-        await service.load_weights(p.WeightsRequest(version=1, kind="lora", path="good"))
-        request = p.RolloutRequest(prompts=[{"token_ids": q} for q in prompts], n=2, max_tokens=8, seed=3)
-        serving = await service.rollouts(request)
-        for path, reason in [("patterns", "rank_pattern"), ("dora", "DoRA"), ("saves-head", "modules_to_save"),
-                             ("lacks", "c_attn, which is not a linear layer")]:
-            with pytest.raises(InvalidInput) as caught:
-                await service.load_weights(p.WeightsRequest(version=2, kind="lora", path=path))
-            assert caught.value.status_code == 422 and reason in str(caught.value), (path, str(caught.value))
-            assert service.version == 1 and await service.rollouts(request) == serving, path
-        # A version whose weights give NaN: every rollout request fails, naming the version, never a NaN in JSON.
-        save_broken(student_model, root / "nan")
-        await service.load_weights(p.WeightsRequest(version=2, kind="full", path="nan"))
-        with pytest.raises(BrokenPolicy, match=r"policy version 2 \(full checkpoint nan\) gave logprob nan"):
-            await service.rollouts(request)
-    finally:
-        await engine.close()
+    service = StudentService(merging_vllm, settings, StudentMetrics(CollectorRegistry()))  # the engine reads no root
+    await service.load_weights(p.WeightsRequest(version=1, kind="lora", path="good"))
+    request = p.RolloutRequest(prompts=[{"token_ids": q} for q in prompts], n=2, max_tokens=8, seed=3)
+    serving = await service.rollouts(request)
+    for path, reason in [("patterns", "rank_pattern"), ("dora", "DoRA"), ("saves-head", "modules_to_save"),
+                         ("lacks", "c_attn, which is not a linear layer")]:
+        with pytest.raises(InvalidInput) as caught:
+            await service.load_weights(p.WeightsRequest(version=2, kind="lora", path=path))
+        assert caught.value.status_code == 422 and reason in str(caught.value), (path, str(caught.value))
+        assert service.version == 1 and await service.rollouts(request) == serving, path
+    # A version whose weights give NaN: every rollout request fails, naming the version, never a NaN in JSON.
+    save_broken(student_model, root / "nan")
+    await service.load_weights(p.WeightsRequest(version=2, kind="full", path="nan"))
+    with pytest.raises(BrokenPolicy, match=r"policy version 2 \(full checkpoint nan\) gave logprob nan"):
+        await service.rollouts(request)
 
 
 async def test_the_real_smollm2_serves_partial_adapters_exactly(tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -99,3 +99,10 @@ async def test_length_limit_is_vllms_and_its_refusals_are_bad_requests(engine) -
     with pytest.raises(InvalidInput) as err:
         await engine.score([ScoreJob([7] * 512, 500)])
     assert err.value.status_code == 422 and "maximum model length of 512" in str(err.value)
+
+
+async def test_the_kv_cache_is_kv_cache_gib_fractions_included(engine, teacher_settings: TeacherSettings) -> None:
+    """tests/conftest.py gives every engine a quarter GiB (OPD_TEACHER_KV_CACHE_GIB=0.25): vLLM gets it in bytes,
+    not rounded to a whole GiB as its legacy VLLM_CPU_KVCACHE_SPACE would have it."""
+    assert teacher_settings.kv_cache_gib == 0.25
+    assert engine.llm.vllm_config.cache_config.kv_cache_memory_bytes == 2**28

@@ -18,7 +18,7 @@ from typing import Any
 from opd.common.process import ServiceProcess, free_port
 from opd.trainer.config import RunConfig, build_config, deep_merge
 
-ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "TOKENIZERS_PARALLELISM": "false"}
+ENV = {"TOKENIZERS_PARALLELISM": "false"}  # and the KV cache of tests/conftest.py, inherited
 
 
 def start_service(name: str, args: list[str], log_dir: Path, port: int | None = None) -> ServiceProcess:

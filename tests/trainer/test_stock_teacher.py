@@ -40,7 +40,7 @@ def stock_vllm(teacher_model: Path, service_logs: Path):
     port = free_port()
     # --enforce-eager as our own engines on a CPU: no compilation at start.
     args = ["--model", str(teacher_model), "--dtype", "float32", "--host", "127.0.0.1", "--port", str(port),
-            "--max-logprobs", "20", "--api-key", KEY, "--enforce-eager"]
+            "--max-logprobs", "20", "--api-key", KEY, "--enforce-eager", "--kv-cache-memory-bytes", str(2**28)]
     proc = ServiceProcess("stock-vllm", args, port, log_file=service_logs / f"stock-vllm-{port}.log", env=ENV,
                           module="vllm.entrypoints.openai.api_server", ready_path="/health")
     proc.start()

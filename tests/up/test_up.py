@@ -41,8 +41,10 @@ def stack_yaml(tmp_path: Path, teacher: Path, student: Path, steps: int = 2, por
     prompts.write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = {
         "workdir": str(tmp_path / "stack"),
-        "teacher": {"model": {"path": str(teacher)}, "engine": "vllm", "port": ports.get("teacher", free_port()), "dtype": "float32"},
-        "student": {"model": {"path": str(student)}, "engine": "vllm", "port": ports.get("student", free_port()), "dtype": "float32"},
+        "teacher": {"model": {"path": str(teacher)}, "engine": "vllm", "port": ports.get("teacher", free_port()), "dtype": "float32",
+                    "kv_cache_gib": 0.25},
+        "student": {"model": {"path": str(student)}, "engine": "vllm", "port": ports.get("student", free_port()), "dtype": "float32",
+                    "kv_cache_gib": 0.25},
         "trainer": {"port": ports.get("trainer", free_port())},
         "samples_to_show": 1,
         "run": {

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 # The tests' budget per service; OPD_FUZZ_SECONDS=90 for the longer runs docs/benchmarks.md reports.
-FUZZ_SECONDS = int(os.environ.get("OPD_FUZZ_SECONDS", "30"))
+FUZZ_SECONDS = int(os.environ.get("OPD_FUZZ_SECONDS", "20"))
 
 CONFIG = """\
 [checks.not_a_server_error]

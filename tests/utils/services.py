@@ -21,7 +21,7 @@ def running(
     api_key: str | None = None, timeout: float = 300.0,
 ) -> Iterator[ServiceProcess]:
     port = free_port()
-    full_env = {"VLLM_CPU_KVCACHE_SPACE": "1", **(env or {})}
+    full_env = dict(env or {})
     if api_key:
         full_env["OPD_API_KEY"] = api_key
     proc = ServiceProcess(name, [*args, "--port", str(port)], port, log_file=log_dir / f"{name}-{port}.log", env=full_env)
