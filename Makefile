@@ -58,7 +58,7 @@ lock:
 venv: $(STAMP)
 
 # Two pytest-xdist workers (TEST_WORKERS): a module is one unit of work, the trainer's modules on its shared
-# services one together (tests/conftest.py); on two cores the suite keeps both busy instead of about 60%.
+# services one together (tests/utils/scheduling.py); on two cores the suite keeps both busy instead of about 60%.
 TEST_WORKERS ?= 2
 test: venv
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup

@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from opd.common.settings import TeacherSettings
+from tests.utils.scheduling import make_scheduler, shared_modules
 from tests.utils.tiny_models import build_llama, build_tokenizer
 
 # vLLM on the CPU: a quarter GiB of KV cache per engine (the tiny models need little; each GiB is memory two
@@ -108,22 +109,19 @@ def hf_engine(teacher_settings: TeacherSettings):
     return HFScoringEngine(teacher_settings)
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """The order in which pytest-xdist hands out work, longest first so that both workers end together: the
-    modules on the trainer's shared services (tests/trainer/conftest.py `services`: a vLLM teacher and student),
-    then the other modules that start engines or services (a test marked slow), then the quick ones. Under
-    `--dist loadgroup` (`make test`) each module is one unit of work, and the modules on the shared services
-    are one unit together, so that pair starts once per run."""
-    def shares(item: pytest.Item) -> bool:
-        return "services" in item.fixturenames and item.path.parent.name == "trainer" \
-            and not hasattr(getattr(item, "module", None), "services")  # a module's own `services` is its own
-
+    """The order in which pytest-xdist hands out work (tests/utils/scheduling.py), longest first so that the
+    workers end together: the modules on the trainer's shared services (tests/trainer/conftest.py `services`: a
+    vLLM teacher and student), then the other modules that start engines or services (a test marked slow), then
+    the quick ones."""
+    shared = shared_modules(config.rootpath)
     slow = {item.path for item in items if item.get_closest_marker("slow")}
-    shared = {item.path for item in items if shares(item)}
-    items.sort(key=lambda item: (item.path not in shared, item.path not in slow))  # stable within each part
-    if not WORKER:
-        return
-    for item in items:
-        unit = "trainer-services" if item.path in shared else item.path.relative_to(config.rootpath).as_posix()
-        item.add_marker(pytest.mark.xdist_group(unit))
+    items.sort(key=lambda item: (item.path.relative_to(config.rootpath).as_posix() not in shared,
+                                 item.path not in slow))  # stable within each part
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """`--dist loadgroup` (`make test`): a module is a unit of work, the shared-services modules one together."""
+    if config.getvalue("dist") == "loadgroup":
+        return make_scheduler(config, log)
+    return None
