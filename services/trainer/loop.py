@@ -341,7 +341,14 @@ class Trainer:
     # ------------------------------------------------------------ the run
     def run(self) -> str:
         """Runs to `steps` (or a stop request); returns "completed" or "stopped"."""
-        self.setup()
+        try:
+            self.setup()
+        except BaseException:  # refused (a resume of another config, a student that cannot load): keep nothing
+            try:
+                self.close_policy()
+            finally:
+                self.remote.close()
+            raise
         self.state = "running"
         try:
             with self.progress() as advance:

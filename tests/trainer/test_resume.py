@@ -100,9 +100,13 @@ def test_resume_refuses_a_different_config(make_config, tmp_path: Path) -> None:
 
     first = make_config(name="refuse", steps=1, save_every=1, eval__every=0, output_dir=str(tmp_path / "r"))
     assert Trainer(first).run() == "completed"
+    threads = torch.get_num_threads()
     changed = make_config(name="refuse", steps=2, eval__every=0, output_dir=str(tmp_path / "r"), kl_coef=0.5)
+    refused = Trainer(changed)
     with pytest.raises(CheckpointError, match="kl_coef"):
-        Trainer(changed).run()
+        refused.run()
+    assert refused.policy is None, "a refused run lets its model and optimizer go"
+    assert torch.get_num_threads() == threads, "and gives torch its thread count back (student.torch_threads is 1)"
     longer = make_config(name="refuse", steps=2, save_every=1, eval__every=0, output_dir=str(tmp_path / "r"))
     assert Trainer(longer).run() == "completed"  # more steps is the same run, continued
     assert [r["step"] for r in read_records(tmp_path / "r" / "metrics.jsonl")] == [1, 2]
