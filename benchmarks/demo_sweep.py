@@ -29,6 +29,8 @@ from opd.trainer.metrics import read_records  # noqa: E402
 from opd.up.config import StackConfig, load_stack  # noqa: E402
 from opd.up.runner import resolve_model  # noqa: E402
 
+from efficiency import ready, start  # noqa: E402  (benchmarks/, this script's folder)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -50,15 +52,6 @@ VARIANTS: dict[str, list[str]] = {
 }
 
 
-def start(name: str, args: list[str], spec, logs: Path) -> ServiceProcess:
-    from opd.common.process import free_port
-
-    port = free_port()
-    full = [*args, "--engine", spec.engine, "--dtype", spec.dtype, "--kv-cache-gib", str(spec.kv_cache_gib),
-            "--port", str(port)]
-    return ServiceProcess(name, full, port, log_file=logs / f"{name}.log").start()
-
-
 def start_services(stack: StackConfig, workdir: Path, console: Console) -> tuple[list[ServiceProcess], str]:
     logs = workdir / "logs"
     logs.mkdir(parents=True, exist_ok=True)
@@ -67,13 +60,7 @@ def start_services(stack: StackConfig, workdir: Path, console: Console) -> tuple
     procs = [start("teacher", ["teacher", "serve", "--model", teacher_model], stack.teacher, logs),
              start("student", ["student", "serve", "--model", student_model, "--checkpoint-root",
                                str(workdir / "checkpoints")], stack.student, logs)]
-    try:
-        for proc in procs:
-            proc.wait_ready(stack.startup_timeout_s)
-    except BaseException:
-        for proc in procs:
-            proc.stop()
-        raise
+    ready(procs, stack.startup_timeout_s, console, f"teacher and student (logs: {logs})")
     return procs, student_model
 
 

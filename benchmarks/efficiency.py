@@ -109,15 +109,20 @@ def start_stack(stack: StackConfig, workdir: Path, console: Console) -> tuple[li
         start("teacher-sampler", ["student", "serve", "--model", teacher_model, "--checkpoint-root",
                                   str(workdir / "sampler-checkpoints"), *sampler_no_lora], stack.teacher, logs),
     ]
+    ready(procs, stack.startup_timeout_s, console, f"teacher, student and teacher sampler (logs: {logs})")
+    return procs, student_model
+
+
+def ready(procs: list[ServiceProcess], timeout: float, console: Console, what: str) -> None:
+    """Waits until every process serves; if one does not, stops them all."""
     try:
-        with console.status(f"starting teacher, student and teacher sampler (logs: {logs})"):
+        with console.status(f"starting {what}"):
             for proc in procs:
-                proc.wait_ready(stack.startup_timeout_s)
+                proc.wait_ready(timeout)
     except BaseException:
         for proc in procs:
             proc.stop()
         raise
-    return procs, student_model
 
 
 def arm_config(stack: StackConfig, arm: str, seed: int, urls: dict[str, str], student_model: str, workdir: Path,
