@@ -174,9 +174,13 @@ def save_training_state(
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+    stepped = bool(optimizer.state)
     weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
+    if not stepped:  # get_state_dict filled an empty state with a real step() (step 1, zero moments): undo it
+        optimizer.state.clear()
     dcp.save({"model": weights, "optim": optim}, checkpoint_id=folder / TRAINABLE)
-    torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state()}, folder / f"rng-{rank}.pt")
+    torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state(), "optimizer_stepped": stepped},
+               folder / f"rng-{rank}.pt")
 
 
 def load_training_state(
@@ -205,6 +209,8 @@ def load_training_state(
     mine = folder / f"rng-{rank}.pt"
     # map_location: RNG states must be CPU tensors, whatever device saved them
     saved_state = torch.load(mine if mine.is_file() else folder / "rng-0.pt", map_location="cpu", weights_only=False)
+    if not saved_state.get("optimizer_stepped", True):  # saved before the first step: AdamW starts afresh
+        optimizer.state.clear()
     scheduler.load_state_dict(saved_state["scheduler"])
     set_rng_state(saved_state["rng"])
 

@@ -133,6 +133,9 @@ class OptimizerConfig(Section):
     grad_clip: Annotated[float, Field(ge=0, description="Max global gradient norm; 0 turns clipping off.")] = 1.0
     warmup_steps: Annotated[int, Field(ge=0)] = Field(
         default=0, description="Optimizer steps over which the learning rate rises linearly to lr; 0: none.")
+    decay: Literal["constant", "linear", "cosine"] = Field(
+        default="constant", description="After warmup the learning rate stays at lr (constant) or falls towards 0 "
+        "at the run's last optimizer step (steps x substeps) along a line or a half cosine.")
 
 
 class LossConfig(Section):

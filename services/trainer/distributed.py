@@ -21,11 +21,25 @@ Choices:
    names in `_no_split_modules` (its decoder layers), then the whole model,
    so embeddings and a tied LM head share the root group. LoRA (peft) and
    full fine-tuning, float32 and bf16, as on one process.
-4) A rank that fails raises and exits: torchrun then stops the others, and
-   whoever supervises the trainer (`opd up`, compose) restarts it; the run
-   resumes from its last checkpoint. A worker waits for the next command
-   without a deadline (the control group's timeout is a week): between runs
-   of the service it may wait for hours.
+4) Failures. Every command ends with an exchange of outcomes on the control
+   group (`Group.conclude`). A rank whose command raises writes so to the
+   rendezvous store (`Watchdog`) and goes to the exchange:
+   - if every rank reaches it (all raised the same `CheckpointError`, or the
+     failure came after the command's last collective), the ranks are still
+     in step: rank 0 raises `TrainerProcessError` (or its own error), the run
+     fails, every rank drops its policy and the service keeps serving;
+   - a rank still inside the command FAILURE_GRACE_S after a failure was
+     written is waiting on a collective the failed rank will never join: it
+     writes "abort" to the store and exits, and every rank's watchdog, seeing
+     it, exits too (in seconds, not the process group's 10 or 30 minutes). A
+     rank merely slower than the grace (a large model still loading when
+     another rank's open failed) ends the same way: a restart, never a hang.
+     torchrun reports the failure; whoever supervises the trainer (`opd up`,
+     compose) restarts it, and the run resumes from its last checkpoint.
+   A worker waits for the next command without a deadline (the control
+   group's timeout is a week): between runs of the service it may wait for
+   hours. A rank killed outright (SIGKILL, a crash) writes nothing: torchrun
+   stops the others.
 5) Signals: torchrun starts each rank in a session of its own and passes a
    SIGINT or SIGTERM it gets on to every rank (then SIGKILL after
    `--shutdown-timeout`, SHUTDOWN_S here). A worker ignores them; rank 0 ends
@@ -44,16 +58,85 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from dataclasses import dataclass
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 import torch
 
+from opd.common.errors import OPDError
+
 log = logging.getLogger("opd.trainer")
 WAIT_FOR_COMMANDS = timedelta(days=7)
 SHUTDOWN_S = 300  # torchrun's grace for the ranks after passing a stop signal on: rank 0 finishes a step and checkpoints
+# After a rank failed inside a command: how long the others have to finish it (choice 4); OPD_FAILURE_GRACE_S.
+FAILURE_GRACE_S = 30.0
 _group: Group | None = None
+
+
+class TrainerProcessError(OPDError):
+    """Another of the trainer's processes failed in a command; the run fails, the processes go on together."""
+
+
+class Watchdog:
+    """Every rank's thread that ends the process when the ranks cannot go on together (choice 4).
+
+    Keys in the rendezvous store: `failed/<command>` (a rank failed in that command: its message) and `abort`
+    (a rank gave up: every rank exits)."""
+
+    POLL_S = 0.5
+
+    def __init__(self, rank: int, store: Any, grace: float | None = None) -> None:
+        self.rank, self.store = rank, store
+        self.grace = float(os.environ.get("OPD_FAILURE_GRACE_S", FAILURE_GRACE_S)) if grace is None else grace
+        self.command = 0  # the number of the last command this rank began (every rank numbers them alike)
+        self.inside = False
+        self.stopped = False  # the process group is being destroyed: nothing left to watch
+        threading.Thread(target=self._watch, name="opd-watchdog", daemon=True).start()
+
+    def begin(self) -> None:
+        self.command += 1
+        self.inside = True
+
+    def end(self, failure: str | None = None) -> None:
+        """This rank is done with the command; `failure`: what went wrong, for the other ranks."""
+        if failure is not None:
+            self.store.set(f"failed/{self.command}", f"trainer process {self.rank}: {failure}")
+        self.inside = False
+
+    def abort(self, why: str) -> None:
+        self.store.set("abort", why)
+        self._exit(why)
+
+    def _exit(self, why: str) -> None:
+        log.error("trainer process %d exits: %s", self.rank, why)
+        sys.stderr.flush()
+        os._exit(1)
+
+    def _watch(self) -> None:
+        failed_at: dict[int, float] = {}
+        while not self.stopped:
+            time.sleep(self.POLL_S)
+            command, inside = self.command, self.inside
+            try:
+                if self.store.check(["abort"]):
+                    self._exit(self.store.get("abort").decode())
+                if not inside or not self.store.check([f"failed/{command}"]):
+                    continue
+                first = failed_at.setdefault(command, time.monotonic())
+                if time.monotonic() - first < self.grace or (self.command, self.inside) != (command, True):
+                    continue
+                failure = self.store.get(f"failed/{command}").decode()
+            except Exception as exc:  # the store is gone with the process that held it: the group is gone too
+                if self.stopped or not torch.distributed.is_initialized():
+                    return
+                self._exit(f"the rendezvous store is unreachable ({type(exc).__name__}: {exc})")
+            self.abort(f"{failure}; trainer process {self.rank} was still inside the same command "
+                       f"{self.grace:.0f} s later, waiting on it: the processes cannot go on together")
 
 
 @dataclass
@@ -65,10 +148,42 @@ class Group:
     local_rank: int
     device: str  # where this rank's shard lives: "cpu" or "cuda:<local rank>"
     control: Any  # a gloo process group for commands and small results
+    watchdog: Watchdog | None = field(default=None, repr=False)
 
     @property
     def leader(self) -> bool:
         return self.rank == 0
+
+    def conclude(self, name: str, call: Callable[[], Any]) -> Any:
+        """Runs this rank's part of command `name`, then every rank's outcome is exchanged (choice 4). Rank 0
+        raises its own error or, if only others failed, a `TrainerProcessError`; a worker logs its error and
+        returns None."""
+        assert self.watchdog is not None
+        self.watchdog.begin()
+        try:
+            result = call()
+        except BaseException as exc:
+            failure = f"{name}: {type(exc).__name__}: {exc}"
+            if not self.leader:
+                log.exception("trainer process %d failed in %s", self.rank, name)
+            self.watchdog.end(failure)
+            self._outcomes(failure)  # returns if every rank gets here; if not, the watchdogs end the processes
+            if self.leader:
+                raise
+            return None
+        self.watchdog.end()
+        failures = [f"trainer process {rank}: {failure}" for rank, failure in enumerate(self._outcomes(None)) if failure]
+        if failures and self.leader:
+            raise TrainerProcessError(f"{'; '.join(failures)}; the run fails, the processes go on together")
+        return result
+
+    def _outcomes(self, mine: str | None) -> list[str | None]:
+        assert self.watchdog is not None
+        try:
+            return self.gather(mine)
+        except Exception as exc:  # a process left the group (its watchdog gave up): the group is gone
+            self.watchdog.abort(f"the exchange of outcomes failed ({type(exc).__name__}: {exc}): a process is gone")
+            raise
 
     def send(self, command: tuple) -> None:
         """Rank 0: every other rank gets `command` (a tuple: name, *arguments)."""
@@ -117,7 +232,8 @@ def init(environ: dict[str, str] | None = None) -> Group | None:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")
     control = dist.new_group(backend="gloo", timeout=WAIT_FOR_COMMANDS)
-    _group = Group(rank, world, local_rank, f"cuda:{local_rank}" if cuda else "cpu", control)
+    store = dist.PrefixStore("opd", dist.distributed_c10d._get_default_store())
+    _group = Group(rank, world, local_rank, f"cuda:{local_rank}" if cuda else "cpu", control, Watchdog(rank, store))
     log.info("trainer process %d of %d (%s)", rank, world, _group.device)
     return _group
 
@@ -175,20 +291,25 @@ def shutdown() -> None:
 
     if _group.leader:
         _group.send(("exit",))
+    if _group.watchdog is not None:
+        _group.watchdog.stopped = True
     dist.destroy_process_group()
     _group = None
 
 
-def shard(model: torch.nn.Module) -> torch.nn.Module:
-    """FSDP2: each block the model names in `_no_split_modules`, then the root."""
-    from torch.distributed.fsdp import fully_shard
+def shard(model: torch.nn.Module, dtype: str = "float32") -> torch.nn.Module:
+    """FSDP2: each block the model names in `_no_split_modules`, then the root. In bfloat16 the weights stay
+    as loaded (float32 for what trains) and are gathered as bf16; gradients are reduced in float32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if dtype == "bfloat16" else MixedPrecisionPolicy()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
     blocks = set(getattr(base, "_no_split_modules", None) or ())
     for module in model.modules():
         if type(module).__name__ in blocks:
-            fully_shard(module)
-    fully_shard(model)
+            fully_shard(module, mp_policy=mixed)
+    fully_shard(model, mp_policy=mixed)
     return model
 
 
@@ -206,14 +327,18 @@ def follow(group: Group) -> None:
             shutdown()      # into exit, abort the process ("terminate called without an active exception")
             return
         if name == "open":
-            policy = Policy(args[0], group)
+            policy = group.conclude(name, lambda: Policy(args[0], group))
         elif name == "close":
-            if policy is not None:
-                policy.close()
+            group.conclude(name, policy.close if policy is not None else lambda: None)
             policy = None
         else:
-            assert policy is not None, f"command {name!r} before a run opened its policy"
-            getattr(policy, name)(*args)
+            group.conclude(name, lambda: command(policy, name, args))
+
+
+def command(policy: Any, name: str, args: list[Any]) -> Any:
+    if policy is None:
+        raise RuntimeError(f"command {name!r}, but this process has no run open (its open failed)")
+    return getattr(policy, name)(*args)
 
 
 class Leader:
@@ -224,7 +349,7 @@ class Leader:
 
     def _everywhere(self, name: str, *args: Any) -> Any:
         self.group.send((name, *args))
-        return getattr(self.policy, name)(*args)
+        return self.group.conclude(name, lambda: getattr(self.policy, name)(*args))
 
     def train(self, *args: Any) -> Any:
         return self._everywhere("train", *args)
@@ -239,8 +364,7 @@ class Leader:
         self._everywhere("save_version", folder)
 
     def close(self) -> None:
-        self.group.send(("close",))
-        self.policy.close()
+        self._everywhere("close")
 
     def __getattr__(self, name: str) -> Any:  # what rank 0 alone reads or does: tokenizer, lr, save_base
         return getattr(self.policy, name)
@@ -254,4 +378,11 @@ def open_policy(config: Any) -> Any:
     if group is None:
         return Policy(config)
     group.send(("open", config))
-    return Leader(Policy(config, group), group)
+    opened: list[Policy] = []
+    try:
+        group.conclude("open", lambda: opened.append(Policy(config, group)))
+    except BaseException:  # a rank could not open its policy: every rank lets go of the one it opened
+        group.send(("close",))
+        group.conclude("close", lambda: [policy.close() for policy in opened])
+        raise
+    return Leader(opened[0], group)

@@ -9,14 +9,18 @@ Choices:
    importance ratio is 1 on-policy (with top_p < 1, the nucleus
    distribution; scored at top-p 1 the ratio would be the nucleus mass).
 3) AdamW over the trainable parameters; the learning rate warms up linearly
-   over `warmup_steps` optimizer steps, then stays constant.
+   over `warmup_steps` optimizer steps, then stays constant or decays
+   (`optimizer.decay`, `lr_factor`).
 4) A policy version is what the student loads: a peft adapter folder, or a
    whole-model `save_pretrained` folder (with the tokenizer) for full fine-tuning.
 5) The student applies an adapter to whatever full weights it serves, so a
    LoRA run first publishes the untouched base model (`save_base`: its files
    hard-linked, no copy) as a full version.
 6) Under torchrun (`group`, distributed.py) the model is sharded with FSDP2
-   on this rank's device; `save_version` gathers the whole model (or the
+   on this rank's device; in bf16 with float32 trainable weights (sharded
+   full fine-tuning loads float32; peft keeps adapters float32), gathered
+   as bf16 for the forward and backward passes, gradients reduced in float32
+   (`MixedPrecisionPolicy`, as torchtitan and prime-rl shard); `save_version` gathers the whole model (or the
    adapter) to rank 0, which alone writes it; `save_state` and `load_state`
    go through torch.distributed.checkpoint on one process as on N, so a run
    saved on N processes resumes on M.
@@ -31,11 +35,23 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from opd.trainer import failpoints
 from opd.trainer.config import RunConfig
 
 if TYPE_CHECKING:
     from opd.trainer.distributed import Group
     from opd.trainer.rollouts import Sample
+
+
+def lr_factor(n: int, warmup: int, total: int, decay: str) -> float:
+    """The learning rate of optimizer step n + 1 (n from 0) over lr: a linear rise over `warmup` steps, then 1
+    (constant) or a fall along a line or a half cosine that reaches 0 one step after the last of `total`."""
+    if n < warmup:
+        return (n + 1) / warmup
+    if decay == "constant":
+        return 1.0
+    done = min(1.0, (n - warmup) / max(1, total - warmup))
+    return 1.0 - done if decay == "linear" else 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 class Policy:
@@ -53,23 +69,25 @@ class Policy:
         if student.torch_threads:  # process-wide: close() gives the service its own count back
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(student.torch_threads)
+        failpoints.on_open(group.rank if group else 0)
         torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here
-        model = load_causal_lm(student.model, student.dtype, group.device if group else student.device)
+        # Sharded full fine-tuning in bf16 keeps float32 weights, computes in bf16 (choice 6): load float32.
+        dtype = "float32" if group is not None and student.finetune == "full" else student.dtype
+        model = load_causal_lm(student.model, dtype, group.device if group else student.device)
         self.model = self._wrap(model) if student.finetune == "lora" else model
+        failpoints.arm_forward(self.model, group.rank if group else 0)
         if group is not None:
             from opd.trainer.distributed import shard
 
-            shard(self.model)
+            shard(self.model, student.dtype)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         opt = config.optimizer
         self.optimizer = torch.optim.AdamW(
             self.params, lr=opt.lr, betas=opt.betas, eps=opt.eps, weight_decay=opt.weight_decay
         )
-        warmup = opt.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda n: min(1.0, (n + 1) / warmup) if warmup else 1.0
-        )
+            self.optimizer, lambda n: lr_factor(n, opt.warmup_steps, config.steps * config.substeps, opt.decay))
 
     def _wrap(self, model: torch.nn.Module) -> torch.nn.Module:
         from peft import LoraConfig, get_peft_model
@@ -136,6 +154,8 @@ class Policy:
             whole = get_model_state_dict(self.model, options=options)
             if not self.group.leader:
                 return
+            if self.finetune == "full" and self.config.student.dtype == "bfloat16":  # float32 while it trains
+                whole = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in whole.items()}
             self.model.save_pretrained(folder, state_dict=whole, safe_serialization=True)
         if self.finetune == "full":
             self.tokenizer.save_pretrained(folder)

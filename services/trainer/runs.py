@@ -7,7 +7,8 @@ Choices:
 2) A run posted without an `output_dir` writes under `runs_dir/<id>`.
 3) Stop sets the trainer's stop event: the run ends at the next step boundary
    (or leaves a wait for a service) and checkpoints its last whole step.
-4) Shutdown stops every run and waits for it, so no checkpoint is cut short.
+4) Shutdown stops every run and waits for it, so no checkpoint is cut short
+   (two minutes on one process; under torchrun until torchrun's own deadline).
 """
 
 from __future__ import annotations
@@ -117,7 +118,12 @@ class RunManager:
         return handle
 
     def shutdown(self, timeout: float = 120.0) -> None:
+        """Stops every run and waits up to `timeout` for each; under torchrun without a limit of its own:
+        torchrun kills the ranks after its own grace (distributed.SHUTDOWN_S), and a run thread left behind
+        would share the control group with the "exit" that follows."""
+        from opd.trainer import distributed
+
         for handle in self.runs.values():
             handle.request_stop()
         for handle in self.runs.values():
-            handle.thread.join(timeout)
+            handle.thread.join(None if distributed.current() is not None else timeout)

@@ -23,7 +23,9 @@ Choices:
    averages the ranks' gradients: the update is one process's. Every rank
    runs as many micro-batches as the busiest (FSDP's collectives pair up),
    the idle ones on a one-token stand-in whose loss is 0; losses and ratio
-   statistics are gathered, so every rank takes the same skip decision.
+   statistics are gathered, so every rank takes the same skip decision. The
+   record says how the work was split: `rank_tokens/<rank>` and
+   `idle_micro_batches` (stand-in passes over every rank).
 """
 
 from __future__ import annotations
@@ -124,9 +126,11 @@ def idle_loss(policy: Policy) -> torch.Tensor:
 
 def accumulate(
     policy: Policy, samples: list[Sample], adv_B: list[torch.Tensor], config: RunConfig
-) -> tuple[float, list[dict[str, float]]]:
-    """Gradients of one optimizer step's loss, summed over micro-batches; returns the loss and each micro-batch's stats.
-    Under torchrun: this rank's share of the chunk, and the loss and stats of every rank."""
+) -> tuple[float, list[dict[str, float]], dict[str, int]]:
+    """Gradients of one optimizer step's loss, summed over micro-batches; returns the loss, each micro-batch's stats
+    and, under torchrun, each rank's work: `rank_tokens/<rank>` (prompt and completion tokens it trained on) and
+    `idle_micro_batches` (stand-in passes, over every rank). Under torchrun: this rank's share of the chunk, and
+    the loss and stats of every rank."""
     num_tokens = sum(len(s.token_ids) for s in samples)
     group = policy.group
     lengths = [len(s.prompt_ids) + len(s.token_ids) for s in samples]
@@ -146,10 +150,12 @@ def accumulate(
         (loss * scale if scale != 1 else loss).backward()
         total += loss.item()
         stats.append(batch_stats)
+    work: dict[str, int] = {}
     if group is not None:
-        every = group.gather((total, stats))
-        total, stats = sum(t for t, _ in every), [s for _, rank_stats in every for s in rank_stats]
-    return total, stats
+        every = group.gather((total, stats, sum(lengths[i] for i in mine), sum(not batch for batch in batches)))
+        total, stats = sum(e[0] for e in every), [s for e in every for s in e[1]]
+        work = {**{f"rank_tokens/{rank}": e[2] for rank, e in enumerate(every)}, "idle_micro_batches": sum(e[3] for e in every)}
+    return total, stats, work
 
 
 def train_on(policy: Policy, samples: list[Sample], config: RunConfig, rewards: list[float] | None = None) -> dict[str, Any]:
@@ -157,9 +163,10 @@ def train_on(policy: Policy, samples: list[Sample], config: RunConfig, rewards: 
     adv_all = advantages(samples, config, rewards)
     lr = policy.lr  # the rate this step's first optimizer step uses
     bounds = torch.linspace(0, len(samples), config.substeps + 1).round().long().tolist()
-    losses, norms, stats, skipped = [], [], [], 0
+    losses, norms, stats, skipped, work = [], [], [], 0, {}
     for lo, hi in zip(bounds[:-1], bounds[1:], strict=True):
-        total, chunk_stats = accumulate(policy, samples[lo:hi], adv_all[lo:hi], config)
+        total, chunk_stats, chunk_work = accumulate(policy, samples[lo:hi], adv_all[lo:hi], config)
+        work = {k: work.get(k, 0) + v for k, v in chunk_work.items()}
         norm = policy.optimizer_step(finite_loss=math.isfinite(total))
         if not (math.isfinite(total) and math.isfinite(norm)):
             skipped += 1
@@ -168,4 +175,4 @@ def train_on(policy: Policy, samples: list[Sample], config: RunConfig, rewards: 
         norms.append(norm)
         stats += chunk_stats
     return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), "lr": lr,
-            "skipped_updates": skipped, **merge(stats)}
+            "skipped_updates": skipped, **merge(stats), **work}

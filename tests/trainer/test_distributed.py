@@ -1,7 +1,7 @@
 """The trainer on two processes (torchrun, gloo, FSDP2) computes what one process computes.
 
 Learner level (tests/utils/fsdp_driver.py, fixed samples): three steps of the policy's update on 1 and on 2
-processes, LoRA and full fine-tuning in float32: each step's loss and gradient norm within 1e-5, the
+processes, LoRA (one micro-batch per rank) and full fine-tuning (several, unevenly many: stand-in passes) in float32: each step's loss and gradient norm within 1e-5, the
 whole trainable weights after every step within 1e-5, the published version (gathered to rank 0) the
 same files and tensors. A checkpoint written on 2 processes resumes on 1, and one written on 1 on 2,
 and the next step equals the straight run's.
@@ -19,6 +19,7 @@ with epsilon 1e-3 such a weight moves by noise * lr / 1e-3 instead. With 1e-8 th
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -49,10 +50,10 @@ def drive(out: Path, config: Path, nproc: int, *args: str) -> Path:
     return out
 
 
-def policy_config(student_model: Path, tmp: Path, finetune: str) -> Path:
+def policy_config(student_model: Path, tmp: Path, finetune: str, micro_batch_tokens: int = 64) -> Path:
     config = build_config({
         "student": {"model": str(student_model), "dtype": "float32", "device": "cpu", "finetune": finetune,
-                    "micro_batch_tokens": 64, "lora": {"rank": 4, "alpha": 8}},
+                    "micro_batch_tokens": micro_batch_tokens, "lora": {"rank": 4, "alpha": 8}},
         "teacher_urls": ["http://teacher"], "student_url": "http://student", "dataset": {"path": "prompts.jsonl"},
         "optimizer": {"lr": 0.01, "eps": 1e-3}, "substeps": 2,
     }, environ={})
@@ -75,19 +76,36 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+# LoRA: each rank's share in one micro-batch; full: 20-token micro-batches, so the ranks run different numbers of
+# them and the one with fewer runs stand-in passes (update.py) to keep FSDP's collectives paired.
+MICRO_BATCH_TOKENS = {"lora": 64, "full": 20}
+
+
 @pytest.fixture(scope="module", params=["lora", "full"])
 def runs(request, student_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path, Path]:
     """(finetune, config, the 1-process run, the 2-process run): 3 steps each, state saved after step 2."""
     tmp = tmp_path_factory.mktemp(f"fsdp-{request.param}")
-    config = policy_config(student_model, tmp, request.param)
+    config = policy_config(student_model, tmp, request.param, MICRO_BATCH_TOKENS[request.param])
     args = ("--steps", "3", "--save-after", "2", "--version-after", "3")
     return request.param, config, drive(tmp / "one", config, 1, *args), drive(tmp / "two", config, 2, *args)
 
 
-def test_two_processes_train_as_one(runs) -> None:
+def test_two_processes_train_as_one(runs, student_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from tests.utils.fsdp_driver import samples_of
+
     finetune, _, one, two = runs
     a, b = json.loads((one / "steps.json").read_text()), json.loads((two / "steps.json").read_text())
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    vocab = min(len(AutoTokenizer.from_pretrained(student_model)), 400)
+    for record in b:  # the work was split: every rank trained on a part, together on the whole step
+        step_tokens = sum(len(s.prompt_ids) + len(s.token_ids) for s in samples_of(record["step"], vocab))
+        assert 0 < record["rank_tokens/0"] < step_tokens and 0 < record["rank_tokens/1"] < step_tokens, record
+        assert record["rank_tokens/0"] + record["rank_tokens/1"] == step_tokens
+    assert "rank_tokens/0" not in a[0], "one process writes the records it always did"
+    idle = sum(r["idle_micro_batches"] for r in b)
+    assert (idle > 0) == (finetune == "full"), f"{idle} stand-in passes with {MICRO_BATCH_TOKENS[finetune]}-token micro-batches"
     for ra, rb in zip(a, b, strict=True):
         for key in ("loss", "grad_norm", "ratio_mean", "ratio_min", "ratio_max"):
             assert rb[key] == pytest.approx(ra[key], abs=TOLERANCE), (ra["step"], key, ra[key], rb[key])
@@ -159,3 +177,25 @@ def test_a_run_on_two_processes_resumes_and_continues_on_one(make_config, servic
     wb = read_trainable(out / "checkpoints" / final)
     assert max_difference(wa, wb) < TOLERANCE
     assert any(v.abs().max() > 0 for k, v in wa.items() if "lora_B" in k), "the adapter trained"
+
+
+def test_bf16_on_two_processes_trains_float32_weights(student_model: Path, tmp_path: Path) -> None:
+    """Full fine-tuning in bfloat16 under FSDP keeps float32 weights (MixedPrecisionPolicy): a step at lr 1e-5
+    moves nearly every weight, where bf16 weights (spacing 1.2e-4 at 0.02) would round most updates away."""
+    from safetensors.torch import load_file
+
+    config = build_config({
+        "student": {"model": str(student_model), "dtype": "bfloat16", "device": "cpu", "finetune": "full",
+                    "micro_batch_tokens": 64},
+        "teacher_urls": ["http://teacher"], "student_url": "http://student", "dataset": {"path": "prompts.jsonl"},
+        "optimizer": {"lr": 1e-5},
+    }, environ={})
+    (tmp_path / "bf16.json").write_text(config.model_dump_json())
+    out = drive(tmp_path / "two", tmp_path / "bf16.json", 2, "--steps", "1")
+    after, before = torch.load(out / "weights-1.pt"), load_file(str(student_model / "model.safetensors"))
+    assert {v.dtype for v in after.values()} == {torch.float32}
+    blocks = [k for k in after if "layers." in k]  # the embedding rows of tokens no sample holds get no gradient
+    moved = sum(int((after[k] != before[k].float()).sum()) for k in blocks)
+    total = sum(after[k].numel() for k in blocks)
+    assert moved / total > 0.9, f"{moved} of {total} weights moved"
+    assert math.isfinite(json.loads((out / "steps.json").read_text())[0]["loss"])

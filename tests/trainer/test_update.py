@@ -92,7 +92,7 @@ def test_micro_batches_accumulate_the_gradient_of_one_batch(student_model: Path)
     for budget in (100_000, 2 * longest):
         run = config(student_model, student__micro_batch_tokens=budget)
         policy = Policy(run)
-        loss, stats = accumulate(policy, samples, advantages(samples, run, None), run)
+        loss, stats, _ = accumulate(policy, samples, advantages(samples, run, None), run)
         grads = {name: p.grad.clone() for name, p in policy.model.named_parameters() if p.grad is not None}
         results.append((loss, len(stats), grads))
     (loss_one, forwards_one, grads_one), (loss_micro, forwards_micro, grads_micro) = results

@@ -1,0 +1,63 @@
+"""The trainer on two processes when one fails (distributed.py, choice 4), through `open_policy` and `follow`
+as the trainer service drives them (tests/utils/leader_driver.py), with real failures where they can be had
+and OPD_FAILPOINT (failpoints.py) where they cannot:
+
+- failures every process gets past keep the processes together, and the next call works: a policy one
+  process cannot open (failpoint), a checkpoint folder every process finds empty, a version folder only
+  rank 0 cannot write (after the collective that gathers the weights);
+- a process that fails between two FSDP collectives (failpoint, rank 0 or rank 1) ends every process within
+  seconds of the grace (OPD_FAILURE_GRACE_S=2 there), where before the others waited out gloo's 30 minutes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.trainer.test_distributed import ENV, REPO, policy_config
+
+pytestmark = pytest.mark.slow
+
+
+def launch(out: Path, config: Path, failpoint: str, timeout: float, grace: float) -> subprocess.CompletedProcess:
+    out.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
+               "-m", "tests.utils.leader_driver", str(out), str(config), "go-on"]
+    env = {**ENV, "OPD_FAILPOINT": failpoint, "OPD_FAILURE_GRACE_S": str(grace)}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_failures_every_process_gets_past_keep_the_processes_together(student_model: Path, tmp_path: Path) -> None:
+    config = policy_config(student_model, tmp_path, "lora")
+    # The grace is long: rank 0 still loading its policy when rank 1's open failed is not a process left waiting.
+    done = launch(tmp_path / "out", config, "open:1", timeout=300, grace=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    outcomes = json.loads((tmp_path / "out" / "outcomes.json").read_text())
+    assert [o["call"] for o in outcomes] == ["open", "open", "load_state", "save_version", "train", "close"]
+    refused, opened, load, version, train, close = outcomes
+    assert refused["error"] == "TrainerProcessError", refused
+    assert "trainer process 1" in refused["message"] and "OPD_FAILPOINT" in refused["message"], refused
+    assert opened.get("ok") and close.get("ok"), outcomes
+    assert load["error"] == "FileNotFoundError", load  # rank 0's own error: every rank had it
+    assert version["error"] in ("NotADirectoryError", "FileExistsError"), version  # rank 0's alone
+    assert train.get("ok") and math.isfinite(train["loss"]), train
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_a_process_failing_between_collectives_ends_every_process_in_seconds(rank: int, student_model: Path, tmp_path: Path) -> None:
+    config = policy_config(student_model, tmp_path, "full")
+    began = time.monotonic()
+    done = launch(tmp_path / "out", config, f"forward:{rank}", timeout=240, grace=2)  # gloo's own wait: 30 minutes
+    took = time.monotonic() - began
+    assert done.returncode != 0, done.stdout[-2000:] + done.stderr[-4000:]
+    log = done.stdout + done.stderr
+    assert f"trainer process {rank}: train: Failpoint: OPD_FAILPOINT" in log, log[-4000:]
+    assert "cannot go on together" in log, log[-4000:]
+    assert not (tmp_path / "out" / "outcomes.json").exists()
+    print(f"failed on rank {rank}: every process ended {took:.1f} s after the launch")
