@@ -49,6 +49,9 @@ VARIANTS: dict[str, list[str]] = {
     "s8-p8-lr1e-3": variant(8, 8, "1e-3"),
     "s8-p4-lr1.5e-3-e1": variant(8, 4, "1.5e-3", eval_samples=1),
     "s8-p4-lr2e-3-e1": variant(8, 4, "2e-3", eval_samples=1),
+    "s8-p4-lr2e-3-cos-e1": variant(8, 4, "2e-3", eval_samples=1) + ["run.optimizer.decay=cosine"],
+    "s8-p4-lr3e-3-cos-e1": variant(8, 4, "3e-3", eval_samples=1) + ["run.optimizer.decay=cosine"],
+    "s8-p8x2-lr2e-3-e1": variant(8, 8, "2e-3", eval_samples=1) + ["run.sampling.samples_per_prompt=2"],
 }
 
 

@@ -364,6 +364,10 @@ class RunConfig(Section):
                                  "and write it as 'package.module:function'")
         if self.objective == "sft" and not self.teacher_sampler_url:
             raise ValueError("objective sft: give teacher_sampler_url, a student service serving the teacher's model")
+        if self.objective == "sft" and self.teachers is not None and len(self.teachers) > 1:
+            raise ValueError(f"objective sft: every row is sampled by the one teacher_sampler_url, so a run of "
+                             f"{len(self.teachers)} teachers ({', '.join(self.teachers)}) would credit rows to teachers "
+                             "that never wrote them: run sft with one teacher")
         if self.objective == "rl" and not (self.reward_fn or self.eval.verifier):
             raise ValueError("objective rl: give reward_fn or eval.verifier, the reward to learn from")
         for name, teacher in self.teacher_set.items():

@@ -116,3 +116,15 @@ def test_shipped_example_config_and_prompts_load() -> None:
     assert len(train) >= 200 and len(held_out) == config.dataset.eval_size
     texts = [row.prompt.messages[0].content for row in train]
     assert len(set(texts)) == len(texts), "the shipped prompts are all different"
+
+
+def test_sft_with_several_teachers_is_refused() -> None:
+    """sft samples every row from the one teacher_sampler_url: per-teacher figures would credit the wrong teacher."""
+    several = {k: v for k, v in BASE.items() if k != "teacher_urls"} | {
+        "teachers": {"a": {"urls": ["http://127.0.0.1:8001"]}, "b": {"urls": ["http://127.0.0.1:8004"]}},
+        "objective": "sft", "teacher_sampler_url": "http://127.0.0.1:8005"}
+    with pytest.raises(ConfigError, match="run sft with one teacher") as err:
+        build_config(several, environ={})
+    assert "(a, b)" in str(err.value)
+    one = {**several, "teachers": {"a": {"urls": ["http://127.0.0.1:8001"]}}}
+    assert build_config(one, environ={}).objective == "sft"
