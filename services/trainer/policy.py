@@ -156,6 +156,10 @@ class Policy:
                 return
             if self.finetune == "full" and self.config.student.dtype == "bfloat16":  # float32 while it trains
                 whole = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in whole.items()}
+            if self.finetune == "full" and getattr(self.model.config, "tie_word_embeddings", False):
+                # gathered, a tied output layer is a copy of the embedding: written once, as on one process
+                tied = getattr(self.model, "_tied_weights_keys", None) or {}
+                whole = {k: v for k, v in whole.items() if k not in tied}
             self.model.save_pretrained(folder, state_dict=whole, safe_serialization=True)
         if self.finetune == "full":
             self.tokenizer.save_pretrained(folder)

@@ -77,14 +77,19 @@ def tensors(folder: Path) -> dict[str, torch.Tensor]:
 
 
 # LoRA: each rank's share in one micro-batch; full: 20-token micro-batches, so the ranks run different numbers of
-# them and the one with fewer runs stand-in passes (update.py) to keep FSDP's collectives paired.
+# them and the one with fewer runs stand-in passes (update.py) to keep FSDP's collectives paired, on a student
+# whose output layer is its input embedding (tied, as SmolLM2's: one parameter in FSDP's root group).
 MICRO_BATCH_TOKENS = {"lora": 64, "full": 20}
 
 
 @pytest.fixture(scope="module", params=["lora", "full"])
 def runs(request, student_model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path, Path]:
     """(finetune, config, the 1-process run, the 2-process run): 3 steps each, state saved after step 2."""
+    from tests.utils.tiny_models import build_llama
+
     tmp = tmp_path_factory.mktemp(f"fsdp-{request.param}")
+    if request.param == "full":
+        student_model = build_llama(tmp / "tied", student_model, seed=2, layers=2, init_std=0.02, tied=True)
     config = policy_config(student_model, tmp, request.param, MICRO_BATCH_TOKENS[request.param])
     args = ("--steps", "3", "--save-after", "2", "--version-after", "3")
     return request.param, config, drive(tmp / "one", config, 1, *args), drive(tmp / "two", config, 2, *args)
@@ -120,6 +125,13 @@ def test_two_processes_train_as_one(runs, student_model: Path) -> None:
     files = sorted(p.name for p in (one / "version-3").iterdir())
     assert files == sorted(p.name for p in (two / "version-3").iterdir())
     assert ("adapter_model.safetensors" if finetune == "lora" else "model.safetensors") in files
+    if finetune == "full":  # tied: the version holds the embedding once, and the 2-process one loads tied
+        from transformers import AutoModelForCausalLM
+
+        loaded = AutoModelForCausalLM.from_pretrained(two / "version-3")
+        assert loaded.config.tie_word_embeddings and loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
+        one_process = tensors(one / "version-3")["model.embed_tokens.weight"]
+        assert (loaded.model.embed_tokens.weight.detach() - one_process).abs().max() < TOLERANCE
     assert max_difference(tensors(one / "version-3"), tensors(two / "version-3")) < TOLERANCE
 
 

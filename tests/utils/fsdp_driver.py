@@ -35,14 +35,16 @@ def samples_of(step: int, vocab: int, n: int = 12) -> list[Sample]:
 
 
 def trainable(policy) -> dict[str, torch.Tensor]:
-    """The whole trainable weights on rank 0 (gathered from every rank's shards); {} elsewhere."""
+    """The whole trainable weights on rank 0 (gathered from every rank's shards), by state-dict name (a tied
+    output layer under the embedding's); {} elsewhere."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    if policy.group is None:
-        return {k: v.detach().clone() for k, v in policy.model.named_parameters() if v.requires_grad}
     whole = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                          ignore_frozen_params=True))
-    return whole if policy.group.leader else {}
+    base = policy.model.get_base_model() if hasattr(policy.model, "get_base_model") else policy.model
+    if base.config.tie_word_embeddings:  # one tensor: named once (one process names it once, FSDP twice)
+        whole = {k: v for k, v in whole.items() if not k.endswith("lm_head.weight")}
+    return whole if policy.group is None or policy.group.leader else {}
 
 
 def main() -> None:

@@ -78,8 +78,10 @@ def build_llama(
     heads: int = 2,
     init_std: float = 0.02,
     dtype: str = "float32",
+    tied: bool = False,
 ) -> Path:
-    """A randomly initialised LlamaForCausalLM next to a copy of the tokenizer."""
+    """A randomly initialised LlamaForCausalLM next to a copy of the tokenizer; `tied`: the output layer is the
+    input embedding (as in SmolLM2)."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
@@ -96,7 +98,7 @@ def build_llama(
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         dtype=dtype,
     )
     torch.manual_seed(seed)
