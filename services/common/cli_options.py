@@ -21,6 +21,8 @@ DTypeOpt = Annotated[DType | None, typer.Option("--dtype", help="Weights dtype."
 MaxModelLen = Annotated[int | None, typer.Option(help="Maximum tokens per sequence.")]
 KVCache = Annotated[float | None, typer.Option(help="KV cache GiB (vLLM CPU build).")]
 Device = Annotated[str | None, typer.Option(help="hf engine device: auto, cpu, cuda.")]
+TensorParallel = Annotated[int | None, typer.Option(help="vLLM: the GPUs one engine is split across.")]
+GpuMemory = Annotated[float | None, typer.Option(help="vLLM on a GPU: the share of each GPU's memory it may take.")]
 
 S = TypeVar("S", bound=EngineSettings)
 

@@ -28,6 +28,8 @@ def serve(
     max_model_len: o.MaxModelLen = None,
     kv_cache_gib: o.KVCache = None,
     device: o.Device = None,
+    tensor_parallel_size: o.TensorParallel = None,
+    gpu_memory_utilization: o.GpuMemory = None,
     max_lora_rank: MaxLoraRank = None,
     enable_lora: EnableLora = None,
     lora_mode: LoraMode = None,
@@ -40,6 +42,7 @@ def serve(
     settings = o.build_settings(
         StudentSettings, model=model, engine=engine, checkpoint_root=checkpoint_root, host=host, port=port,
         dtype=dtype, max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, device=device,
+        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
         max_lora_rank=max_lora_rank, enable_lora=enable_lora, lora_mode=lora_mode,
     )
     run(build_app(settings), settings.host, settings.port, settings.log_level)

@@ -22,6 +22,8 @@ def serve(
     max_model_len: o.MaxModelLen = None,
     kv_cache_gib: o.KVCache = None,
     device: o.Device = None,
+    tensor_parallel_size: o.TensorParallel = None,
+    gpu_memory_utilization: o.GpuMemory = None,
 ) -> None:
     """Serve POST /logprobs (and /info, /health, /ready, /metrics)."""
     from opd.common.server import serve as run
@@ -31,6 +33,7 @@ def serve(
     settings = o.build_settings(
         TeacherSettings, model=model, engine=engine, host=host, port=port, dtype=dtype,
         max_model_len=max_model_len, kv_cache_gib=kv_cache_gib, device=device,
+        tensor_parallel_size=tensor_parallel_size, gpu_memory_utilization=gpu_memory_utilization,
     )
     run(build_app(settings), settings.host, settings.port, settings.log_level)
 

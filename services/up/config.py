@@ -39,6 +39,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from opd.common.errors import InvalidInput
+from opd.up.devices import Placement, as_list, engine_args, replica_devices
+from opd.up.devices import check as check_devices
 from opd.trainer.config import (
     MANY_TEACHERS, ONE_TEACHER, STUDENT_URL_FIELDS, RunConfig, TeacherName, deep_merge, parse_override, set_path,
 )
@@ -86,6 +88,12 @@ Port = Annotated[int, Field(ge=1, le=65535)]
 REPLICA_PORT_STEP = 10
 
 
+GpuIndex = Annotated[int, Field(ge=0)]
+Devices = Literal["cpu"] | Annotated[list[GpuIndex], Field(min_length=1)]
+DEVICES_HELP = ("GPU indices (as opd up sees them) passed as CUDA_VISIBLE_DEVICES, or 'cpu' (no GPU); unset: every "
+                "GPU opd up sees (services/up/devices.py)")
+
+
 class EngineService(_Section):
     model: ModelSource = Field(description="The model it serves: give path or prepare.")
     engine: Literal["vllm", "hf"] = Field(default="vllm", description="vllm (production) or hf (transformers).")
@@ -93,6 +101,12 @@ class EngineService(_Section):
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(default="auto", description="Weights dtype (--dtype).")
     kv_cache_gib: Annotated[float, Field(gt=0)] = Field(
         default=1.0, description="vLLM without a GPU: KV cache GiB (--kv-cache-gib).")
+    devices: Devices | None = Field(default=None, description=DEVICES_HELP + ".")
+    gpu_memory_utilization: Annotated[float, Field(gt=0, le=1)] | None = Field(
+        default=None, description="vLLM on a GPU: the share of each of its GPUs' memory the engine may take (the "
+        "engine's default 0.85); required where services share a GPU.")
+    tensor_parallel_size: Annotated[int, Field(ge=1)] = Field(
+        default=1, description="vLLM: the GPUs one engine is split across; it divides the engine's devices.")
 
 
 class StudentService(EngineService):
@@ -106,6 +120,8 @@ class StudentService(EngineService):
     lora_mode: Literal["auto", "adapter", "merge"] = Field(
         default="auto", description="LoRA versions as adapters or merged into the weights (auto: merged in the hf engine and without a GPU)."
     )
+    devices: Devices | Annotated[list[Annotated[list[GpuIndex], Field(min_length=1)]], Field(min_length=1)] | None = Field(  # type: ignore[assignment]
+        default=None, description=DEVICES_HELP + "; with replicas a flat list split evenly in order, or a list per replica.")
 
     @model_validator(mode="after")
     def _ports_for_replicas(self) -> StudentService:
@@ -136,7 +152,21 @@ class StudentService(EngineService):
 
 class TrainerService(_Section):
     port: Annotated[int, Field(ge=1, le=65535)] = Field(default=8003, description="The trainer service's port.")
-    nproc: Annotated[int, Field(ge=1, description="Trainer processes (FSDP2 under torchrun); rank 0 serves the port.")] = 1
+    nproc: Annotated[int, Field(ge=1)] | None = Field(
+        default=None, description="Trainer processes (FSDP2 under torchrun, one per GPU); rank 0 serves the port. "
+        "Default: its device count, else 1.")
+    devices: Devices | None = Field(default=None, description=DEVICES_HELP + "; one trainer process per GPU.")
+
+    @model_validator(mode="after")
+    def _processes_fit_devices(self) -> TrainerService:
+        if isinstance(self.devices, list) and self.nproc is not None and self.nproc != len(self.devices):
+            raise ValueError(f"nproc: {self.nproc} processes on {len(self.devices)} devices {self.devices}: one "
+                             "process per GPU; leave nproc out to take the device count")
+        return self
+
+    @property
+    def processes(self) -> int:
+        return self.nproc or (len(self.devices) if isinstance(self.devices, list) else 1)
 
 
 class RestartPolicy(_Section):
@@ -197,6 +227,7 @@ class StackConfig(_Section):
         elif any(key in self.run for key in MANY_TEACHERS):
             raise ValueError("run.teachers: the stack runs one teacher (`teacher`); give the stack teachers "
                              "(several, by name) to name them in the run")
+        check_devices(self.placements(), host_gpus=None)  # the host's count is checked when opd up starts
         ports = [*self.teacher_ports, *self.student.ports, self.trainer.port]
         if len(set(ports)) != len(ports):
             if self.teachers is None:
@@ -217,6 +248,17 @@ class StackConfig(_Section):
     @property
     def teacher_ports(self) -> list[int]:
         return [spec.port for spec in self.teacher_specs.values()]
+
+    def placements(self) -> list[Placement]:
+        """Where each process runs (services/up/devices.py): teachers, student replicas, the trainer."""
+        out = [Placement(name, as_list(spec.devices), spec.engine, spec.gpu_memory_utilization, spec.tensor_parallel_size,
+                         engine_args(spec.gpu_memory_utilization, spec.tensor_parallel_size, spec.engine))
+               for name, spec in self.teacher_specs.items()]
+        s = self.student
+        for name, devices in zip(s.names, replica_devices(s.devices, s.count, "student"), strict=True):
+            out.append(Placement(name, devices, s.engine, s.gpu_memory_utilization, s.tensor_parallel_size,
+                                 engine_args(s.gpu_memory_utilization, s.tensor_parallel_size, s.engine)))
+        return [*out, Placement("trainer", as_list(self.trainer.devices))]
 
 
 def load_stack(path: Path | None, overrides: list[str] | None = None) -> StackConfig:

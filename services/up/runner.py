@@ -37,6 +37,8 @@ from opd.common.process import ServiceProcess, StartupFailed, port_free, signals
 from opd.trainer.config import deep_merge
 from opd.trainer.rollouts import load_callable
 from opd.up.config import EngineService, StackConfig, students_entry, teachers_entry, without_students
+from opd.up.devices import check as check_devices
+from opd.up.devices import host_gpu_count, visible_devices
 from opd.up.follow import Outcome, RunFollower
 from opd.up.interrupts import Interrupts
 from opd.up.report import end_summary, samples_table
@@ -105,11 +107,19 @@ class Stack:
         self.supervisor: Supervisor | None = None
         self.run_output: Path | None = None
         self.steps = 0
+        self.placements = {p.name: p for p in config.placements()}
+
+    def check_devices(self) -> None:
+        """The stack's devices against the GPUs this host has (the stack file's own checks ran as it loaded)."""
+        if any(p.devices for p in self.placements.values()):
+            check_devices(list(self.placements.values()), host_gpu_count())
 
     def _process(self, name: str, args: list[str], port: int) -> ServiceProcess:
+        place = self.placements[name]
         proc = ServiceProcess(  # ServiceProcess prefixes each line with [name]
-            name, [*args, "--host", self.config.host, "--port", str(port)], port, host=self.config.host,
-            log_file=self.logs / f"{name}.log", env={"OPD_API_KEY": self.api_key}, echo=self.echo,
+            name, [*args, *place.args, "--host", self.config.host, "--port", str(port)], port, host=self.config.host,
+            log_file=self.logs / f"{name}.log", env={"OPD_API_KEY": self.api_key, **place.env(visible_devices())},
+            echo=self.echo,
         )
         self.procs.append(proc)
         return proc
@@ -144,7 +154,7 @@ class Stack:
         with status(self.console, f"loading {teachers} and the student (logs: {self.logs})"):
             for proc in self.procs:
                 proc.wait_ready(c.startup_timeout_s, api_key=self.api_key)
-        trainer = self._process("trainer", ["trainer", "serve", "--nproc", str(c.trainer.nproc)], c.trainer.port).start()
+        trainer = self._process("trainer", ["trainer", "serve", "--nproc", str(c.trainer.processes)], c.trainer.port).start()
         with status(self.console, "starting the trainer"):
             trainer.wait_ready(c.startup_timeout_s, api_key=self.api_key)
         for proc in self.procs:
@@ -277,6 +287,7 @@ def distill(stack: Stack, interrupts: Interrupts) -> tuple[int, bool]:
     """Prepares, starts, runs and reports; returns (exit code, whether to stop the stack without a grace period)."""
     config, console = stack.config, stack.console
     stack.check_ports()
+    stack.check_devices()
     models_dir = stack.workdir / "models"
     teacher_models = {name: resolve_model(spec, models_dir, console) for name, spec in config.teacher_specs.items()}
     student_model = resolve_model(config.student, models_dir, console)

@@ -278,6 +278,7 @@ def test_compose_v2_adds_a_second_teacher() -> None:
     cmd, rest = resolve(b["command"][1:])
     cmd.make_context("opd", rest)
     assert b["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert b["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] == ["3"], "a GPU of its own"
     for var in b["environment"]:
         assert var in THIRD_PARTY_ENV | {"OPD_API_KEY"} or var.removeprefix("OPD_TEACHER_").lower() in settings_fields()["OPD_TEACHER_"]
     missing = compose_config(FILES[0], TEACHERS_FILE)
@@ -317,6 +318,30 @@ def test_the_second_teacher_follows_each_stack_variant(files: list[str]) -> None
     assert port != int(option(teacher["command"], "--port")) and urlparse(b["healthcheck"]["test"][-1]).port == port
     if "OPD_TEACHER_KV_CACHE_GIB" in teacher["environment"]:
         assert b["environment"]["OPD_TEACHER_KV_CACHE_GIB"] == teacher["environment"]["OPD_TEACHER_KV_CACHE_GIB"]
+
+
+def test_compose_v2_gives_each_service_the_gpus_its_variables_name() -> None:
+    """Device ids per service from TEACHER_GPUS, STUDENT_GPUS and TRAINER_GPUS (one GPU each by default: 0, 1,
+    2), vLLM's tensor parallelism and memory shares from TEACHER_TP, TEACHER_GPU_MEMORY and the student's."""
+    def reserved(merged: dict) -> dict[str, list[str]]:
+        return {svc: spec["deploy"]["resources"]["reservations"]["devices"][0]["device_ids"] for svc, spec in merged.items()}
+
+    merged = json.loads(compose_config(FILES[0]).stdout)["services"]
+    assert reserved(merged) == {"teacher": ["0"], "student": ["1"], "trainer": ["2"]}
+    assert all(spec["deploy"]["resources"]["reservations"]["devices"][0].get("count") is None for spec in merged.values())
+    teacher, student = merged["teacher"]["environment"], merged["student"]["environment"]
+    assert (teacher["OPD_TEACHER_TENSOR_PARALLEL_SIZE"], teacher["OPD_TEACHER_GPU_MEMORY_UTILIZATION"]) == ("1", "0.85")
+    assert (student["OPD_STUDENT_TENSOR_PARALLEL_SIZE"], student["OPD_STUDENT_GPU_MEMORY_UTILIZATION"]) == ("1", "0.85")
+    env = {**ENV, "TEACHER_GPUS": "0,1,2,3", "TEACHER_TP": "4", "STUDENT_GPUS": "4", "STUDENT_GPU_MEMORY": "0.5",
+           "TRAINER_GPUS": "5,6", "TRAINER_NPROC": "2"}
+    done = compose_config(FILES[0], env=env)
+    assert done.returncode == 0, done.stderr
+    merged = json.loads(done.stdout)["services"]
+    assert reserved(merged) == {"teacher": ["0,1,2,3"], "student": ["4"], "trainer": ["5,6"]}
+    assert merged["teacher"]["environment"]["OPD_TEACHER_TENSOR_PARALLEL_SIZE"] == "4"
+    assert merged["student"]["environment"]["OPD_STUDENT_GPU_MEMORY_UTILIZATION"] == "0.5"
+    assert merged["trainer"]["environment"]["OPD_TRAINER_NPROC"] == "2"
+    assert "x-gpu" not in load("docker-compose.yml"), "no anchor to edit: the variables say it all"
 
 
 def test_compose_v2_stops_without_the_models_or_key() -> None:
