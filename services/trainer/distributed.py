@@ -55,13 +55,15 @@ Choices:
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -96,7 +98,14 @@ class Watchdog:
         self.command = 0  # the number of the last command this rank began (every rank numbers them alike)
         self.inside = False
         self.stopped = False  # the process group is being destroyed: nothing left to watch
-        threading.Thread(target=self._watch, name="opd-watchdog", daemon=True).start()
+        self.thread = threading.Thread(target=self._watch, name="opd-watchdog", daemon=True)
+        self.thread.start()
+        atexit.register(self.stop)  # never inside the store's C++ code while the interpreter exits (an abort)
+
+    def stop(self) -> None:
+        self.stopped = True
+        if self.thread.is_alive() and self.thread is not threading.current_thread():
+            self.thread.join(2 * self.POLL_S + 5)
 
     def begin(self) -> None:
         self.command += 1
@@ -121,6 +130,8 @@ class Watchdog:
         failed_at: dict[int, float] = {}
         while not self.stopped:
             time.sleep(self.POLL_S)
+            if self.stopped:
+                return
             command, inside = self.command, self.inside
             try:
                 if self.store.check(["abort"]):
@@ -176,6 +187,22 @@ class Group:
         if failures and self.leader:
             raise TrainerProcessError(f"{'; '.join(failures)}; the run fails, the processes go on together")
         return result
+
+    @contextmanager
+    def together(self, name: str) -> Iterator[None]:
+        """This rank's local work (no collective inside), then every rank's outcome: a rank that failed raises
+        its error, the others a `TrainerProcessError` naming it; so all raise, or none does."""
+        mine: BaseException | None = None
+        try:
+            yield
+        except Exception as exc:
+            mine = exc
+        outcomes = self._outcomes(None if mine is None else f"{name}: {type(mine).__name__}: {mine}")
+        if mine is not None:
+            raise mine
+        failures = [f"trainer process {rank}: {failure}" for rank, failure in enumerate(outcomes) if failure]
+        if failures:
+            raise TrainerProcessError("; ".join(failures))
 
     def _outcomes(self, mine: str | None) -> list[str | None]:
         assert self.watchdog is not None
@@ -282,17 +309,18 @@ def die_with_parent() -> None:
         os._exit(1)
 
 
-def shutdown() -> None:
-    """Rank 0: the workers leave `follow`; every rank leaves the process group."""
+def shutdown(tell_workers: bool = True) -> None:
+    """Rank 0: the workers leave `follow` (unless not `tell_workers`: they do not follow); every rank leaves the
+    process group."""
     global _group
     if _group is None:
         return
     import torch.distributed as dist
 
-    if _group.leader:
+    if _group.leader and tell_workers:
         _group.send(("exit",))
     if _group.watchdog is not None:
-        _group.watchdog.stopped = True
+        _group.watchdog.stop()
     dist.destroy_process_group()
     _group = None
 
@@ -310,6 +338,39 @@ def shard(model: torch.nn.Module, dtype: str = "float32") -> torch.nn.Module:
         if type(module).__name__ in blocks:
             fully_shard(module, mp_policy=mixed)
     fully_shard(model, mp_policy=mixed)
+    return model
+
+
+def build_local(path: str, dtype: str, group: Group,
+                prepare: Callable[[torch.nn.Module], torch.nn.Module]) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """This rank's model before sharding, and what it broadcasts: rank 0 loads the weights (its whole state dict
+    goes to the others); every other rank builds the model on the meta device, in no memory. `prepare` (the LoRA
+    wrap) runs on every rank alike."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from opd.common.hf import load_causal_lm, resolve_dtype
+
+    if group.leader:
+        model = prepare(load_causal_lm(path, dtype, group.device))
+        return model, model.state_dict()
+    config = AutoConfig.from_pretrained(path)
+    torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
+    with torch.device("meta"):
+        return prepare(AutoModelForCausalLM.from_config(config, dtype=torch_dtype).eval()), {}
+
+
+def shard_from_rank0(model: torch.nn.Module, whole: dict[str, Any], group: Group, compute_dtype: str) -> torch.nn.Module:
+    """Shards `build_local`'s model; rank 0's weights and buffers are broadcast, each rank keeping its shard: the
+    weights are read once, not once per rank."""
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    shard(model, compute_dtype)
+    if not group.leader:
+        model.to_empty(device=group.device)
+    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for buffer in model.buffers():  # not in the state dict (rotary frequencies): rank 0's, sent to the rest
+        dist.broadcast(buffer, src=0)
     return model
 
 

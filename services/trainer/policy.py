@@ -17,7 +17,9 @@ Choices:
    LoRA run first publishes the untouched base model (`save_base`: its files
    hard-linked, no copy) as a full version.
 6) Under torchrun (`group`, distributed.py) the model is sharded with FSDP2
-   on this rank's device; in bf16 with float32 trainable weights (sharded
+   on this rank's device, its weights read once: rank 0 loads them, the other
+   ranks build the model on the meta device and get their shards from rank
+   0's broadcast (`load_from_rank0`); in bf16 with float32 trainable weights (sharded
    full fine-tuning loads float32; peft keeps adapters float32), gathered
    as bf16 for the forward and backward passes, gradients reduced in float32
    (`MixedPrecisionPolicy`, as torchtitan and prime-rl shard); `save_version` gathers the whole model (or the
@@ -30,12 +32,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from opd.trainer import failpoints
+from opd.trainer import distributed, failpoints
 from opd.trainer.config import RunConfig
 
 if TYPE_CHECKING:
@@ -63,23 +66,31 @@ class Policy:
         self.config = config
         self.group = group
         self.finetune = student.finetune
-        self.tokenizer = load_tokenizer(student.model)
+        rank = group.rank if group else 0
+
+        def prepare(model: torch.nn.Module) -> torch.nn.Module:
+            model = self._wrap(model) if student.finetune == "lora" else model
+            failpoints.arm_forward(model, rank)
+            return model
+
+        # Under torchrun every rank's local part (files read, the model built) ends in an exchange of outcomes
+        # before any collective, so a path unreadable on one node fails the run on every rank alike.
+        with group.together("open") if group else nullcontext():
+            self.tokenizer = load_tokenizer(student.model)
+            failpoints.on_open(rank)
+            torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here
+            if group is None:
+                self.model = prepare(load_causal_lm(student.model, student.dtype, student.device))
+            else:  # sharded full fine-tuning in bf16 keeps float32 weights, computes in bf16 (choice 6): load float32
+                dtype = "float32" if student.finetune == "full" else student.dtype
+                local, whole = distributed.build_local(student.model, dtype, group, prepare)
+        if group is not None:
+            self.model = distributed.shard_from_rank0(local, whole, group, student.dtype)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._threads_before: int | None = None
         if student.torch_threads:  # process-wide: close() gives the service its own count back
             self._threads_before = torch.get_num_threads()
             torch.set_num_threads(student.torch_threads)
-        failpoints.on_open(group.rank if group else 0)
-        torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here
-        # Sharded full fine-tuning in bf16 keeps float32 weights, computes in bf16 (choice 6): load float32.
-        dtype = "float32" if group is not None and student.finetune == "full" else student.dtype
-        model = load_causal_lm(student.model, dtype, group.device if group else student.device)
-        self.model = self._wrap(model) if student.finetune == "lora" else model
-        failpoints.arm_forward(self.model, group.rank if group else 0)
-        if group is not None:
-            from opd.trainer.distributed import shard
-
-            shard(self.model, student.dtype)
         self.model.train()
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         opt = config.optimizer

@@ -10,7 +10,8 @@ Run level (real services, `opd train --nproc 2`): a run killed after step 4 (che
 resumed on 2 processes, then continued to step 8 on 1 process from the 2-process checkpoint, equals a
 straight one-process run record for record (1e-4) with its final weights within 1e-5.
 
-Adam's epsilon is 1e-3 here, not 1e-8: Adam's first steps move each weight by about lr * sign(gradient),
+The learning rate warms up over 3 optimizer steps and decays linearly after (the schedule's state travels
+with a checkpoint). Adam's epsilon is 1e-3 here, not 1e-8: Adam's first steps move each weight by about lr * sign(gradient),
 and a gradient that is 0 up to float32 noise (summed in another order on 2 ranks) then takes either sign;
 with epsilon 1e-3 such a weight moves by noise * lr / 1e-3 instead. With 1e-8 the trajectories of 1 and
 2 processes part by 1e-4 after one step of full fine-tuning (measured), through those weights alone.
@@ -55,7 +56,7 @@ def policy_config(student_model: Path, tmp: Path, finetune: str, micro_batch_tok
         "student": {"model": str(student_model), "dtype": "float32", "device": "cpu", "finetune": finetune,
                     "micro_batch_tokens": micro_batch_tokens, "lora": {"rank": 4, "alpha": 8}},
         "teacher_urls": ["http://teacher"], "student_url": "http://student", "dataset": {"path": "prompts.jsonl"},
-        "optimizer": {"lr": 0.01, "eps": 1e-3}, "substeps": 2,
+        "optimizer": {"lr": 0.01, "eps": 1e-3, "warmup_steps": 3, "decay": "linear"}, "substeps": 2, "steps": 4,
     }, environ={})
     path = tmp / f"{finetune}.json"
     path.write_text(config.model_dump_json())
@@ -103,6 +104,8 @@ def test_two_processes_train_as_one(runs, student_model: Path) -> None:
     finetune, _, one, two = runs
     a, b = json.loads((one / "steps.json").read_text()), json.loads((two / "steps.json").read_text())
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3]
+    # warm-up over 3 optimizer steps, then linear decay over the run's 8 (4 steps x 2 substeps): each step's first
+    assert [r["lr"] for r in a] == pytest.approx([0.01 / 3, 0.01, 0.01 * 4 / 5])
     vocab = min(len(AutoTokenizer.from_pretrained(student_model)), 400)
     for record in b:  # the work was split: every rank trained on a part, together on the whole step
         step_tokens = sum(len(s.prompt_ids) + len(s.token_ids) for s in samples_of(record["step"], vocab))
@@ -112,7 +115,7 @@ def test_two_processes_train_as_one(runs, student_model: Path) -> None:
     idle = sum(r["idle_micro_batches"] for r in b)
     assert (idle > 0) == (finetune == "full"), f"{idle} stand-in passes with {MICRO_BATCH_TOKENS[finetune]}-token micro-batches"
     for ra, rb in zip(a, b, strict=True):
-        for key in ("loss", "grad_norm", "ratio_mean", "ratio_min", "ratio_max"):
+        for key in ("loss", "grad_norm", "lr", "ratio_mean", "ratio_min", "ratio_max"):
             assert rb[key] == pytest.approx(ra[key], abs=TOLERANCE), (ra["step"], key, ra[key], rb[key])
         assert ra["skipped_updates"] == rb["skipped_updates"] == 0
     start = None

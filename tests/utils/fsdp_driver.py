@@ -88,10 +88,7 @@ def main() -> None:
             policy.save_version(folder)
     if leader:
         (args.out / "steps.json").write_text(json.dumps(records, indent=1))
-    if group is not None:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    distributed.shutdown(tell_workers=False)  # every rank runs this loop: none follows commands
 
 
 if __name__ == "__main__":
