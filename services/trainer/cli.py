@@ -49,7 +49,7 @@ def serve(
 
     from opd.common.server import serve as run
     from opd.common.settings import TrainerSettings
-    from opd.trainer import distributed
+    from opd.trainer import distributed, ranks
     from opd.trainer.app import build_app
 
     given = {"host": host, "port": port, "max_runs": max_runs, "runs_dir": runs_dir, "nproc": nproc}
@@ -63,7 +63,7 @@ def serve(
     if group is not None and group.world > 1 and settings.max_runs > 1:
         raise typer.BadParameter(f"max_runs {settings.max_runs}: a trainer on {group.world} processes trains one run at a time")
     if group is not None and not group.leader:  # a worker: rank 0 serves HTTP and sends the work
-        distributed.follow(group)
+        ranks.follow(group)
         return
     if settings.log_level.lower() != "debug":  # the runs' calls to teacher and student: one line each otherwise
         import logging
@@ -84,7 +84,7 @@ def train(
 ) -> None:
     """Run on-policy distillation in the foreground (resumes from output_dir's checkpoint)."""
     from opd.common.errors import OPDError
-    from opd.trainer import distributed
+    from opd.trainer import distributed, ranks
     from opd.trainer.config import load_config
     from opd.trainer.loop import Trainer
     from opd.trainer.metrics import read_records
@@ -99,7 +99,7 @@ def train(
     distributed.relaunch(nproc)
     group = distributed.init()
     if group is not None and not group.leader:
-        distributed.follow(group)
+        ranks.follow(group)
         return
     stop = threading.Event()
 

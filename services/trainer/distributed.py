@@ -10,9 +10,8 @@ Choices:
    torchrun) nothing here runs: the trainer is the one-process trainer.
 2) Rank 0 is the trainer of today: it serves HTTP (or runs `opd train`),
    talks to the teacher and the student, and drives the loop. The other
-   ranks run `follow`: they wait for rank 0's commands on a gloo group of
-   their own ("open" a run's policy, "train" on a step's samples, "save" or
-   "load" a checkpoint, "publish" a version, "close", "exit") and call the
+   ranks run `follow` (ranks.py): they wait for rank 0's commands on a gloo
+   group of their own (ranks.COMMANDS) and call the
    same `Policy` method with the same arguments, so every collective is
    issued in the same order on every rank. Commands go as pickled objects
    (`broadcast_object_list`): a step's samples are token ids, kilobytes to
@@ -372,78 +371,3 @@ def shard_from_rank0(model: torch.nn.Module, whole: dict[str, Any], group: Group
     for buffer in model.buffers():  # not in the state dict (rotary frequencies): rank 0's, sent to the rest
         dist.broadcast(buffer, src=0)
     return model
-
-
-def follow(group: Group) -> None:
-    """A worker rank: runs rank 0's commands on its own shard until "exit"."""
-    from opd.trainer.policy import Policy
-
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, signal.SIG_IGN)
-    logging.getLogger().setLevel(logging.WARNING)  # rank 0 says what the run does
-    policy: Policy | None = None
-    while True:
-        name, *args = group.receive()
-        if name == "exit":  # leave the process group before the interpreter does: gloo's threads, left running
-            shutdown()      # into exit, abort the process ("terminate called without an active exception")
-            return
-        if name == "open":
-            policy = group.conclude(name, lambda: Policy(args[0], group))
-        elif name == "close":
-            group.conclude(name, policy.close if policy is not None else lambda: None)
-            policy = None
-        else:
-            group.conclude(name, lambda: command(policy, name, args))
-
-
-def command(policy: Any, name: str, args: list[Any]) -> Any:
-    if policy is None:
-        raise RuntimeError(f"command {name!r}, but this process has no run open (its open failed)")
-    return getattr(policy, name)(*args)
-
-
-class Leader:
-    """Rank 0's handle on the policy of every rank: each call goes to the workers, then runs here."""
-
-    def __init__(self, policy: Any, group: Group) -> None:
-        self.policy, self.group = policy, group
-
-    def _everywhere(self, name: str, *args: Any) -> Any:
-        self.group.send((name, *args))
-        return self.group.conclude(name, lambda: getattr(self.policy, name)(*args))
-
-    def train(self, *args: Any) -> Any:
-        return self._everywhere("train", *args)
-
-    def save_state(self, folder: Any) -> None:
-        self._everywhere("save_state", folder)
-
-    def load_state(self, folder: Any) -> None:
-        self._everywhere("load_state", folder)
-
-    def save_version(self, folder: Any) -> None:
-        self._everywhere("save_version", folder)
-
-    def close(self) -> None:
-        self._everywhere("close")
-
-    def __getattr__(self, name: str) -> Any:  # what rank 0 alone reads or does: tokenizer, lr, save_base
-        return getattr(self.policy, name)
-
-
-def open_policy(config: Any) -> Any:
-    """The run's trainable student: on one process a `Policy`; under torchrun, every rank's (through `Leader`)."""
-    from opd.trainer.policy import Policy
-
-    group = current()
-    if group is None:
-        return Policy(config)
-    group.send(("open", config))
-    opened: list[Policy] = []
-    try:
-        group.conclude("open", lambda: opened.append(Policy(config, group)))
-    except BaseException:  # a rank could not open its policy: every rank lets go of the one it opened
-        group.send(("close",))
-        group.conclude("close", lambda: [policy.close() for policy in opened])
-        raise
-    return Leader(opened[0], group)

@@ -123,7 +123,7 @@ class Trainer:
     # ------------------------------------------------------------ set-up
     def setup(self) -> None:
         from opd.common.tokenizer import load_tokenizer
-        from opd.trainer.distributed import open_policy
+        from opd.trainer.ranks import open_policy
 
         config = self.config
         teachers, students = self.remote.check_tokenizers(load_tokenizer(config.student.model))
@@ -137,7 +137,7 @@ class Trainer:
         self.verifier = load_callable(config.eval.verifier, "eval.verifier") if config.eval.verifier else None
         self.measures = {name: load_callable(spec, f"eval.measures.{name}")
                          for name, spec in config.eval.measures.items()}
-        self.policy = open_policy(config)  # under torchrun: every rank's shard (distributed.py)
+        self.policy = open_policy(config)  # under torchrun: every rank's shard (ranks.py)
         self.store = PolicyStore(config.checkpoint_root, config.name, config.keep_versions)
         resumed = self.resume()
         self.metrics = MetricsWriter(self.out, resume_step=self.step if resumed else None)

@@ -32,18 +32,33 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import torch
 
 from opd.common.hf import batch_token_budget, bytes_per_token, token_budget_batches
 from opd.trainer import loss as L
 from opd.trainer.config import RunConfig
-from opd.trainer.policy import Policy
 from opd.trainer.rollouts import Sample
 
 log = logging.getLogger("opd.trainer")
+
+
+class Policy(Protocol):
+    """What the update needs of the trainable student (policy.Policy is one; this module does not import it)."""
+
+    model: torch.nn.Module
+    group: Any  # distributed.Group, or None on one process
+    pad_id: int
+
+    @property
+    def lr(self) -> float: ...
+
+    def logprobs(self, seqs: Sequence[Sequence[int]], starts: Sequence[int], temperature: float = 1.0,
+                 top_p: float = 1.0) -> list[torch.Tensor]: ...
+
+    def optimizer_step(self, finite_loss: bool = True) -> float: ...
 CPU_BATCH_TOKENS = 4096  # padded tokens per training forward on a CPU (on CUDA: from free memory)
 
 

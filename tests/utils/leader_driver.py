@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from opd.trainer import distributed
+from opd.trainer import distributed, ranks
 from opd.trainer.config import RunConfig
 from tests.utils.fsdp_driver import samples_of
 
@@ -26,7 +26,7 @@ def main() -> None:
     group = distributed.init()
     assert group is not None, "run under torchrun"
     if not group.leader:
-        distributed.follow(group)
+        ranks.follow(group)
         return
     config = RunConfig.model_validate_json(config_file.read_text())
     outcomes: list[dict] = []
@@ -40,7 +40,7 @@ def main() -> None:
         outcomes.append({"call": what, "ok": True})
         return result
 
-    policy = attempt("open", lambda: distributed.open_policy(config)) or attempt("open", lambda: distributed.open_policy(config))
+    policy = attempt("open", lambda: ranks.open_policy(config)) or attempt("open", lambda: ranks.open_policy(config))
     empty = out / "empty"
     empty.mkdir(parents=True, exist_ok=True)
     attempt("load_state", lambda: policy.load_state(empty))
