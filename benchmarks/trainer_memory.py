@@ -80,10 +80,7 @@ def worker(args: argparse.Namespace) -> None:
               "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "step_s": statistics.median(times[1:] or times)}
     Path(args.out, f"rank-{rank}.json").write_text(json.dumps(record))
-    if group is not None:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()
+    distributed.shutdown(tell_workers=False)
 
 
 def row(nproc: int, args: argparse.Namespace) -> list[dict]:
