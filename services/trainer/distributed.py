@@ -33,6 +33,9 @@ Choices:
      it, exits too (in seconds, not the process group's 10 or 30 minutes). A
      rank merely slower than the grace (a large model still loading when
      another rank's open failed) ends the same way: a restart, never a hang.
+     Rank 0, when it is the one that failed, waits half the grace for the
+     exchange; then it fails the run at once (the service reports it
+     failed) and sends nothing more (`broken`) until the processes end.
      torchrun reports the failure; whoever supervises the trainer (`opd up`,
      compose) restarts it, and the run resumes from its last checkpoint.
    A worker waits for the next command without a deadline (the control
@@ -159,6 +162,7 @@ class Group:
     device: str  # where this rank's shard lives: "cpu" or "cuda:<local rank>"
     control: Any  # a gloo process group for commands and small results
     watchdog: Watchdog | None = field(default=None, repr=False)
+    broken: bool = False  # rank 0 failed while the others wait in a collective: nothing more can be sent
 
     @property
     def leader(self) -> bool:
@@ -177,10 +181,18 @@ class Group:
             if not self.leader:
                 log.exception("trainer process %d failed in %s", self.rank, name)
             self.watchdog.end(failure)
-            self._outcomes(failure)  # returns if every rank gets here; if not, the watchdogs end the processes
-            if self.leader:
-                raise
-            return None
+            if not self.leader:
+                self._outcomes(failure)  # returns if every rank gets here; if not, the watchdogs end the processes
+                return None
+            if not self._outcomes_within(failure, self.watchdog.grace / 2):
+                # The others wait inside a collective: the run fails now (the service says so), and every process
+                # ends when the watchdogs give up on it; nothing more is sent meanwhile.
+                self.broken = True
+                raise TrainerProcessError(
+                    f"trainer process 0: {failure}; the other processes wait inside {name} and cannot go on: every "
+                    "process exits in seconds, and the run resumes from its last checkpoint once the trainer is "
+                    "restarted") from exc
+            raise
         self.watchdog.end()
         failures = [f"trainer process {rank}: {failure}" for rank, failure in enumerate(self._outcomes(None)) if failure]
         if failures and self.leader:
@@ -203,6 +215,17 @@ class Group:
         if failures:
             raise TrainerProcessError("; ".join(failures))
 
+    def _outcomes_within(self, mine: str | None, seconds: float) -> bool:
+        """The exchange of outcomes in a thread of its own: whether every rank took part within `seconds`."""
+        done = threading.Event()
+
+        def exchange() -> None:
+            self._outcomes(mine)
+            done.set()
+
+        threading.Thread(target=exchange, name="opd-outcomes", daemon=True).start()
+        return done.wait(seconds)
+
     def _outcomes(self, mine: str | None) -> list[str | None]:
         assert self.watchdog is not None
         try:
@@ -214,6 +237,10 @@ class Group:
     def send(self, command: tuple) -> None:
         """Rank 0: every other rank gets `command` (a tuple: name, *arguments)."""
         import torch.distributed as dist
+
+        if self.broken:
+            raise TrainerProcessError(f"{command[0]}: the trainer's processes cannot go on together since a failure "
+                                      "inside a collective; they exit in seconds: restart the trainer")
 
         dist.broadcast_object_list([command], src=0, group=self.control)
 
@@ -316,7 +343,7 @@ def shutdown(tell_workers: bool = True) -> None:
         return
     import torch.distributed as dist
 
-    if _group.leader and tell_workers:
+    if _group.leader and tell_workers and not _group.broken:
         _group.send(("exit",))
     if _group.watchdog is not None:
         _group.watchdog.stop()

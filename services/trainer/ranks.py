@@ -70,6 +70,9 @@ class Leader:
         self._everywhere("save_version", folder)
 
     def close(self) -> None:
+        if self.group.broken:  # the processes are ending: rank 0 lets go of its own shard alone
+            self.policy.close()
+            return
         self._everywhere("close")
 
     def __getattr__(self, name: str) -> Any:  # what rank 0 alone reads or does: tokenizer, lr, save_base

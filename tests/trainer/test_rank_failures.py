@@ -6,7 +6,8 @@ and OPD_FAILPOINT (failpoints.py) where they cannot:
   process cannot open (failpoint), a checkpoint folder every process finds empty, a version folder only
   rank 0 cannot write (after the collective that gathers the weights);
 - a process that fails between two FSDP collectives (failpoint, rank 0 or rank 1) ends every process within
-  seconds of the grace (OPD_FAILURE_GRACE_S=2 there), where before the others waited out gloo's 30 minutes.
+  seconds of the grace (OPD_FAILURE_GRACE_S=2 there), where before the others waited out gloo's 30 minutes;
+  when it is rank 0, the call fails after half the grace (a service marks its run failed then).
 """
 
 from __future__ import annotations
@@ -59,5 +60,44 @@ def test_a_process_failing_between_collectives_ends_every_process_in_seconds(ran
     log = done.stdout + done.stderr
     assert f"trainer process {rank}: train: Failpoint: OPD_FAILPOINT" in log, log[-4000:]
     assert "cannot go on together" in log, log[-4000:]
-    assert not (tmp_path / "out" / "outcomes.json").exists()
+    outcomes = tmp_path / "out" / "outcomes.json"
+    if rank == 0:  # rank 0 failed the call itself after half the grace, and sent nothing more
+        train = next(o for o in json.loads(outcomes.read_text()) if o["call"] == "train")
+        assert train["error"] == "TrainerProcessError" and "the other processes wait inside train" in train["message"], train
+    else:  # rank 0 waited in the collective until its watchdog ended it
+        assert not outcomes.exists()
     print(f"failed on rank {rank}: every process ended {took:.1f} s after the launch")
+
+
+def test_the_service_on_two_processes_fails_the_run_when_rank_0_fails_mid_step(make_config, tmp_path: Path) -> None:
+    """`opd trainer serve --nproc 2`, rank 0 failing in its first forward pass (failpoint): GET /runs/{id} says
+    failed, with the error, half a grace later, and every process has ended within 60 s."""
+    import httpx
+
+    from opd.common.process import ServiceProcess, free_port
+
+    key, port = "k", free_port()
+    env = {"OPD_API_KEY": key, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1",
+           "OPD_FAILPOINT": "forward:0", "OPD_FAILURE_GRACE_S": "10"}
+    proc = ServiceProcess("trainer", ["trainer", "serve", "--port", str(port), "--nproc", "2", "--runs-dir",
+                                      str(tmp_path / "runs")], port, log_file=tmp_path / "trainer.log", env=env)
+    proc.start()
+    try:
+        proc.wait_ready(timeout=180, api_key=key)
+        data = make_config(steps=3, eval__every=0).model_dump(mode="json")
+        del data["output_dir"]
+        with httpx.Client(base_url=proc.url, headers={"Authorization": f"Bearer {key}"}, timeout=30) as http:
+            run_id = http.post("/runs", json=data).json()["id"]
+            deadline = time.monotonic() + 240
+            while (status := http.get(f"/runs/{run_id}").json())["state"] != "failed":
+                assert status["state"] in ("starting", "running"), status
+                assert time.monotonic() < deadline, "the run is still running"
+                time.sleep(0.2)
+        failed_at = time.monotonic()
+        assert "Failpoint" in status["error"] and "wait inside train" in status["error"], status["error"]
+        while proc.alive() and time.monotonic() < failed_at + 60:
+            time.sleep(0.5)
+        assert not proc.alive(), "the trainer's processes still run 60 s after the failure"
+        assert proc.proc is not None and proc.proc.returncode != 0
+    finally:
+        proc.stop()
