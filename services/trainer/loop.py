@@ -113,6 +113,7 @@ class Trainer:
         self.drawn_from: dict[str, int] | None = None  # the sampler before this step's draw, until the update
         self.state = "starting"
         self.metrics: MetricsWriter | None = None
+        self.policy: Any = None  # the run's trainable student, from setup() until the run ends
         self.made_at: dict[int, int] = {}  # policy version -> the step whose update it holds
         # (step, prompt indices, sampling version, rollouts) of the next step, sampled while this one trains
         self.prefetch: tuple[int, list[int], int, Future[list[Sample]]] | None = None
@@ -137,9 +138,10 @@ class Trainer:
         self.verifier = load_callable(config.eval.verifier, "eval.verifier") if config.eval.verifier else None
         self.measures = {name: load_callable(spec, f"eval.measures.{name}")
                          for name, spec in config.eval.measures.items()}
+        checkpoint = self.checked_checkpoint()  # a resume of another config is refused before any model loads
         self.policy = open_policy(config)  # under torchrun: every rank's shard (ranks.py)
         self.store = PolicyStore(config.checkpoint_root, config.name, config.keep_versions)
-        resumed = self.resume()
+        resumed = self.resume(checkpoint)
         self.metrics = MetricsWriter(self.out, resume_step=self.step if resumed else None)
         if config.student.finetune == "lora":
             self.publish(base=True)  # the student may still serve another run's full weights
@@ -148,8 +150,8 @@ class Trainer:
                  config.name, config.student.finetune, self.policy.trainable_parameters,
                  len(self.train_rows), len(self.eval_rows), self.step)
 
-    def resume(self) -> bool:
-        """Loads the newest checkpoint of output_dir when resuming; otherwise starts the folder afresh."""
+    def checked_checkpoint(self) -> Path | None:
+        """The newest checkpoint of output_dir when resuming, its run's config checked against this one's."""
         saved = self.out / "config.json"
         ckpt = latest_checkpoint(self.out) if self.config.resume else None
         if ckpt is not None:
@@ -160,6 +162,12 @@ class Trainer:
                     "put that config.json back, or start afresh with resume=false (which drops the checkpoints)"
                 )
             self.check_same_run(json.loads(before.read_text()))
+        return ckpt
+
+    def resume(self, ckpt: Path | None) -> bool:
+        """Loads `ckpt` (checked_checkpoint's); without one starts output_dir afresh."""
+        saved = self.out / "config.json"
+        if ckpt is not None:
             state = load_checkpoint(ckpt, self.policy)
             self.step, self.version, self.saved_step = state.step, state.policy_version, state.step
             self.sampler.load_state_dict(state.sampler)
@@ -392,7 +400,7 @@ class Trainer:
         self.close_policy()
 
     def close_policy(self) -> None:
-        policy = getattr(self, "policy", None)
+        policy = self.policy
         if policy is not None:
             policy.close()  # under torchrun the other ranks let their shards go
             self.policy = None

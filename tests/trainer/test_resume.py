@@ -105,7 +105,7 @@ def test_resume_refuses_a_different_config(make_config, tmp_path: Path) -> None:
     refused = Trainer(changed)
     with pytest.raises(CheckpointError, match="kl_coef"):
         refused.run()
-    assert refused.policy is None, "a refused run lets its model and optimizer go"
+    assert refused.policy is None, "a resume of another config is refused before any model loads"
     assert torch.get_num_threads() == threads, "and gives torch its thread count back (student.torch_threads is 1)"
     longer = make_config(name="refuse", steps=2, save_every=1, eval__every=0, output_dir=str(tmp_path / "r"))
     assert Trainer(longer).run() == "completed"  # more steps is the same run, continued
