@@ -188,6 +188,10 @@ class Group:
                 # The others wait inside a collective: the run fails now (the service says so), and every process
                 # ends when the watchdogs give up on it; nothing more is sent meanwhile.
                 self.broken = True
+                ending = threading.Timer(self.watchdog.grace / 2, self.watchdog.abort, [
+                    f"trainer process 0 failed in {name} while the others waited: every process ends"])
+                ending.daemon = True  # even if the others were only slow, never a service that cannot train
+                ending.start()
                 raise TrainerProcessError(
                     f"trainer process 0: {failure}; the other processes wait inside {name} and cannot go on: every "
                     "process exits in seconds, and the run resumes from its last checkpoint once the trainer is "
