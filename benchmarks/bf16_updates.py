@@ -33,14 +33,11 @@ def weights(policy) -> dict:
 
 
 def worker(args: argparse.Namespace) -> None:
-    from trainer_memory import COMPLETION, PROMPT, SEQUENCES  # benchmarks/, this script's folder
-
-    import torch
+    from trainer_memory import synthetic_samples  # benchmarks/, this script's folder
 
     from opd.trainer import distributed
     from opd.trainer.config import build_config
     from opd.trainer.policy import Policy
-    from opd.trainer.rollouts import Sample
     from opd.trainer.update import accumulate, advantages
 
     group = distributed.init()
@@ -50,12 +47,7 @@ def worker(args: argparse.Namespace) -> None:
         "optimizer": {"lr": args.lr},
     }, environ={})
     policy = Policy(config, group)
-    g = torch.Generator().manual_seed(0)
-    vocab = min(len(policy.tokenizer), 30000)
-    samples = [Sample(i // 2, torch.randint(5, vocab, (PROMPT,), generator=g).tolist(),
-                      torch.randint(5, vocab, (COMPLETION,), generator=g).tolist(),
-                      (-torch.rand(COMPLETION, generator=g) * 4).tolist(), "", "length", {},
-                      (-torch.rand(COMPLETION, generator=g) * 4).tolist()) for i in range(SEQUENCES)]
+    samples = synthetic_samples(len(policy.tokenizer))
     before = weights(policy)
     accumulate(policy, samples, advantages(samples, config, None), config)
     policy.optimizer_step()
@@ -78,11 +70,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    if args.model is None:
-        from opd.common.models import prepare
+    from trainer_memory import demo_student
 
-        args.model = str(prepare("smollm2-135m-instruct", (args.models / "smollm2-135m-instruct").resolve(), dtype="float32"))
-    args.model = str(Path(args.model).resolve())
+    args.model = demo_student(args.model, args.models)
     print(f"one step of full fine-tuning of {args.model} in bf16 at lr {args.lr:g}, AdamW")
     print(f"{'processes':>9}  {'weights kept in':<16} {'moved':>8}  of the decoder blocks' weights")
     for nproc, what in ((1, "pure bf16"), (2, "float32, bf16 compute")):

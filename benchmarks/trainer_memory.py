@@ -42,6 +42,29 @@ def local_bytes(tensors) -> int:
     return total
 
 
+def synthetic_samples(vocab_size: int) -> list:
+    """The fixed workload: SEQUENCES samples of PROMPT + COMPLETION random tokens with made-up logprobs."""
+    import torch
+
+    from opd.trainer.rollouts import Sample
+
+    g = torch.Generator().manual_seed(0)
+    vocab = min(vocab_size, 30000)
+    return [Sample(i // 2, torch.randint(5, vocab, (PROMPT,), generator=g).tolist(),
+                   torch.randint(5, vocab, (COMPLETION,), generator=g).tolist(),
+                   (-torch.rand(COMPLETION, generator=g) * 4).tolist(), "", "length", {},
+                   (-torch.rand(COMPLETION, generator=g) * 4).tolist()) for i in range(SEQUENCES)]
+
+
+def demo_student(model: str | None, models: Path) -> str:
+    """`model` as an absolute path; without one the demo student, prepared into `models` as `make demo` does."""
+    if model is None:
+        from opd.common.models import prepare
+
+        model = str(prepare("smollm2-135m-instruct", (models / "smollm2-135m-instruct").resolve(), dtype="float32"))
+    return str(Path(model).resolve())
+
+
 def worker(args: argparse.Namespace) -> None:
     """One process of a row (under torchrun when nproc > 1): trains, measures, writes its record."""
     import torch
@@ -49,7 +72,6 @@ def worker(args: argparse.Namespace) -> None:
     from opd.trainer import distributed
     from opd.trainer.config import build_config
     from opd.trainer.policy import Policy
-    from opd.trainer.rollouts import Sample
     from opd.trainer.update import accumulate, advantages
 
     group = distributed.init()
@@ -60,12 +82,7 @@ def worker(args: argparse.Namespace) -> None:
         "optimizer": {"lr": 1e-5},
     }, environ={})
     policy = Policy(config, group)
-    g = torch.Generator().manual_seed(0)
-    vocab = min(len(policy.tokenizer), 30000)
-    samples = [Sample(i // 2, torch.randint(5, vocab, (PROMPT,), generator=g).tolist(),
-                      torch.randint(5, vocab, (COMPLETION,), generator=g).tolist(),
-                      (-torch.rand(COMPLETION, generator=g) * 4).tolist(), "", "length", {},
-                      (-torch.rand(COMPLETION, generator=g) * 4).tolist()) for i in range(SEQUENCES)]
+    samples = synthetic_samples(len(policy.tokenizer))
     adv = advantages(samples, config, None)
     times, grads = [], 0
     for _ in range(args.steps):
@@ -105,11 +122,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         return worker(args)
-    if args.model is None:
-        from opd.common.models import prepare
-
-        args.model = str(prepare("smollm2-135m-instruct", (args.models / "smollm2-135m-instruct").resolve(), dtype="float32"))
-    args.model = str(Path(args.model).resolve())
+    args.model = demo_student(args.model, args.models)
     mib = lambda n: f"{n / 2**20:8.0f}"  # noqa: E731
     print(f"full fine-tuning of {args.model}, float32, AdamW; {SEQUENCES} sequences x {PROMPT}+{COMPLETION} tokens a step")
     print(f"{'procs':>5} {'rank':>4} {'params MiB':>10} {'grads MiB':>9} {'optim MiB':>9} {'p+g+o MiB':>9} "

@@ -6,7 +6,7 @@ and OPD_FAILPOINT (failpoints.py) where they cannot:
   process cannot open (failpoint), a checkpoint folder every process finds empty, a version folder only
   rank 0 cannot write (after the collective that gathers the weights);
 - a process that fails between two FSDP collectives (failpoint, rank 0 or rank 1) ends every process within
-  seconds of the grace (OPD_FAILURE_GRACE_S=2 there), where before the others waited out gloo's 30 minutes;
+  seconds of the grace (OPD_FAILURE_GRACE_S=6 there), where before the others waited out gloo's 30 minutes;
   when it is rank 0, the call fails after half the grace (a service marks its run failed then).
 """
 
@@ -54,18 +54,21 @@ def test_failures_every_process_gets_past_keep_the_processes_together(student_mo
 def test_a_process_failing_between_collectives_ends_every_process_in_seconds(rank: int, student_model: Path, tmp_path: Path) -> None:
     config = policy_config(student_model, tmp_path, "full")
     began = time.monotonic()
-    done = launch(tmp_path / "out", config, f"forward:{rank}", timeout=240, grace=2)  # gloo's own wait: 30 minutes
+    # A 6 s grace: rank 0 fails its call at 3 s, seconds before the others give up (gloo's own wait: 30 minutes).
+    done = launch(tmp_path / "out", config, f"forward:{rank}", timeout=240, grace=6)
     took = time.monotonic() - began
     assert done.returncode != 0, done.stdout[-2000:] + done.stderr[-4000:]
     log = done.stdout + done.stderr
-    assert f"trainer process {rank}: train: Failpoint: OPD_FAILPOINT" in log, log[-4000:]
-    assert "cannot go on together" in log, log[-4000:]
+    # A watchdog ended the processes: the one that gave up on the collective, or the one whose peer was gone.
+    assert "exits: " in log, log[-4000:]
     outcomes = tmp_path / "out" / "outcomes.json"
     if rank == 0:  # rank 0 failed the call itself after half the grace, and sent nothing more
         train = next(o for o in json.loads(outcomes.read_text()) if o["call"] == "train")
         assert train["error"] == "TrainerProcessError" and "the other processes wait inside train" in train["message"], train
-    else:  # rank 0 waited in the collective until its watchdog ended it
+        assert "trainer process 0: train: Failpoint: OPD_FAILPOINT" in train["message"], train
+    else:  # rank 0 waited in the collective until its watchdog ended it; rank 1 logged its own failure
         assert not outcomes.exists()
+        assert "Failpoint: OPD_FAILPOINT: trainer process 1" in log, log[-4000:]
     print(f"failed on rank {rank}: every process ended {took:.1f} s after the launch")
 
 
