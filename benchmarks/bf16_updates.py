@@ -1,7 +1,8 @@
-"""How much of a full fine-tune in bf16 one step at lr 1e-5 moves: pure bf16 weights against float32 weights with
-bf16 compute (FSDP2's mixed precision, the trainer on N processes), side by side in one run.
+"""How much of a full fine-tune in bf16 one step at lr 1e-5 moves: pure bf16 weights (`student.precision: pure`)
+against float32 weights with bf16 compute (mixed, the default: autocast on one process, FSDP2's mixed precision
+on N), side by side in one run.
 
-    python benchmarks/bf16_updates.py                    # the demo student; 1 process (pure bf16), 2 (mixed)
+    python benchmarks/bf16_updates.py                    # the demo student; 1 process pure, 1 and 2 mixed
     python benchmarks/bf16_updates.py --model DIR --lr 1e-5
 
 One step of the trainer's own update (services/trainer/update.py) on the fixed synthetic samples of
@@ -37,16 +38,17 @@ def worker(args: argparse.Namespace) -> None:
 
     from opd.trainer import distributed
     from opd.trainer.config import build_config
+    from opd.trainer.parallel import placement
     from opd.trainer.policy import Policy
     from opd.trainer.update import accumulate, advantages
 
     group = distributed.init()
     config = build_config({
-        "student": {"model": args.model, "dtype": "bfloat16", "finetune": "full"},
+        "student": {"model": args.model, "dtype": "bfloat16", "precision": args.precision, "finetune": "full"},
         "teacher_urls": ["http://teacher"], "student_url": "http://student", "dataset": {"path": "prompts.jsonl"},
         "optimizer": {"lr": args.lr},
     }, environ={})
-    policy = Policy(config, group)
+    policy = Policy(config, placement(group))
     samples = synthetic_samples(len(policy.tokenizer))
     before = weights(policy)
     accumulate(policy, samples, advantages(samples, config, None), config)
@@ -67,6 +69,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-5)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
+    parser.add_argument("--precision", default="mixed", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
         return worker(args)
@@ -75,16 +78,17 @@ def main() -> None:
     args.model = demo_student(args.model, args.models)
     print(f"one step of full fine-tuning of {args.model} in bf16 at lr {args.lr:g}, AdamW")
     print(f"{'processes':>9}  {'weights kept in':<16} {'moved':>8}  of the decoder blocks' weights")
-    for nproc, what in ((1, "pure bf16"), (2, "float32, bf16 compute")):
+    for nproc, precision in ((1, "pure"), (1, "mixed"), (2, "mixed")):
         with tempfile.TemporaryDirectory() as out:
             launch = [sys.executable] if nproc == 1 else \
                 [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-            done = subprocess.run([*launch, __file__, "--worker", "--out", out, "--model", args.model, "--lr", str(args.lr)],
+            done = subprocess.run([*launch, __file__, "--worker", "--out", out, "--model", args.model, "--lr", str(args.lr),
+                                   "--precision", precision],
                                   cwd=ROOT, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
             if done.returncode != 0:
                 sys.exit(f"{nproc} process(es) failed:\n{done.stderr[-3000:]}")
             row = json.loads(Path(out, "row.json").read_text())
-        print(f"{nproc:>9}  {','.join(row['kept']):<16} {row['moved'] / row['total']:8.4f}  ({what})", flush=True)
+        print(f"{nproc:>9}  {','.join(row['kept']):<16} {row['moved'] / row['total']:8.4f}  (precision: {precision})", flush=True)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,7 @@ def worker(args: argparse.Namespace) -> None:
 
     from opd.trainer import distributed
     from opd.trainer.config import build_config
+    from opd.trainer.parallel import placement
     from opd.trainer.policy import Policy
     from opd.trainer.update import accumulate, advantages
 
@@ -81,7 +82,7 @@ def worker(args: argparse.Namespace) -> None:
         "teacher_urls": ["http://teacher"], "student_url": "http://student", "dataset": {"path": "prompts.jsonl"},
         "optimizer": {"lr": 1e-5},
     }, environ={})
-    policy = Policy(config, group)
+    policy = Policy(config, placement(group))
     samples = synthetic_samples(len(policy.tokenizer))
     adv = advantages(samples, config, None)
     times, grads = [], 0

@@ -79,7 +79,12 @@ class StudentConfig(Section):
     model: Annotated[str, Field(min_length=1, description="The model the student service serves (folder or hub id).")]
     finetune: Literal["lora", "full"] = Field(default="lora", description="lora: train a LoRA adapter; full: every parameter.")
     lora: LoraSettings = LoraSettings()
-    dtype: Literal["float32", "bfloat16"] = Field(default="float32", description="The dtype the trainer loads and trains the student in.")
+    dtype: Literal["float32", "bfloat16"] = Field(
+        default="float32", description="What the student trains in; bfloat16: bf16 compute over float32 weights that train "
+        "(see `precision`). Policy versions are written in this dtype.")
+    precision: Literal["mixed", "pure"] = Field(
+        default="mixed", description="With dtype bfloat16: mixed keeps float32 master weights and gradient reduction; "
+        "pure keeps weights, gradients and optimizer state in bf16 (half their memory; small updates round away).")
     device: str = Field(default="auto", description="'auto', 'cpu' or 'cuda[:N]'.")
     micro_batch_tokens: PositiveInt | None = Field(
         default=None, description="Padded tokens per training forward; default: 4096 on a CPU, from the free memory on CUDA.",

@@ -16,10 +16,9 @@ Choices:
    issued in the same order on every rank. Commands go as pickled objects
    (`broadcast_object_list`): a step's samples are token ids, kilobytes to
    a few megabytes.
-3) The student is sharded with FSDP2 (`fully_shard`): each block the model
-   names in `_no_split_modules` (its decoder layers), then the whole model,
-   so embeddings and a tied LM head share the root group. LoRA (peft) and
-   full fine-tuning, float32 and bf16, as on one process.
+3) The student is sharded with FSDP2, its weights read once by rank 0
+   (parallel.py, `Sharded`). LoRA (peft) and full fine-tuning, float32 and
+   bf16, as on one process.
 4) Failures. Every command ends with an exchange of outcomes on the control
    group (`Group.conclude`). A rank whose command raises writes so to the
    rendezvous store (`Watchdog`) and goes to the exchange:
@@ -353,52 +352,3 @@ def shutdown(tell_workers: bool = True) -> None:
         _group.watchdog.stop()
     dist.destroy_process_group()
     _group = None
-
-
-def shard(model: torch.nn.Module, dtype: str = "float32") -> torch.nn.Module:
-    """FSDP2: each block the model names in `_no_split_modules`, then the root. In bfloat16 the weights stay
-    as loaded (float32 for what trains) and are gathered as bf16; gradients are reduced in float32."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
-    mixed = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
-        if dtype == "bfloat16" else MixedPrecisionPolicy()
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft
-    blocks = set(getattr(base, "_no_split_modules", None) or ())
-    for module in model.modules():
-        if type(module).__name__ in blocks:
-            fully_shard(module, mp_policy=mixed)
-    fully_shard(model, mp_policy=mixed)
-    return model
-
-
-def build_local(path: str, dtype: str, group: Group,
-                prepare: Callable[[torch.nn.Module], torch.nn.Module]) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """This rank's model before sharding, and what it broadcasts: rank 0 loads the weights (its whole state dict
-    goes to the others); every other rank builds the model on the meta device, in no memory. `prepare` (the LoRA
-    wrap) runs on every rank alike."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from opd.common.hf import load_causal_lm, resolve_dtype
-
-    if group.leader:
-        model = prepare(load_causal_lm(path, dtype, group.device))
-        return model, model.state_dict()
-    config = AutoConfig.from_pretrained(path)
-    torch_dtype = resolve_dtype(dtype, getattr(config, "dtype", None) or getattr(config, "torch_dtype", None))
-    with torch.device("meta"):
-        return prepare(AutoModelForCausalLM.from_config(config, dtype=torch_dtype).eval()), {}
-
-
-def shard_from_rank0(model: torch.nn.Module, whole: dict[str, Any], group: Group, compute_dtype: str) -> torch.nn.Module:
-    """Shards `build_local`'s model; rank 0's weights and buffers are broadcast, each rank keeping its shard: the
-    weights are read once, not once per rank."""
-    import torch.distributed as dist
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-
-    shard(model, compute_dtype)
-    if not group.leader:
-        model.to_empty(device=group.device)
-    set_model_state_dict(model, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for buffer in model.buffers():  # not in the state dict (rotary frequencies): rank 0's, sent to the rest
-        dist.broadcast(buffer, src=0)
-    return model

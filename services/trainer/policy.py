@@ -16,33 +16,28 @@ Choices:
 5) The student applies an adapter to whatever full weights it serves, so a
    LoRA run first publishes the untouched base model (`save_base`: its files
    hard-linked, no copy) as a full version.
-6) Under torchrun (`group`, distributed.py) the model is sharded with FSDP2
-   on this rank's device, its weights read once: rank 0 loads them, the other
-   ranks build the model on the meta device and get their shards from rank
-   0's broadcast (`load_from_rank0`); in bf16 with float32 trainable weights (sharded
-   full fine-tuning loads float32; peft keeps adapters float32), gathered
-   as bf16 for the forward and backward passes, gradients reduced in float32
-   (`MixedPrecisionPolicy`, as torchtitan and prime-rl shard); `save_version` gathers the whole model (or the
-   adapter) to rank 0, which alone writes it; `save_state` and `load_state`
-   go through torch.distributed.checkpoint on one process as on N, so a run
-   saved on N processes resumes on M.
+6) Where the model lives and how the work is split is a `Parallel`
+   (parallel.py): one process, or FSDP2 under torchrun with the weights read
+   once by rank 0; also the precision (bf16 is mixed: float32 weights that
+   train, bf16 compute). `save_version` writes what rank 0 gathers; `save_state`
+   and `load_state` go through torch.distributed.checkpoint on one process as
+   on N, so a run saved on N processes resumes on M.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from opd.trainer import distributed, failpoints
+from opd.trainer import failpoints
 from opd.trainer.config import RunConfig
+from opd.trainer.parallel import OneProcess, Parallel
 
 if TYPE_CHECKING:
-    from opd.trainer.distributed import Group
     from opd.trainer.rollouts import Sample
 
 
@@ -58,34 +53,25 @@ def lr_factor(n: int, warmup: int, total: int, decay: str) -> float:
 
 
 class Policy:
-    def __init__(self, config: RunConfig, group: Group | None = None) -> None:
-        from opd.common.hf import load_causal_lm
+    def __init__(self, config: RunConfig, parallel: Parallel | None = None) -> None:
         from opd.common.tokenizer import load_tokenizer
 
         student = config.student
         self.config = config
-        self.group = group
+        self.parallel = parallel = parallel if parallel is not None else OneProcess()
         self.finetune = student.finetune
-        rank = group.rank if group else 0
 
         def prepare(model: torch.nn.Module) -> torch.nn.Module:
             model = self._wrap(model) if student.finetune == "lora" else model
-            failpoints.arm_forward(model, rank)
+            failpoints.arm_forward(model, parallel.rank)
             return model
 
-        # Under torchrun every rank's local part (files read, the model built) ends in an exchange of outcomes
-        # before any collective, so a path unreadable on one node fails the run on every rank alike.
-        with group.together("open") if group else nullcontext():
+        with parallel.opening():  # no collective inside: files read, the model built (parallel.py)
             self.tokenizer = load_tokenizer(student.model)
-            failpoints.on_open(rank)
+            failpoints.on_open(parallel.rank)
             torch.manual_seed(config.seed)  # LoRA's A matrices are drawn here
-            if group is None:
-                self.model = prepare(load_causal_lm(student.model, student.dtype, student.device))
-            else:  # sharded full fine-tuning in bf16 keeps float32 weights, computes in bf16 (choice 6): load float32
-                dtype = "float32" if student.finetune == "full" else student.dtype
-                local, whole = distributed.build_local(student.model, dtype, group, prepare)
-        if group is not None:
-            self.model = distributed.shard_from_rank0(local, whole, group, student.dtype)
+            model = parallel.load(student, prepare)
+        self.model = parallel.place(model)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         self._threads_before: int | None = None
         if student.torch_threads:  # process-wide: close() gives the service its own count back
@@ -123,7 +109,8 @@ class Policy:
         """log p_theta of each token from its start on, differentiable."""
         from opd.common.hf import token_logprobs
 
-        out = token_logprobs(self.model, seqs, starts, temperature=temperature, top_p=top_p, pad_id=self.pad_id)
+        with self.parallel.compute():
+            out = token_logprobs(self.model, seqs, starts, temperature=temperature, top_p=top_p, pad_id=self.pad_id)
         return [scores.logprobs for scores in out]
 
     def optimizer_step(self, finite_loss: bool = True) -> float:
@@ -155,23 +142,19 @@ class Policy:
                 shutil.copyfile(file, folder / file.name)
 
     def save_version(self, folder: Path) -> None:
-        """What the student service loads: an adapter folder, or a whole model with its tokenizer."""
-        if self.group is None:
-            self.model.save_pretrained(folder, safe_serialization=True)
-        else:  # every rank gives its shards; rank 0 writes
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=self.finetune == "lora")
-            whole = get_model_state_dict(self.model, options=options)
-            if not self.group.leader:
-                return
-            if self.finetune == "full" and self.config.student.dtype == "bfloat16":  # float32 while it trains
+        """What the student service loads: an adapter folder, or a whole model with its tokenizer, in the run's dtype;
+        under torchrun every rank gives its shards and rank 0 alone writes."""
+        whole = self.parallel.whole_state(self.model, trainable_only=self.finetune == "lora")
+        if whole is None:
+            return
+        if self.finetune == "full":
+            if self.config.student.dtype == "bfloat16":  # mixed precision trains float32 weights
                 whole = {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in whole.items()}
-            if self.finetune == "full" and getattr(self.model.config, "tie_word_embeddings", False):
-                # gathered, a tied output layer is a copy of the embedding: written once, as on one process
+            if getattr(self.model.config, "tie_word_embeddings", False):
+                # a tied output layer is the embedding: written once (gathered or cast, it is a separate copy)
                 tied = getattr(self.model, "_tied_weights_keys", None) or {}
                 whole = {k: v for k, v in whole.items() if k not in tied}
-            self.model.save_pretrained(folder, state_dict=whole, safe_serialization=True)
+        self.model.save_pretrained(folder, state_dict=whole, safe_serialization=True)
         if self.finetune == "full":
             self.tokenizer.save_pretrained(folder)
 
@@ -185,14 +168,13 @@ class Policy:
         """The trainer state of the weights into a checkpoint folder: trainable weights, optimizer, schedule, RNG."""
         from opd.trainer.checkpoint import save_training_state
 
-        save_training_state(Path(folder), self.model, self.optimizer, self.scheduler, self.group.rank if self.group else 0)
-        if self.group is not None:
-            self.group.gather(None)  # every rank's files are written before rank 0 moves the folder into place
+        save_training_state(Path(folder), self.model, self.optimizer, self.scheduler, self.parallel.rank)
+        self.parallel.saved()
 
     def load_state(self, folder: Path) -> None:
         from opd.trainer.checkpoint import load_training_state
 
-        load_training_state(Path(folder), self.model, self.optimizer, self.scheduler, self.group.rank if self.group else 0)
+        load_training_state(Path(folder), self.model, self.optimizer, self.scheduler, self.parallel.rank)
 
     def close(self) -> None:
         """The run is over (under torchrun the workers drop their shards); torch's thread count is what it was

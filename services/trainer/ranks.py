@@ -16,6 +16,7 @@ import signal
 from typing import Any
 
 from opd.trainer.distributed import Group, current, shutdown
+from opd.trainer.parallel import Sharded
 from opd.trainer.policy import Policy
 
 COMMANDS = ("open", "train", "save_state", "load_state", "save_version", "close", "exit")
@@ -33,7 +34,7 @@ def follow(group: Group) -> None:
             shutdown()      # into exit, abort the process ("terminate called without an active exception")
             return
         if name == "open":
-            policy = group.conclude(name, lambda: Policy(args[0], group))
+            policy = group.conclude(name, lambda: Policy(args[0], Sharded(group)))
         elif name == "close":
             group.conclude(name, policy.close if policy is not None else lambda: None)
             policy = None
@@ -87,7 +88,7 @@ def open_policy(config: Any) -> Any:
     group.send(("open", config))
     opened: list[Policy] = []
     try:
-        group.conclude("open", lambda: opened.append(Policy(config, group)))
+        group.conclude("open", lambda: opened.append(Policy(config, Sharded(group))))
     except BaseException:  # a rank could not open its policy: every rank lets go of the one it opened
         group.send(("close",))
         group.conclude("close", lambda: [policy.close() for policy in opened])

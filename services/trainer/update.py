@@ -16,9 +16,9 @@ Choices:
    step (policy.py): its gradient is dropped, the weights, the optimizer
    state and the schedule stay as they were, and the step reports it in
    `skipped_updates`, so a NaN never reaches the weights the student serves.
-4) Under torchrun (distributed.py) every rank gets the whole step and trains
-   its share of each chunk: sequences dealt longest first to the rank with
-   the fewest tokens so far (`shares`). The loss is still normalised by the
+4) Under torchrun every rank gets the whole step and trains its share of each
+   chunk (`Parallel.share`: sequences dealt longest first to the rank with
+   the fewest tokens so far). The loss is still normalised by the
    whole chunk's tokens and multiplied by the number of ranks, because FSDP
    averages the ranks' gradients: the update is one process's. Every rank
    runs as many micro-batches as the busiest (FSDP's collectives pair up),
@@ -40,6 +40,7 @@ import torch
 from opd.common.hf import batch_token_budget, bytes_per_token, token_budget_batches
 from opd.trainer import loss as L
 from opd.trainer.config import RunConfig
+from opd.trainer.parallel import Parallel
 from opd.trainer.rollouts import Sample
 
 log = logging.getLogger("opd.trainer")
@@ -49,7 +50,7 @@ class Policy(Protocol):
     """What the update needs of the trainable student (policy.Policy is one; this module does not import it)."""
 
     model: torch.nn.Module
-    group: Any  # distributed.Group, or None on one process
+    parallel: Parallel  # one process or N: who trains which sequences (parallel.py)
     pad_id: int
 
     @property
@@ -123,17 +124,6 @@ def merge(stats: list[dict[str, float]]) -> dict[str, float]:
     }
 
 
-def shares(lengths: list[int], ranks: int) -> list[list[int]]:
-    """Sequence indices per rank, balanced by tokens: longest first to the rank with the fewest so far; each in order."""
-    out: list[list[int]] = [[] for _ in range(ranks)]
-    load = [0] * ranks
-    for i in sorted(range(len(lengths)), key=lambda i: (-lengths[i], i)):
-        r = min(range(ranks), key=lambda r: (load[r], r))
-        out[r].append(i)
-        load[r] += lengths[i]
-    return [sorted(share) for share in out]
-
-
 def idle_loss(policy: Policy) -> torch.Tensor:
     """A rank with no sequences left still runs forward and backward (FSDP's collectives pair up): loss 0."""
     return policy.logprobs([[policy.pad_id, policy.pad_id]], [1])[0].sum() * 0.0
@@ -147,15 +137,14 @@ def accumulate(
     `idle_micro_batches` (stand-in passes, over every rank). Under torchrun: this rank's share of the chunk, and
     the loss and stats of every rank."""
     num_tokens = sum(len(s.token_ids) for s in samples)
-    group = policy.group
+    parallel = policy.parallel
     lengths = [len(s.prompt_ids) + len(s.token_ids) for s in samples]
-    mine = list(range(len(samples))) if group is None else shares(lengths, group.world)[group.rank]
+    mine = parallel.share(lengths)
     budget = batch_token_budget(policy.model, config.student.micro_batch_tokens,
                                 bytes_per_token(policy.model, training=True), cpu=CPU_BATCH_TOKENS)
     batches = [[mine[i] for i in batch] for batch in token_budget_batches([lengths[i] for i in mine], budget)]
-    if group is not None:
-        batches += [[]] * (group.most(len(batches)) - len(batches))
-    scale = 1 if group is None else group.world  # FSDP averages over ranks; the loss is already a share of the whole
+    batches += [[]] * (parallel.micro_batches(len(batches)) - len(batches))
+    scale = parallel.world  # FSDP averages over ranks; the loss is already a share of the whole
     total, stats = 0.0, []
     for batch in batches:
         if not batch:
@@ -165,12 +154,10 @@ def accumulate(
         (loss * scale if scale != 1 else loss).backward()
         total += loss.item()
         stats.append(batch_stats)
-    work: dict[str, int] = {}
-    if group is not None:
-        every = group.gather((total, stats, sum(lengths[i] for i in mine), sum(not batch for batch in batches)))
-        total, stats = sum(e[0] for e in every), [s for e in every for s in e[1]]
-        work = {**{f"rank_tokens/{rank}": e[2] for rank, e in enumerate(every)}, "idle_micro_batches": sum(e[3] for e in every)}
-    return total, stats, work
+    every = parallel.gather((total, stats, sum(lengths[i] for i in mine), sum(not batch for batch in batches)))
+    total, stats = sum(e[0] for e in every), [s for e in every for s in e[1]]
+    work = {**{f"rank_tokens/{rank}": e[2] for rank, e in enumerate(every)}, "idle_micro_batches": sum(e[3] for e in every)}
+    return total, stats, work if parallel.world > 1 else {}
 
 
 def train_on(policy: Policy, samples: list[Sample], config: RunConfig, rewards: list[float] | None = None) -> dict[str, Any]:

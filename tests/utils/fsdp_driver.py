@@ -44,7 +44,7 @@ def trainable(policy) -> dict[str, torch.Tensor]:
     base = policy.model.get_base_model() if hasattr(policy.model, "get_base_model") else policy.model
     if base.config.tie_word_embeddings:  # one tensor: named once (one process names it once, FSDP twice)
         whole = {k: v for k, v in whole.items() if not k.endswith("lm_head.weight")}
-    return whole if policy.group is None or policy.group.leader else {}
+    return whole if policy.parallel.leader else {}
 
 
 def main() -> None:
@@ -57,11 +57,12 @@ def main() -> None:
     parser.add_argument("--save-after", type=int)
     parser.add_argument("--version-after", type=int, help="also write a policy version after this step")
     args = parser.parse_args()
+    from opd.trainer.parallel import placement
     from opd.trainer.policy import Policy
 
     group = distributed.init()
     config = RunConfig.model_validate_json(args.config.read_text())
-    policy = Policy(config, group)
+    policy = Policy(config, placement(group))
     leader = group is None or group.leader
     if args.load:
         policy.load_state(args.load)
