@@ -89,6 +89,24 @@ def figure(record: dict[str, Any], key: str) -> float:
     return float(value) if isinstance(value, (int, float)) else float("nan")
 
 
+def added_default(key: str) -> Any:
+    """The default of the run config's setting `key` ("student.precision") as JSON; where there is none, a value
+    equal to nothing."""
+    import pydantic
+
+    model: Any = RunConfig
+    field = None
+    for part in key.split("."):
+        fields = getattr(model, "model_fields", None)
+        if fields is None or part not in fields:
+            return object()
+        field = fields[part]
+        model = field.annotation
+    if field is None or field.is_required():
+        return object()
+    return json.loads(pydantic.TypeAdapter(field.annotation).dump_json(field.get_default(call_default_factory=True)))
+
+
 def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for key, value in tree.items():
@@ -188,7 +206,9 @@ class Trainer:
         before = flat(saved)
         free = lambda key: (any(key == f or key.startswith(f + ".") for f in RESUMABLE)  # noqa: E731
                             or RESUMABLE_TEACHER.fullmatch(key) is not None)
-        differ = sorted(k for k in now.keys() | before.keys() if not free(k) and now.get(k) != before.get(k))
+        # a setting added since the saved run was written is the same when this run keeps its default
+        same = lambda key: now.get(key) == (before[key] if key in before else added_default(key))  # noqa: E731
+        differ = sorted(k for k in now.keys() | before.keys() if not free(k) and not same(k))
         if differ:
             raise CheckpointError(
                 f"{self.out} holds a run with a different config ({', '.join(differ)}): resume with the same "

@@ -16,6 +16,8 @@ Also: a stop during an evaluation, and a missing config.json.
 
 from __future__ import annotations
 
+import json
+
 import os
 import signal
 import subprocess
@@ -107,8 +109,13 @@ def test_resume_refuses_a_different_config(make_config, tmp_path: Path) -> None:
         refused.run()
     assert refused.policy is None, "a resume of another config is refused before any model loads"
     assert torch.get_num_threads() == threads, "and gives torch its thread count back (student.torch_threads is 1)"
+    for saved in (tmp_path / "r").rglob("config.json"):  # as written before student.precision existed
+        tree = json.loads(saved.read_text())
+        if "student" in tree:
+            del tree["student"]["precision"]
+            saved.write_text(json.dumps(tree))
     longer = make_config(name="refuse", steps=2, save_every=1, eval__every=0, output_dir=str(tmp_path / "r"))
-    assert Trainer(longer).run() == "completed"  # more steps is the same run, continued
+    assert Trainer(longer).run() == "completed"  # more steps is the same run, continued; an added setting's default too
     assert [r["step"] for r in read_records(tmp_path / "r" / "metrics.jsonl")] == [1, 2]
 
 
