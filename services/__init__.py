@@ -29,8 +29,9 @@ _EXPORTS: dict[str, str] = {
     ),
     **dict.fromkeys(
         ["ChatMessage", "Prompt", "ScoreSequence", "LogprobsRequest", "TopLogprob", "SequenceLogprobs", "Usage",
-         "LogprobsResponse", "RolloutRequest", "Rollout", "RolloutResponse", "WeightsRequest", "WeightsResponse",
-         "ServiceInfo", "TrainerInfo", "Health", "ErrorBody", "RunCreated", "RunStatus", "RunList", "RunMetrics"],
+         "LogprobsResponse", "RenderRequest", "RenderResponse", "RolloutRequest", "Rollout", "RolloutResponse",
+         "WeightsRequest", "WeightsResponse", "ServiceInfo", "TrainerInfo", "Health", "ErrorBody", "RunCreated",
+         "RunStatus", "RunList", "RunMetrics"],
         "opd.common.protocol",
     ),
     **dict.fromkeys(["OPDError", "ServiceError", "ServiceUnavailable", "TokenizerMismatch"], "opd.common.errors"),
@@ -44,9 +45,9 @@ if TYPE_CHECKING:
                                           SGLangTeacherClient, async_teacher_client, teacher_client)
     from opd.common.errors import OPDError, ServiceError, ServiceUnavailable, TokenizerMismatch
     from opd.common.protocol import (ChatMessage, ErrorBody, Health, LogprobsRequest, LogprobsResponse, Prompt,
-                                     Rollout, RolloutRequest, RolloutResponse, RunCreated, RunList, RunMetrics,
-                                     RunStatus, ScoreSequence, SequenceLogprobs, ServiceInfo, TopLogprob, Usage,
-                                     WeightsRequest, WeightsResponse)
+                                     RenderRequest, RenderResponse, Rollout, RolloutRequest, RolloutResponse,
+                                     RunCreated, RunList, RunMetrics, RunStatus, ScoreSequence, SequenceLogprobs,
+                                     ServiceInfo, TopLogprob, Usage, WeightsRequest, WeightsResponse)
 
 
 def __getattr__(name: str) -> Any:

@@ -235,11 +235,21 @@ class TeacherClient(SyncClient):
         body = p.LogprobsRequest(sequences=[_as(p.ScoreSequence, s) for s in sequences], top_k=top_k, temperature=temperature)
         return self.request("POST", "/logprobs", body, p.LogprobsResponse)
 
+    def render(self, prompts: list[p.Prompt | dict]) -> p.RenderResponse:
+        """The ids each prompt renders to under the teacher's tokenizer and chat template."""
+        body = p.RenderRequest(prompts=[_as(p.Prompt, x) for x in prompts])
+        return self.request("POST", "/render", body, p.RenderResponse)
+
 
 class AsyncTeacherClient(AsyncClient):
     async def logprobs(self, sequences: list[p.ScoreSequence | dict], top_k: int = 0, temperature: float = 1.0) -> p.LogprobsResponse:
         body = p.LogprobsRequest(sequences=[_as(p.ScoreSequence, s) for s in sequences], top_k=top_k, temperature=temperature)
         return await self.request("POST", "/logprobs", body, p.LogprobsResponse)
+
+    async def render(self, prompts: list[p.Prompt | dict]) -> p.RenderResponse:
+        """The ids each prompt renders to under the teacher's tokenizer and chat template."""
+        body = p.RenderRequest(prompts=[_as(p.Prompt, x) for x in prompts])
+        return await self.request("POST", "/render", body, p.RenderResponse)
 
 
 class StudentClient(SyncClient):

@@ -173,6 +173,18 @@ class LogprobsResponse(Response):
     usage: Usage
 
 
+class RenderRequest(Request):
+    prompts: Annotated[list[Prompt], Field(min_length=1, description="At most the teacher's max_sequences (GET /info).")]
+
+
+class RenderResponse(Response):
+    """The ids each prompt renders to: exactly what POST /logprobs puts before a `prompt` + `completion` sequence's
+    completion."""
+
+    model: str
+    token_ids: list[list[int]]
+
+
 # --------------------------------------------------------------------- student
 class RolloutRequest(Request):
     prompts: Annotated[list[Prompt], Field(min_length=1)]

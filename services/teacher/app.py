@@ -1,4 +1,5 @@
-"""The teacher service: `POST /logprobs` scores token sequences under the teacher.
+"""The teacher service: `POST /logprobs` scores token sequences under the teacher;
+`POST /render` answers the ids prompts render to, the prompt part of its scores.
 
 It also answers the scoring subset of vLLM's OpenAI-compatible API
 (`/v1/completions`, `/v1/models`) and of SGLang's `/generate`
@@ -77,6 +78,7 @@ def build_app(settings: TeacherSettings, engine: ScoringEngine | None = None) ->
         largest_id = {"items": {"maximum": service.engine.vocab_size - 1}}
         return {
             "LogprobsRequest": {"sequences": {"maxItems": settings.max_sequences}},
+            "RenderRequest": {"prompts": {"maxItems": settings.max_sequences}},
             "ScoreSequence": {"token_ids": {"maxItems": service.engine.max_model_len, **largest_id}, "completion": largest_id},
             "Prompt": {"token_ids": largest_id},
         }
@@ -94,6 +96,12 @@ def build_app(settings: TeacherSettings, engine: ScoringEngine | None = None) ->
         """Log-probability of every token from `start` on, under the teacher. A request whose client disconnects is cancelled."""
         with request.app.state.admission.slot():
             return await until_disconnect(request, service.logprobs(body))
+
+    @app.post("/render", dependencies=[Authorized], responses=ERRORS, tags=["teacher"])
+    async def render(body: p.RenderRequest, service: Service) -> p.RenderResponse:
+        """The token ids each prompt renders to under the teacher's tokenizer and chat template: what /logprobs puts
+        before a `prompt` + `completion` sequence's completion. No engine work: never queued behind scoring."""
+        return service.render(body)
 
     @app.get("/info", dependencies=[Authorized], tags=["teacher"])
     async def info(service: Service) -> p.ServiceInfo:

@@ -1,5 +1,6 @@
 """The teacher's request handler: checks a /logprobs request against the
-model and the deployment limits, renders prompts, scores, and counts.
+model and the deployment limits, renders prompts, scores, and counts; /render
+answers the ids a prompt renders to, as /logprobs renders it.
 
 The vLLM- and SGLang-compatible endpoints (openai_compat.py, sglang_compat.py)
 build their jobs their own way and score through the same `score`, so every
@@ -87,6 +88,19 @@ class TeacherService:
         self.check_jobs(jobs)
         return jobs
 
+    def render(self, request: p.RenderRequest) -> p.RenderResponse:
+        """The ids each prompt renders to, as /logprobs puts them before a completion (the trainer measures its
+        sequences with them)."""
+        self._check_count(len(request.prompts), "prompts")
+        out = []
+        for i, prompt in enumerate(request.prompts):
+            ids = render_prompt(self.engine.tokenizer, prompt)
+            if not ids:
+                raise InvalidInput(f"prompts[{i}] renders to no tokens: give a non-empty prompt")
+            self._check_vocab(f"prompts[{i}]", ids)
+            out.append(ids)
+        return p.RenderResponse(model=self.engine.model_name, token_ids=out)
+
     def _check_count(self, n: int, label: str = "sequences") -> None:
         if n > self.settings.max_sequences:
             raise PayloadTooLarge(f"{n} {label} in one request; the limit is {self.settings.max_sequences}: split the request")
@@ -112,6 +126,9 @@ class TeacherService:
             raise InvalidInput(
                 f"{where} has {len(ids)} tokens; the teacher's maximum length is {limit}{why}: shorten it"
             )
+        self._check_vocab(where, ids)
+
+    def _check_vocab(self, where: str, ids: list[int]) -> None:
         bad = max(ids)
         if bad >= self.engine.vocab_size:
             raise InvalidInput(

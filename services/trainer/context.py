@@ -19,6 +19,8 @@ prompt into the student's weights. Choices:
    the prompt with its own chat template and scores exactly the completion
    tokens, so a teacher whose template differs from the student's sees its own
    format. Tokenizers must still match: the completion is the student's ids.
+   Its length is the teacher's too: limits are measured with what the
+   teacher renders (its /render, rollouts.py choice 4).
 3) In text mode (`dataset.prompt_format: text`) the context is a text prefix:
    the system text, a blank line, the row's prompt.
 4) With several teachers (`teachers`), a row's `dataset.teacher_field`

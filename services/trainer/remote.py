@@ -37,14 +37,22 @@ Choices:
    Scoring calls to different teachers run at once (rollouts.py), each
    waiting out its own teacher's outage. Every replica of every teacher is
    checked against the student's tokenizer.
+7) A teacher prompt the teacher renders (text or messages: context.py) is
+   measured by that teacher's `POST /render` (rollouts.py choice 4): each
+   distinct prompt once, in requests of at most its `max_sequences`; the
+   lengths are kept per teacher (`RenderedLengths`, keyed by a digest of the
+   prompt's JSON, the latest 100,000), so rows seen again in later epochs
+   cost no request. Replicas are assumed to share the chat template.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -87,6 +95,36 @@ class ScoreLimits:
         )
 
 
+class RenderedLengths:
+    """How many ids each prompt renders to under one teacher (7): the latest `size` prompts, by a digest of their JSON."""
+
+    def __init__(self, size: int = 100_000) -> None:
+        self.size = size
+        self._lengths: OrderedDict[bytes, int] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(prompt: p.Prompt) -> bytes:
+        return hashlib.blake2b(prompt.model_dump_json(exclude_none=True).encode(), digest_size=16).digest()
+
+    def get(self, key: bytes) -> int | None:
+        with self._lock:
+            n = self._lengths.get(key)
+            if n is not None:
+                self._lengths.move_to_end(key)
+            return n
+
+    def put(self, key: bytes, n: int) -> None:
+        with self._lock:
+            self._lengths[key] = n
+            self._lengths.move_to_end(key)
+            while len(self._lengths) > self.size:
+                self._lengths.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._lengths)
+
+
 @dataclass
 class Teacher:
     """One named teacher: a client over its replicas (round robin), a client per replica, and its limits."""
@@ -98,6 +136,7 @@ class Teacher:
     replicas: list[Any]
     what: str  # the teacher in messages and `waiting_for`
     limits: ScoreLimits = field(default_factory=ScoreLimits)
+    rendered: RenderedLengths = field(default_factory=RenderedLengths)
 
 
 @dataclass(frozen=True)
@@ -269,6 +308,32 @@ class Remote:
         """The teacher's (default: the default teacher's) scores of the sequences, waiting out its outages."""
         t = self.teachers[teacher or self.default_teacher]
         return self.call(t.what, lambda: t.client.logprobs(sequences))
+
+    def prompt_lengths(self, prompts: list[p.Prompt], teacher: str | None = None) -> list[int]:
+        """How many ids each prompt renders to under the teacher (7): the cached lengths, the others from its
+        /render, each distinct prompt once."""
+        t = self.teachers[teacher or self.default_teacher]
+        keys = [t.rendered.key(x) for x in prompts]
+        found = {k: n for k in set(keys) if (n := t.rendered.get(k)) is not None}
+        todo = list({k: x for k, x in zip(keys, prompts) if k not in found}.items())
+        if todo and t.protocol != "opd":
+            raise ConfigError(f"{t.what}: a stock server scores token ids only, it cannot render a teacher prompt")
+        size = t.limits.max_sequences
+        for part in (todo[i:i + size] for i in range(0, len(todo), size)):
+            answer = self.call(f"{t.what} /render", lambda part=part: self._render(t, [x for _, x in part]))
+            for (k, _), ids in zip(part, answer.token_ids, strict=True):
+                found[k] = len(ids)
+                t.rendered.put(k, len(ids))
+        return [found[k] for k in keys]
+
+    def _render(self, t: Teacher, prompts: list[p.Prompt]) -> p.RenderResponse:
+        try:
+            return t.client.render(prompts)
+        except ServiceError as exc:
+            if exc.status_code == 404:  # an opd teacher older than /render
+                raise ServiceError(404, f"{t.what} has no POST /render ({exc}): serve the teacher with this "
+                                        "version of opd, which measures teacher prompts with it") from exc
+            raise
 
     def load_weights(self, request: p.WeightsRequest) -> list[p.WeightsResponse]:
         """Every student replica loads the version, at once; their answers in the order of student_urls."""

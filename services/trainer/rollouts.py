@@ -22,7 +22,12 @@ Choices:
    teacher takes at most max_model_len - 1 tokens, and a student completion
    that stops at `length` may fill max_model_len) loses its last tokens
    before scoring: the tokens kept are still on-policy samples. The count is
-   reported as `trimmed_tokens`.
+   reported as `trimmed_tokens`. Lengths, for this and for cutting requests,
+   are what the teacher scores: its own prompt + the completion. A prompt
+   the teacher renders (a privileged context) is measured by that teacher's
+   /render before its samples are cut (remote.py choice 7); without a
+   teacher prompt, the student's prompt ids are the teacher's and no
+   /render is asked.
 5) Two teacher KLs: `teacher_kl`, the mean over the sampled tokens, and
    `teacher_kl_per_completion`, the mean over completions of each one's sum
    over its tokens: the KL of a whole reply, which the objective minimises.
@@ -118,21 +123,39 @@ def score(remote: Remote, samples: list[Sample]) -> None:
 def score_with(remote: Remote, teacher: str, todo: list[Sample]) -> None:
     """One teacher's samples, in requests cut to its limits."""
     limits = remote.teachers[teacher].limits
-    for s in todo:
-        fit(s, limits.max_sequence_len)
-    for chunk in chunks([len(s.prompt_ids) + len(s.token_ids) for s in todo], limits):
+    prompts = prompt_lengths(remote, teacher, todo)
+    for s, n in zip(todo, prompts, strict=True):
+        fit(s, limits.max_sequence_len, n)
+    for chunk in chunks([n + len(s.token_ids) for s, n in zip(todo, prompts, strict=True)], limits):
         score_chunk(remote, [todo[i] for i in chunk], teacher)
 
 
-def fit(s: Sample, max_len: int | None) -> None:
-    """Cuts the completion's last tokens so that prompt + completion fit the teacher's maximum length."""
-    if max_len is None or len(s.prompt_ids) + len(s.token_ids) <= max_len:
+def prompt_lengths(remote: Remote, teacher: str, todo: list[Sample]) -> list[int]:
+    """The length of the prompt the teacher scores each sample after (4): the student's prompt ids, the teacher
+    prompt's ids, or what the teacher renders the teacher prompt to (asked only for those)."""
+    out = [len(s.prompt_ids if s.teacher_prompt is None else s.teacher_prompt.token_ids or ()) for s in todo]
+    rendered = [i for i, s in enumerate(todo) if s.teacher_prompt is not None and s.teacher_prompt.token_ids is None]
+    if rendered:
+        lengths = remote.prompt_lengths([todo[i].teacher_prompt for i in rendered], teacher)
+        for i, n in zip(rendered, lengths, strict=True):
+            out[i] = n
+    return out
+
+
+def fit(s: Sample, max_len: int | None, prompt_len: int | None = None) -> None:
+    """Cuts the completion's last tokens so that the teacher's prompt (default: the student's, prompt_ids) +
+    completion fit the teacher's maximum length."""
+    own = prompt_len is None or s.teacher_prompt is None
+    prompt_len = len(s.prompt_ids) if prompt_len is None else prompt_len
+    if max_len is None or prompt_len + len(s.token_ids) <= max_len:
         return
-    keep = max_len - len(s.prompt_ids)
+    keep = max_len - prompt_len
     if keep < 1:
+        what = f"a prompt of {prompt_len} tokens" if own else f"the teacher's prompt, {prompt_len} tokens as it renders,"
+        fix = "shorten the prompts" if own else "shorten the teacher prompt (teacher_prompt, the rows' teacher context)"
         raise InvalidInput(
-            f"a prompt of {len(s.prompt_ids)} tokens leaves no room for its completion under the teacher's maximum "
-            f"length of {max_len}: shorten the prompts, or serve the teacher with a longer max_model_len"
+            f"{what} leaves no room for its completion under the teacher's maximum length of {max_len}: {fix}, or "
+            "serve the teacher with a longer max_model_len"
         )
     s.trimmed += len(s.token_ids) - keep
     s.token_ids, s.sampling_logprobs, s.finish_reason = s.token_ids[:keep], s.sampling_logprobs[:keep], "length"

@@ -1,8 +1,9 @@
 """schemathesis against the teacher's OpenAPI document: the hf engine on the
 tiny teacher, no API key (so the document declares none), small limits,
 about FUZZ_SECONDS of requests. No server error, every answer as documented,
-invalid requests refused, and the service serves normally afterwards. The
-vLLM- and SGLang-compatible routes are in the document, so they are fuzzed too."""
+invalid requests refused, and the service serves normally afterwards. /render
+and the vLLM- and SGLang-compatible routes are in the document, so they are
+fuzzed too."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def test_fuzzing_finds_no_server_error(teacher_model: Path, tmp_path: Path) -> N
         assert run.cases >= 10, run.output[-3000:]  # hundreds on an idle machine; a few dozen under heavy load
         assert proc.alive() and httpx.get(proc.url + "/health").status_code == 200
         assert len(TeacherClient(proc.url).logprobs([{"token_ids": [5, 6, 7]}]).results[0].logprobs) == 2
-        # The vLLM- and SGLang-compatible routes are in the document, so the fuzzer sent them requests too.
+        # /render and the vLLM- and SGLang-compatible routes are in the document, so the fuzzer sent them requests too.
         log = proc.log_file.read_text()
-        for route in ("GET /v1/models", "POST /v1/completions", "POST /generate"):
+        for route in ("POST /render", "GET /v1/models", "POST /v1/completions", "POST /generate"):
             assert f'"{route} HTTP/1.1"' in log, route
