@@ -83,6 +83,7 @@ def worker(args: argparse.Namespace) -> None:
         "optimizer": {"lr": 1e-5},
     }, environ={})
     policy = Policy(config, placement(group))
+    opened = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # the peak of loading (and sharding)
     samples = synthetic_samples(len(policy.tokenizer))
     adv = advantages(samples, config, None)
     times, grads = [], 0
@@ -95,7 +96,7 @@ def worker(args: argparse.Namespace) -> None:
     optimizer = local_bytes(v for state in policy.optimizer.state.values() for v in state.values()
                             if torch.is_tensor(v) and v.dim() > 0)
     record = {"rank": rank, "params": local_bytes(policy.model.parameters()), "grads": grads, "optimizer": optimizer,
-              "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+              "open_rss": opened, "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
               "step_s": statistics.median(times[1:] or times)}
     Path(args.out, f"rank-{rank}.json").write_text(json.dumps(record))
     distributed.shutdown(tell_workers=False)
@@ -127,7 +128,7 @@ def main() -> None:
     mib = lambda n: f"{n / 2**20:8.0f}"  # noqa: E731
     print(f"full fine-tuning of {args.model}, float32, AdamW; {SEQUENCES} sequences x {PROMPT}+{COMPLETION} tokens a step")
     print(f"{'procs':>5} {'rank':>4} {'params MiB':>10} {'grads MiB':>9} {'optim MiB':>9} {'p+g+o MiB':>9} "
-          f"{'peak RSS MiB':>12} {'s/step':>7}")
+          f"{'opened RSS':>10} {'peak RSS MiB':>12} {'s/step':>7}")
     first = None
     for n in [int(x) for x in args.nprocs.split(",")]:
         records = row(n, args)
@@ -135,7 +136,7 @@ def main() -> None:
             total = r["params"] + r["grads"] + r["optimizer"]
             first = first or total
             print(f"{n:>5} {r['rank']:>4} {mib(r['params']):>10} {mib(r['grads']):>9} {mib(r['optimizer']):>9} "
-                  f"{mib(total):>9} {mib(r['peak_rss']):>12} {r['step_s']:7.2f}   ({total / first:.2f} of 1 process)",
+                  f"{mib(total):>9} {mib(r['open_rss']):>10} {mib(r['peak_rss']):>12} {r['step_s']:7.2f}   ({total / first:.2f} of 1 process)",
                   flush=True)
 
 
