@@ -147,16 +147,20 @@ class TrainerState:
 
 def rng_state() -> dict[str, Any]:
     state: dict[str, Any] = {"python": random.getstate(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this process's device only: a resume may see fewer GPUs
+        state["cuda_device"] = torch.cuda.get_rng_state()
     return state
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    if not torch.cuda.is_available():
+        return
+    if "cuda_device" in state:
+        torch.cuda.set_rng_state(state["cuda_device"])
+    elif "cuda" in state and torch.cuda.current_device() < len(state["cuda"]):  # written with every visible GPU's
+        torch.cuda.set_rng_state(state["cuda"][torch.cuda.current_device()])
 
 
 TRAINABLE = "trainable"  # the torch.distributed.checkpoint folder inside a checkpoint
@@ -168,9 +172,10 @@ LOAD_OPTIONS = dict(ignore_frozen_params=True, strict=False)
 
 def save_training_state(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0, process_group: Any = None,
 ) -> None:
-    """Trainable weights and optimizer state (every rank its shard), the schedule and this rank's RNG state."""
+    """Trainable weights and optimizer state (every rank its shard), the schedule and this rank's RNG state.
+    `process_group`: where the ranks agree on the plan (the trainer's gloo group: no NCCL timeout)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -178,14 +183,14 @@ def save_training_state(
     weights, optim = get_state_dict(model, optimizer, options=StateDictOptions(ignore_frozen_params=True))
     if not stepped:  # get_state_dict filled an empty state with a real step() (step 1, zero moments): undo it
         optimizer.state.clear()
-    dcp.save({"model": weights, "optim": optim}, checkpoint_id=folder / TRAINABLE)
+    dcp.save({"model": weights, "optim": optim}, checkpoint_id=folder / TRAINABLE, process_group=process_group)
     torch.save({"scheduler": scheduler.state_dict(), "rng": rng_state(), "optimizer_stepped": stepped},
                folder / f"rng-{rank}.pt")
 
 
 def load_training_state(
     folder: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, rank: int = 0, process_group: Any = None,
 ) -> None:
     """Restores what `save_training_state` wrote, whatever the number of processes that wrote it."""
     import torch.distributed.checkpoint as dcp
@@ -203,7 +208,7 @@ def load_training_state(
             "resume with the config that wrote it, or start a new run in another output_dir"
         )
     state = {"model": weights, "optim": optim}
-    dcp.load(state, checkpoint_id=folder / TRAINABLE)
+    dcp.load(state, checkpoint_id=folder / TRAINABLE, process_group=process_group)
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
                    options=StateDictOptions(**LOAD_OPTIONS))
     mine = folder / f"rng-{rank}.pt"

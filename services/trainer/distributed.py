@@ -50,8 +50,14 @@ Choices:
    behind. A rank 0 that dies without a word breaks the group's
    connections, and the workers' wait ends with an error.
 6) Files: every rank writes its shard of a checkpoint into the same folder
-   (torch.distributed.checkpoint), so several nodes need a shared
-   output_dir; policy versions are written by rank 0 alone.
+   (torch.distributed.checkpoint, its ranks agreeing over the control group,
+   not NCCL with its 10-minute timeout), so several nodes need a shared
+   output_dir; policy versions are written by rank 0 alone. Each rank keeps
+   the RNG state of its own GPU only, so a run resumes on fewer GPUs.
+7) Devices: rank r of a node trains on cuda:r; a node started with more
+   processes than it has GPUs is refused at once, and a `student.device` that
+   is not the ranks' kind is refused as the run opens (parallel.py). A CPU
+   trainer on a GPU host hides the GPUs (CUDA_VISIBLE_DEVICES='').
 """
 
 from __future__ import annotations
@@ -284,6 +290,9 @@ def init(environ: dict[str, str] | None = None) -> Group | None:
     die_with_parent()
     rank, local_rank = int(env["RANK"]), int(env.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
+    if cuda and local_rank >= torch.cuda.device_count():
+        raise OPDError(f"trainer process {rank} is the {local_rank + 1}th on this node, which shows "
+                       f"{torch.cuda.device_count()} GPU(s): start at most that many processes per node (--nproc)")
     if cuda:
         torch.cuda.set_device(local_rank)
     dist.init_process_group("nccl" if cuda else "gloo")

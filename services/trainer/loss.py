@@ -118,10 +118,11 @@ def ratio_stats(logprobs_BT: torch.Tensor, sampling_logprobs_BT: torch.Tensor, m
 
 
 def pad_right(rows_B: list[torch.Tensor], width: int | None = None, value: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ragged 1-d tensors -> (values_BT, mask_BT), right-padded."""
+    """Ragged 1-d tensors -> (values_BT, mask_BT), right-padded, on the rows' device."""
     width = max((len(r) for r in rows_B), default=0) if width is None else width
-    out_BT = torch.full((len(rows_B), width), value, dtype=torch.float32)
-    mask_BT = torch.zeros((len(rows_B), width), dtype=torch.float32)
+    device = rows_B[0].device if rows_B else None
+    out_BT = torch.full((len(rows_B), width), value, dtype=torch.float32, device=device)
+    mask_BT = torch.zeros((len(rows_B), width), dtype=torch.float32, device=device)
     for b, row_T in enumerate(rows_B):
         out_BT[b, : len(row_T)] = row_T
         mask_BT[b, : len(row_T)] = 1.0

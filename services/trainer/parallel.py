@@ -55,6 +55,7 @@ class Parallel(Protocol):
 
     rank: int
     world: int
+    checkpoint_group: Any  # where torch.distributed.checkpoint's ranks agree: None on one process
 
     @property
     def leader(self) -> bool: ...
@@ -94,7 +95,7 @@ def load_dtype(student: StudentConfig) -> str:
 
 
 class OneProcess:
-    rank, world, leader = 0, 1, True
+    rank, world, leader, checkpoint_group = 0, 1, True, None
 
     def __init__(self) -> None:
         self.autocast: tuple[str, bool] = ("cpu", False)
@@ -138,6 +139,7 @@ class Sharded:
     def __init__(self, group: Group) -> None:
         self.group = group
         self.rank, self.world = group.rank, group.world
+        self.checkpoint_group = group.control  # gloo, a week's timeout: not NCCL's 10 minutes
         self._whole: dict[str, Any] = {}
         self._compute = "float32"  # what FSDP gathers the weights as
 
@@ -161,6 +163,7 @@ class Sharded:
 
         self._compute = "bfloat16" if mixed(student) else "float32"
         dtype = load_dtype(student)
+        check_device(student.device, self.group.device)
         if self.leader:
             model = prepare(load_causal_lm(student.model, dtype, self.group.device))
             self._whole = model.state_dict()
@@ -210,6 +213,21 @@ class Sharded:
         self.group.gather(None)  # every rank's files are written before rank 0 moves the folder into place
 
 
+def check_device(wanted: str, rank_device: str) -> None:
+    """Under torchrun each rank trains on its own device (cuda:LOCAL_RANK, or the CPU where no GPU is visible):
+    `student.device` may say auto, or that device's kind."""
+    kind = rank_device.split(":")[0]
+    if wanted not in ("auto", kind):
+        from opd.trainer.config import ConfigError
+
+        raise ConfigError(
+            f"student.device {wanted!r}, but the trainer's processes run on {kind} (this one on {rank_device}): "
+            + ("set student.device to auto or cuda (each process takes cuda:LOCAL_RANK)" if kind == "cuda" else
+               "no GPU is visible to the trainer; set student.device to auto or cpu")
+            + ("; for a CPU trainer on a GPU host, hide the GPUs (CUDA_VISIBLE_DEVICES='', devices: cpu in opd up)"
+               if wanted == "cpu" else ""))
+
+
 def release_freed_memory() -> None:
     """glibc keeps memory freed by small and mid-sized allocations for reuse; the whole model rank 0 loaded would
     stay resident beside its shard. Hands it back to the system (a no-op elsewhere)."""
@@ -235,7 +253,9 @@ def shard(model: torch.nn.Module, dtype: str = "float32") -> torch.nn.Module:
     for module in model.modules():
         if type(module).__name__ in blocks:
             fully_shard(module, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+    # the root (embeddings, a tied head) stays gathered from forward to backward: the head is the first thing
+    # backward needs, so resharding it after forward would only gather it again at once (as torchtitan does)
+    fully_shard(model, mp_policy=policy, reshard_after_forward=False)
     return model
 
 

@@ -168,13 +168,15 @@ class Policy:
         """The trainer state of the weights into a checkpoint folder: trainable weights, optimizer, schedule, RNG."""
         from opd.trainer.checkpoint import save_training_state
 
-        save_training_state(Path(folder), self.model, self.optimizer, self.scheduler, self.parallel.rank)
+        save_training_state(Path(folder), self.model, self.optimizer, self.scheduler, self.parallel.rank,
+                            self.parallel.checkpoint_group)
         self.parallel.saved()
 
     def load_state(self, folder: Path) -> None:
         from opd.trainer.checkpoint import load_training_state
 
-        load_training_state(Path(folder), self.model, self.optimizer, self.scheduler, self.parallel.rank)
+        load_training_state(Path(folder), self.model, self.optimizer, self.scheduler, self.parallel.rank,
+                            self.parallel.checkpoint_group)
 
     def close(self) -> None:
         """The run is over (under torchrun the workers drop their shards); torch's thread count is what it was

@@ -98,9 +98,9 @@ def chunk_loss(
     starts = [len(s.prompt_ids) for s in samples]
     sampling = config.sampling  # the distribution the student drew from: temperature and nucleus
     logprobs_BT, mask_BT = L.pad_right(policy.logprobs(seqs, starts, sampling.temperature, sampling.top_p))
-    sampling_BT, _ = L.pad_right([torch.tensor(s.sampling_logprobs) for s in samples])
-    adv_BT, _ = L.pad_right(adv_B)
-    logprobs_BT = logprobs_BT.to(sampling_BT.device)
+    device = logprobs_BT.device  # the loss is computed where the model is
+    sampling_BT, _ = L.pad_right([torch.tensor(s.sampling_logprobs, device=device) for s in samples])
+    adv_BT, _ = L.pad_right([a.to(device) for a in adv_B])
     if config.objective == "sft":
         loss = L.sft_loss(logprobs_BT, mask_BT, num_tokens)
     elif config.loss.kind == "ppo":
