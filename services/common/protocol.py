@@ -277,6 +277,9 @@ class RunStatus(Response):
     latest_eval: dict[str, float] | None = Field(default=None, description="The latest evaluation's metrics.")
     error: str | None = None
     waiting_for: str | None = Field(default=None, description="The service call the run is waiting out (that service is down).")
+    alignment: dict[str, str] | None = Field(
+        default=None, description="Once the run is set up, how each teacher scores: ids (the student's token ids) or "
+        "bytes (its own tokenization of the completion, aligned on bytes).")
     created_at: float
     finished_at: float | None = None
 

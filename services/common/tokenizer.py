@@ -1,9 +1,11 @@
 """Tokenizer helpers: the fingerprint services compare, and prompt rendering.
 
 The fingerprint is a SHA-256 over the vocabulary (token -> id), the added and
-special tokens, and the BOS/EOS/PAD ids. Two models that share it tokenize
-identically, so a student's token ids mean the same thing to the teacher; the
-trainer refuses to distill across different fingerprints.
+special tokens, the BOS/EOS/PAD ids and, for a fast tokenizer, how it cuts
+text (its normalizer, pre-tokenizer and BPE merges). Two models that share it
+tokenize identically, so a student's token ids mean the same thing to the
+teacher; across different fingerprints the trainer aligns the two
+tokenizations on bytes (services/trainer/alignment.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,14 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     special = sorted(str(t) for t in tokenizer.all_special_tokens)
     ids = [tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id]
-    blob = json.dumps({"vocab": vocab, "special": special, "ids": ids}, ensure_ascii=False)
+    cutting = None
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:  # the same vocabulary with other merges segments text differently
+        spec = json.loads(backend.to_str())
+        model = spec.get("model") or {}
+        cutting = [spec.get("normalizer"), spec.get("pre_tokenizer"), model.get("type"), model.get("merges"),
+                   model.get("ignore_merges")]
+    blob = json.dumps({"vocab": vocab, "special": special, "ids": ids, "cutting": cutting}, ensure_ascii=False)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -136,3 +136,32 @@ def fewer_merges_tokenizer(tokenizer: Any, drop: int) -> Any:
         model["ignore_merges"] = False
 
     return _rewritten(tokenizer, change)
+
+
+def permuted_model(source: Path, out: Path, seed: int = 1) -> Path:
+    """A model folder whose tokenizer and embedding and output rows are `source`'s permuted (choices 2 and 3)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer, perm = permuted_tokenizer(AutoTokenizer.from_pretrained(source), seed)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    model.load_state_dict(permute_weights(model.state_dict(), perm, tied))
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def fewer_merges_model(source: Path, out: Path, drop: int = 20) -> Path:
+    """A model folder with `source`'s weights and a tokenizer that lost every `drop`-th merge (choice 4)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    for file in [*Path(source).glob("*.json"), *Path(source).glob("*.safetensors")]:
+        if not file.name.startswith("tokenizer"):
+            shutil.copyfile(file, out / file.name)
+    fewer_merges_tokenizer(AutoTokenizer.from_pretrained(source), drop).save_pretrained(out)
+    return out

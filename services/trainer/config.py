@@ -48,7 +48,7 @@ PositiveInt = Annotated[int, Field(ge=1)]
 MEASURE_NAME = re.compile(r"[a-z][a-z0-9_]*")  # a metric name's suffix: accuracy_<name>
 STUDENT_URL_FIELDS = {"student_url", "student_urls"}  # one setting in two spellings: a later layer's replaces an earlier's
 NO_STUDENTS = object()  # stands for a config that names neither
-ONE_TEACHER = ("teacher_urls", "teacher_protocol", "teacher_prompt")  # the single-teacher style's fields
+ONE_TEACHER = ("teacher_urls", "teacher_protocol", "teacher_tokenizer", "teacher_prompt")  # the single-teacher style's fields
 MANY_TEACHERS = ("teachers", "default_teacher")
 # A posted config that names the teachers one way drops the environment's defaults of the other way.
 TEACHER_REPLACES = {"teachers": ("teacher_urls", "teacher_protocol"), "teacher_urls": MANY_TEACHERS}
@@ -219,6 +219,7 @@ class TeacherConfig(Section):
     urls: Annotated[tuple[Annotated[str, Field(min_length=1)], ...], Field(
         min_length=1, description="The teacher's replicas, used round robin.")]
     protocol: TeacherProtocol = Field(default="opd", description="opd, openai or sglang: as teacher_protocol.")
+    tokenizer: str | None = Field(default=None, description="As teacher_tokenizer, for this teacher.")
     api_key: str | None = Field(default=None, repr=False, description="Default: the run's api_key.")
     teacher_prompt: TeacherPromptConfig = Field(
         default=TeacherPromptConfig(), description="What this teacher sees before the completion, as the run's "
@@ -251,6 +252,10 @@ class RunConfig(Section):
         description="How the trainer asks the teachers for scores: opd (POST /logprobs), openai (a vLLM "
         "OpenAI-compatible server's /v1/completions with prompt_logprobs) or sglang (an SGLang server's /generate).",
     )
+    teacher_tokenizer: str | None = Field(
+        default=None, description="The teacher's tokenizer (folder or hub id) when it differs from the student's: "
+        "the trainer then aligns the two on bytes. Default: an opd teacher's model as its /info names it; a stock "
+        "server's must be given.")
     teachers: dict[TeacherName, TeacherConfig] | None = Field(
         default=None, min_length=1, description="Several teachers, name -> its settings; each dataset row is scored "
         "by the one its `dataset.teacher_field` names. Give this or teacher_urls (with teacher_protocol, "
@@ -410,7 +415,7 @@ class RunConfig(Section):
             return dict(self.teachers)
         assert self.teacher_urls is not None
         return {DEFAULT_TEACHER: TeacherConfig(urls=self.teacher_urls, protocol=self.teacher_protocol,
-                                               teacher_prompt=self.teacher_prompt)}
+                                               tokenizer=self.teacher_tokenizer, teacher_prompt=self.teacher_prompt)}
 
     @property
     def default_teacher_name(self) -> str:

@@ -18,7 +18,8 @@ prompt into the student's weights. Choices:
    or `render: teacher`, the teacher gets `prompt` + `completion`: it renders
    the prompt with its own chat template and scores exactly the completion
    tokens, so a teacher whose template differs from the student's sees its own
-   format. Tokenizers must still match: the completion is the student's ids.
+   format. A teacher of another tokenizer always gets `prompt` + its own ids
+   for the completion (rollouts.py choice 6).
    Its length is the teacher's too: limits are measured with what the
    teacher renders (its /render, rollouts.py choice 4).
 3) In text mode (`dataset.prompt_format: text`) the context is a text prefix:
@@ -109,8 +110,10 @@ def with_teacher_prompts(rows: list[PromptRow], cfg: TeacherPromptConfig, name: 
     return [dataclasses.replace(r, teacher=teacher_prompt(r, cfg, f"{name} row {i}")) for i, r in enumerate(rows)]
 
 
-def with_teachers(rows: list[PromptRow], config: RunConfig, name: str = "train") -> list[PromptRow]:
-    """Each row with its teacher's name and the prompt that teacher scores after (4)."""
+def with_teachers(rows: list[PromptRow], config: RunConfig, name: str = "train",
+                  own_tokenizer: frozenset[str] = frozenset()) -> list[PromptRow]:
+    """Each row with its teacher's name and the prompt that teacher scores after (4); a teacher named in
+    `own_tokenizer` (another tokenizer than the student's) always renders its own (2)."""
     teachers, field = config.teacher_set, config.dataset.teacher_field
     default = config.default_teacher_name
     out = []
@@ -122,7 +125,10 @@ def with_teachers(rows: list[PromptRow], config: RunConfig, name: str = "train")
                 f"{name} row {i}: its {field!r} names the teacher {chosen!r}, which is not one of the run's teachers "
                 f"({', '.join(teachers)}): name one of them in `teachers`, or fix the row"
             )
-        prompt = teacher_prompt(r, teachers[chosen].teacher_prompt, f"{name} row {i}")
+        cfg = teachers[chosen].teacher_prompt
+        if chosen in own_tokenizer:
+            cfg = cfg.model_copy(update={"render": "teacher"})
+        prompt = teacher_prompt(r, cfg, f"{name} row {i}")
         out.append(dataclasses.replace(r, teacher=prompt, teacher_name=chosen))
     return out
 

@@ -147,8 +147,9 @@ class Trainer:
         config = self.config
         teachers, students = self.remote.check_tokenizers(load_tokenizer(config.student.model))
         train_rows, eval_rows = load_prompts(config.dataset, config.seed)
-        self.train_rows = with_teachers(train_rows, config, "train")
-        self.eval_rows = with_teachers(eval_rows, config, "eval")
+        own = frozenset(name for name, t in self.remote.teachers.items() if t.alignment == "bytes")
+        self.train_rows = with_teachers(train_rows, config, "train", own)
+        self.eval_rows = with_teachers(eval_rows, config, "eval", own)
         self.remote.check_stock_teacher(self.train_rows + self.eval_rows)
         self.remote.check_limits(teachers, students, len(self.eval_rows))
         self.sampler = PromptSampler(len(self.train_rows), config.seed)

@@ -12,10 +12,16 @@ Choices:
 2) The caller keeps whatever it already has (a step's rollouts) and repeats
    only the call that failed, so nothing is resampled, skipped or counted twice.
 3) At start every teacher replica and every student replica are asked for
-   `/info`; their tokenizer fingerprints, and the trainable student's own,
-   must agree. A stock vLLM or SGLang teacher (`teacher_protocol` openai or
-   sglang) has no fingerprint: it must tokenize a probe text exactly as the
-   student does.
+   `/info`; the student replicas' tokenizer fingerprints and the trainable
+   student's must agree, and so must a teacher's replicas among themselves.
+   A teacher whose fingerprint is the student's scores the student's token
+   ids (`alignment` "ids"); any other is aligned on bytes ("bytes",
+   alignment.py, rollouts.py choice 6), with its tokenizer loaded from
+   `teacher_tokenizer` (`teachers.<name>.tokenizer`) or the model its /info
+   names, and checked against its fingerprint. A stock vLLM or SGLang
+   teacher (`teacher_protocol` openai or sglang) has no fingerprint: it
+   tokenizes a probe text exactly as the student does ("ids"), or as the
+   tokenizer the run names for it ("bytes").
 4) The same `/info` answers give the limits: scoring requests are cut to the
    smallest `max_sequences` and `max_request_tokens` over the teacher
    replicas (`ScoreLimits`), and a run whose requests a student replica
@@ -137,6 +143,11 @@ class Teacher:
     what: str  # the teacher in messages and `waiting_for`
     limits: ScoreLimits = field(default_factory=ScoreLimits)
     rendered: RenderedLengths = field(default_factory=RenderedLengths)
+    tokenizer_name: str | None = None  # teacher_tokenizer: where its own tokenizer is, when it is not the student's
+    alignment: str = "ids"  # "ids": it scores the student's token ids; "bytes": its own, aligned (choice 3)
+    tokenizer: Any = None  # with "bytes": its tokenizer, the bytes of each of its ids, and the reverse
+    table: Any = None
+    by_bytes: dict[bytes, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -180,6 +191,9 @@ class Remote:
         self.student_urls = [u for url in config.student_replicas for u in replica_urls(url.rstrip("/"))]
         self.students = [StudentClient(url, **kwargs) for url in self.student_urls]
         self.student = self.students[0]
+        self.student_table: Any = None  # with a teacher of another tokenizer (choice 3): the student's token bytes
+        self.student_eot: set[int] = set()
+        self.alignment: dict[str, str] | None = None  # each teacher's, once check_tokenizers has run
         # objective sft: the teacher's model served by a student service, sampling the teacher's completions.
         self.teacher_sampler = StudentClient(config.teacher_sampler_url, **kwargs) if config.teacher_sampler_url else None
         self.waited_s = 0.0  # time during which some call paused for an outage (replicas' pauses at once count once)
@@ -202,7 +216,7 @@ class Remote:
         client = teacher_client(config.protocol, list(config.urls), expand_dns=True, **kwargs)
         replicas = [teacher_client(config.protocol, url, **kwargs) for url in config.urls]
         what = f"teacher {name} ({config.protocol})" if named else f"teacher ({config.protocol})"
-        return Teacher(name, config.protocol, config.urls, client, replicas, what)
+        return Teacher(name, config.protocol, config.urls, client, replicas, what, tokenizer_name=config.tokenizer)
 
     @property
     def teacher(self) -> Any:
@@ -376,6 +390,12 @@ class Remote:
                     "student replica must serve the same model (compare GET /info tokenizer_fingerprint)"
                 )
         teachers = {name: self.check_teacher(t, student, tokenizer) for name, t in self.teachers.items()}
+        self.alignment = {name: t.alignment for name, t in self.teachers.items()}
+        if any(t.alignment == "bytes" for t in self.teachers.values()):
+            from opd.trainer.alignment import byte_table
+
+            self.student_table = byte_table(tokenizer)
+            self.student_eot = {tokenizer.eos_token_id} - {None}
         if self.teacher_sampler is not None:
             sampler = self.call("teacher sampler /info", self.teacher_sampler.info)
             if sampler.tokenizer_fingerprint != student.tokenizer_fingerprint:
@@ -393,22 +413,61 @@ class Remote:
         return teachers, students
 
     def check_teacher(self, t: Teacher, student: p.ServiceInfo, tokenizer: PreTrainedTokenizerBase) -> list[p.ServiceInfo]:
-        """Each replica of one teacher against the student's tokenizer; their /info."""
-        infos = []
+        """Each replica of one teacher: one tokenizer among them, the student's or one the trainer can load (3);
+        sets the teacher's `alignment`. Their /info."""
+        infos: list[p.ServiceInfo] = []
         named = f"teacher {t.name}" if self.config.teachers is not None else "teacher"
         for url, client in zip(t.urls, t.replicas, strict=True):
             info = self.call(f"{named} {url} /info", client.info)
-            infos.append(info)
             if t.protocol != "opd":
-                self.check_probe(url, client, tokenizer, t)
-            elif info.tokenizer_fingerprint != student.tokenizer_fingerprint:
+                if t.tokenizer_name is None:
+                    self.check_probe(url, client, tokenizer, t)
+                else:
+                    self.check_probe(url, client, self.teacher_tokenizer(t, named, None), t)
+            elif infos and info.tokenizer_fingerprint != infos[0].tokenizer_fingerprint:
                 raise TokenizerMismatch(
-                    f"the {named} {info.model} (at {url}, tokenizer {info.tokenizer_fingerprint}) and the student "
-                    f"{student.model} (at {self.student_urls[0]}, tokenizer {student.tokenizer_fingerprint}) use "
-                    "different tokenizers, so the teacher cannot score the student's token ids: distill between "
-                    "models that share a tokenizer (compare GET /info tokenizer_fingerprint)"
+                    f"the {named} replica at {url} serves {info.model} (tokenizer {info.tokenizer_fingerprint}), "
+                    f"another tokenizer than the replica listed before it ({infos[0].model}, tokenizer "
+                    f"{infos[0].tokenizer_fingerprint}; the student {student.model} has {student.tokenizer_fingerprint}): "
+                    "every replica of a teacher must serve the same model (compare GET /info tokenizer_fingerprint)"
                 )
+            infos.append(info)
+        if t.protocol == "opd" and infos[0].tokenizer_fingerprint != student.tokenizer_fingerprint:
+            self.teacher_tokenizer(t, named, infos[0])
+        elif t.protocol != "opd" and t.tokenizer_name is not None:
+            self.teacher_tokenizer(t, named, None)
+        log.info("%s scores %s", named, "the student's token ids" if t.alignment == "ids" else
+                 f"its own tokenization, aligned on bytes ({t.tokenizer.name_or_path})")
         return infos
+
+    def teacher_tokenizer(self, t: Teacher, named: str, info: p.ServiceInfo | None) -> PreTrainedTokenizerBase:
+        """The teacher's own tokenizer (3): loaded once, checked against its fingerprint; the teacher is aligned on bytes."""
+        from opd.common.tokenizer import load_tokenizer, tokenizer_fingerprint
+        from opd.trainer.alignment import byte_table
+
+        if t.tokenizer is not None:
+            return t.tokenizer
+        where = t.tokenizer_name or (info.model if info is not None else None)
+        field = "teacher_tokenizer" if self.config.teachers is None else f"teachers.{t.name}.tokenizer"
+        try:
+            tok = load_tokenizer(where)
+        except Exception as exc:
+            raise TokenizerMismatch(
+                f"the {named} {info.model if info else ''} uses another tokenizer than the student "
+                f"{self.config.student.model}, and the trainer cannot load it from {where!r} ({type(exc).__name__}: "
+                f"{exc}): set {field} to a folder or hub id of the teacher's tokenizer") from exc
+        if info is not None and tokenizer_fingerprint(tok) != info.tokenizer_fingerprint:
+            raise TokenizerMismatch(
+                f"the tokenizer at {where!r} (fingerprint {tokenizer_fingerprint(tok)}) is not the one the {named} "
+                f"{info.model} serves ({info.tokenizer_fingerprint}): set {field} to the teacher's own tokenizer")
+        try:
+            table = byte_table(tok)
+        except ValueError as exc:
+            raise TokenizerMismatch(f"the {named}'s tokenizer at {where!r} cannot be aligned on bytes: {exc}") from exc
+        from opd.trainer.aligned import token_ids_by_bytes
+
+        t.tokenizer, t.table, t.alignment, t.by_bytes = tok, table, "bytes", token_ids_by_bytes(tok, table)
+        return tok
 
     def check_probe(self, url: str, client, tokenizer: PreTrainedTokenizerBase, t: Teacher | None = None) -> None:
         """A stock server has no tokenizer fingerprint: it must tokenize PROBE as the student does."""
@@ -420,8 +479,8 @@ class Remote:
             raise TokenizerMismatch(
                 f"the {named} at {url} ({t.protocol} protocol) tokenizes a probe text into "
                 f"{len(theirs)} tokens {theirs[:8]}..., the student {self.config.student.model} into {len(ours)} "
-                f"{ours[:8]}...: the teacher cannot score the student's token ids; distill between models that "
-                "share a tokenizer"
+                f"{ours[:8]}...: the teacher cannot score the student's token ids; name the teacher's own tokenizer "
+                "(teacher_tokenizer, or teachers.<name>.tokenizer) and the trainer aligns the two on bytes"
             )
 
     def check_stock_teacher(self, rows: list[PromptRow]) -> None:

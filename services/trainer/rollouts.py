@@ -33,6 +33,11 @@ Choices:
    over its tokens: the KL of a whole reply, which the objective minimises.
    When replies shrink the first can rise while the second falls; the ratio
    of the two is `mean_length`.
+6) A teacher of another tokenizer (remote.py choice 3, `alignment` bytes)
+   scores its own ids for the completion's bytes after its own rendering of
+   the prompt; its logprobs of the chunks both tokenizations share are
+   credited to the student's tokens (aligned.py, alignment.py), so the rest
+   of the trainer sees one teacher value per sampled token, as on ids.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ from typing import Any
 
 from opd.common import protocol as p
 from opd.common.errors import InvalidInput, OPDError
+from opd.trainer import aligned
 from opd.trainer.config import DEFAULT_TEACHER
 from opd.trainer.context import score_sequence
 from opd.trainer.data import PromptRow
@@ -77,6 +83,8 @@ class Sample:
     trimmed: int = 0  # tokens cut off the end to fit the teacher's maximum length
     teacher_prompt: p.Prompt | None = field(default=None, repr=False)  # None: the student's prompt ids
     teacher: str = DEFAULT_TEACHER  # the name of the teacher that scores it
+    teacher_ids: list[int] | None = field(default=None, repr=False)  # a teacher of another tokenizer: its ids (6)
+    chunks: list[Any] | None = field(default=None, repr=False)  # and the chunks both tokenizations share
 
     @property
     def rkl(self) -> list[float]:
@@ -122,12 +130,24 @@ def score(remote: Remote, samples: list[Sample]) -> None:
 
 def score_with(remote: Remote, teacher: str, todo: list[Sample]) -> None:
     """One teacher's samples, in requests cut to its limits."""
-    limits = remote.teachers[teacher].limits
+    t = remote.teachers[teacher]
+    limits = t.limits
+    if t.alignment == "bytes":
+        for s in todo:
+            aligned.prepare(s, t, remote.student_table, remote.student_eot)
     prompts = prompt_lengths(remote, teacher, todo)
     for s, n in zip(todo, prompts, strict=True):
-        fit(s, limits.max_sequence_len, n)
-    for chunk in chunks([n + len(s.token_ids) for s, n in zip(todo, prompts, strict=True)], limits):
+        if s.teacher_ids is not None:
+            aligned.fit(s, limits.max_sequence_len, n)
+        else:
+            fit(s, limits.max_sequence_len, n)
+    for chunk in chunks([n + len(scored_ids(s)) for s, n in zip(todo, prompts, strict=True)], limits):
         score_chunk(remote, [todo[i] for i in chunk], teacher)
+
+
+def scored_ids(s: Sample) -> list[int]:
+    """The completion ids the teacher scores: its own with another tokenizer (6), else the student's."""
+    return s.token_ids if s.teacher_ids is None else s.teacher_ids
 
 
 def prompt_lengths(remote: Remote, teacher: str, todo: list[Sample]) -> list[int]:
@@ -175,12 +195,12 @@ def chunks(lengths: list[int], limits: ScoreLimits) -> list[list[int]]:
 
 
 def score_chunk(remote: Remote, chunk: list[Sample], teacher: str | None = None) -> None:
-    sequences = [score_sequence(s.prompt_ids, s.token_ids, s.teacher_prompt) for s in chunk]
+    sequences = [score_sequence(s.prompt_ids, scored_ids(s), s.teacher_prompt) for s in chunk]
     response = remote.score(sequences, teacher)
     for s, result in zip(chunk, response.results, strict=True):
-        if len(result.logprobs) != len(s.token_ids):
-            raise ScoreMismatch(f"the teacher scored {len(result.logprobs)} tokens of a {len(s.token_ids)}-token completion")
-        s.teacher_logprobs = result.logprobs
+        if len(result.logprobs) != len(scored_ids(s)):
+            raise ScoreMismatch(f"the teacher scored {len(result.logprobs)} tokens of a {len(scored_ids(s))}-token completion")
+        s.teacher_logprobs = result.logprobs if s.teacher_ids is None else aligned.credited(s, result.logprobs)
 
 
 def teacher_kl(samples: list[Sample]) -> float:
@@ -208,6 +228,7 @@ def kl_summary(samples: list[Sample], teachers: Sequence[str] = ()) -> dict[str,
         "mean_length": tokens / len(samples),
         "stop_fraction": sum(s.finish_reason == "stop" for s in samples) / len(samples),
         "trimmed_tokens": sum(s.trimmed for s in samples),
+        **aligned.summary(samples),
     }
     if all(s.teacher_logprobs is not None for s in samples):  # the rl and sft arms ask no teacher while training
         per_teacher = {}

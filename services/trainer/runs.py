@@ -76,7 +76,8 @@ class RunHandle:
             policy_version=self.trainer.version or None, output_dir=self.config.output_dir,
             latest=numbers(metrics.latest("train")) if metrics else None,
             latest_eval=numbers(metrics.latest("eval")) if metrics else None,
-            error=self.error, waiting_for=self.trainer.remote.waiting_for, created_at=self.created_at,
+            error=self.error, waiting_for=self.trainer.remote.waiting_for, alignment=self.trainer.remote.alignment,
+            created_at=self.created_at,
             finished_at=self.finished_at,
         )
 

@@ -1,0 +1,80 @@
+"""A teacher of another tokenizer (issue 40): the trainer aligns the two tokenizations on bytes by itself.
+
+- The tiny teacher with its vocabulary permuted (embedding and output rows reordered, its tokenizer's ids
+  remapped: the same function under other ids) trains the student exactly as the plain teacher does: every
+  record's teacher KL and loss within 1e-4, on the hf engine and on vLLM; every chunk is one token.
+- A tiny teacher with a tokenizer trained apart (another vocabulary, other merges) trains the student: chunks of
+  several tokens, no position trimmed, and the held-out teacher KL per completion falls.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from opd.common.vocab_variants import permuted_model
+from opd.trainer.loop import Trainer
+from opd.trainer.metrics import read_records
+from tests.trainer.conftest import teacher_args
+from tests.trainer.runs import hf_args, start_service, wait_all
+
+pytestmark = pytest.mark.slow
+CLOSE = 1e-4
+
+
+def run(config) -> tuple[list[dict], Trainer]:
+    trainer = Trainer(config)
+    assert trainer.run() == "completed"
+    return read_records(Path(config.output_dir) / "metrics.jsonl"), trainer
+
+
+@pytest.fixture(scope="module")
+def permuted_teacher(teacher_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return permuted_model(teacher_model, tmp_path_factory.mktemp("permuted") / "teacher", seed=1)
+
+
+@pytest.mark.parametrize("engine", ["hf", "vllm"])
+def test_a_teacher_with_permuted_ids_trains_as_the_plain_one(
+    engine: str, make_config, services, teacher_model: Path, permuted_teacher: Path, service_logs: Path, tmp_path: Path,
+) -> None:
+    args = (lambda model: hf_args("teacher", model)) if engine == "hf" else teacher_args
+    permuted = start_service(f"teacher-permuted-{engine}", args(permuted_teacher), service_logs)
+    plain = start_service("teacher-plain-hf", args(teacher_model), service_logs) if engine == "hf" else services["teacher"]
+    try:
+        wait_all(permuted, plain)
+        settings = dict(steps=2, eval__every=2, save_every=2)
+        a, plain_run = run(make_config(name=f"plain-{engine}", teacher_urls=f"[{plain.url}]",
+                                       output_dir=str(tmp_path / "plain"), **settings))
+        b, permuted_run = run(make_config(name=f"permuted-{engine}", teacher_urls=f"[{permuted.url}]",
+                                          output_dir=str(tmp_path / "permuted"), **settings))
+    finally:
+        permuted.stop()
+        if engine == "hf":
+            plain.stop()
+    assert plain_run.remote.alignment == {"default": "ids"} and permuted_run.remote.alignment == {"default": "bytes"}
+    assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b] == \
+        [("eval", 0), ("train", 1), ("train", 2), ("eval", 2)]
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["tokens"] == ra["tokens"] and rb["trimmed_tokens"] == ra["trimmed_tokens"] == 0
+        for key in ("teacher_kl", "teacher_kl_per_completion") + (("loss",) if ra["kind"] == "train" else ()):
+            assert rb[key] == pytest.approx(ra[key], abs=CLOSE), (ra["kind"], ra["step"], key, ra[key], rb[key])
+        assert rb["aligned_chunks"] >= rb["tokens"] and rb["multi_token_chunks"] == 0, rb
+        assert "aligned_chunks" not in ra, "a teacher of the student's tokenizer scores its ids, as before"
+
+
+def test_a_teacher_of_another_segmentation_trains(make_config, other_tokenizer_model: Path, service_logs: Path) -> None:
+    teacher = start_service("teacher-other-tokenizer", hf_args("teacher", other_tokenizer_model), service_logs)
+    try:
+        wait_all(teacher)
+        records, trainer = run(make_config(name="other-tokenizer", teacher_urls=f"[{teacher.url}]", steps=6,
+                                           eval__every=6, save_every=6))
+    finally:
+        teacher.stop()
+    assert trainer.remote.alignment == {"default": "bytes"}
+    train = [r for r in records if r["kind"] == "train"]
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert all(r["trimmed_tokens"] == 0 and r["aligned_chunks"] > 0 for r in records), "no position dropped"
+    assert all(r["multi_token_chunks"] > 0 for r in train), [r["multi_token_chunks"] for r in train]
+    assert [r["step"] for r in evals] == [0, 6]
+    assert evals[-1]["teacher_kl_per_completion"] < evals[0]["teacher_kl_per_completion"], evals
