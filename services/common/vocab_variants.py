@@ -21,7 +21,7 @@ Choices:
    them, nor the tokens built from them; `ignore_merges` is turned off so a
    whole word in the vocabulary is built from merges too. Every text still
    tokenizes (byte-level BPE falls back to bytes) and decodes to itself.
-   The vocabulary, hence tokenizer_fingerprint, is the same as the original's.
+   The vocabulary is the same as the original's; tokenizer_fingerprint, which covers the merges, is not.
 """
 
 from __future__ import annotations

@@ -124,3 +124,13 @@ def test_alignment_with_the_variants(smollm2, permuted, fewer, capsys) -> None:
     assert longer > 0 and per_token > 0
     with capsys.disabled():
         print(f"\nfewer merges: {total} chunks, {longer} of more than one token on a side")
+
+
+def test_fingerprints_tell_every_variant_from_the_original(smollm2, permuted, fewer) -> None:
+    """The fewer-merges tokenizer has the original's vocabulary and ids but cuts text otherwise: its fingerprint
+    differs (the trainer then aligns on bytes instead of sending ids the teacher would segment differently)."""
+    from opd.common.tokenizer import tokenizer_fingerprint
+
+    prints = {tokenizer_fingerprint(t) for t in (smollm2, permuted[0], fewer)}
+    assert len(prints) == 3
+    assert fewer.get_vocab() == smollm2.get_vocab()
