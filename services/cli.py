@@ -33,13 +33,18 @@ def models_prepare(
         help="Remove these decoder layers, 0-based inclusive spans such as '12-21' (a smaller student that still writes).")] = None,
     dtype: Annotated[str, typer.Option(help="Saved dtype.")] = "bfloat16",
     force: Annotated[bool, typer.Option(help="Rebuild even when the folder is up to date.")] = False,
+    permute_vocab: Annotated[int | None, typer.Option(
+        help="Permute the vocabulary with this seed: another tokenizer, the same function (docs/other-tokenizers.md).")] = None,
+    drop_merges: Annotated[int | None, typer.Option(
+        help="Remove every Nth BPE merge: the same vocabulary, longer tokenizations (docs/other-tokenizers.md).")] = None,
 ) -> None:
     """Build a transformers/safetensors folder that vLLM and transformers load."""
     from opd.common.errors import InvalidRequest
     from opd.common.models import prepare
 
     try:
-        path = prepare(name, out, layers=layers, drop_layers=drop_layers, dtype=dtype, force=force)
+        path = prepare(name, out, layers=layers, drop_layers=drop_layers, dtype=dtype, force=force,
+                       permute_vocab=permute_vocab, drop_merges=drop_merges)
     except InvalidRequest as exc:
         raise typer.BadParameter(str(exc)) from exc
     typer.echo(f"ready: {path}")

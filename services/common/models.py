@@ -112,8 +112,11 @@ def parse_layer_spans(spec: str, total: int) -> list[int]:
 
 
 def prepare(name: str, out: Path, *, layers: int | None = None, drop_layers: str | None = None,
-            dtype: str = "bfloat16", force: bool = False) -> Path:
-    """Writes model `name` to `out`, cut to its first `layers` layers or without the `drop_layers` spans."""
+            dtype: str = "bfloat16", force: bool = False, permute_vocab: int | None = None,
+            drop_merges: int | None = None) -> Path:
+    """Writes model `name` to `out`, cut to its first `layers` layers or without the `drop_layers` spans; with
+    `permute_vocab` (a seed) its vocabulary permuted, with `drop_merges` N every Nth BPE merge removed: teachers of
+    another tokenizer (services/common/vocab_variants.py)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -125,6 +128,12 @@ def prepare(name: str, out: Path, *, layers: int | None = None, drop_layers: str
     wanted = {"name": name, "layers": layers, "dtype": dtype}
     if drop_layers is not None:
         wanted["drop_layers"] = drop_layers
+    if permute_vocab is not None:
+        wanted["permute_vocab"] = permute_vocab
+    if drop_merges is not None:
+        if drop_merges < 2:
+            raise InvalidRequest(f"--drop-merges N removes every Nth merge: N must be 2 or more; got {drop_merges}")
+        wanted["drop_merges"] = drop_merges
     if marker.is_file() and json.loads(marker.read_text()) == wanted and not force:
         return out
     source = dequantized(name)
@@ -158,6 +167,15 @@ def prepare(name: str, out: Path, *, layers: int | None = None, drop_layers: str
     missing = [k for k in missing if k != "lm_head.weight" or not config.tie_word_embeddings]
     if missing:
         raise RuntimeError(f"weights missing after conversion: {missing[:5]}")
+    if permute_vocab is not None:
+        from opd.common.vocab_variants import permute_weights, permuted_tokenizer
+
+        tokenizer, perm = permuted_tokenizer(tokenizer, permute_vocab)
+        fresh.load_state_dict(permute_weights(fresh.state_dict(), perm, bool(config.tie_word_embeddings)))
+    if drop_merges is not None:
+        from opd.common.vocab_variants import fewer_merges_tokenizer
+
+        tokenizer = fewer_merges_tokenizer(tokenizer, drop_merges)
     fresh = fresh.to(getattr(torch, dtype))
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)

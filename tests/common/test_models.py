@@ -105,3 +105,35 @@ def test_the_dequantized_model_is_cached_exactly(gguf_state: dict[str, torch.Ten
     mtime = (folder / "model.safetensors").stat().st_mtime
     assert dequantized("smollm2-135m-instruct") == folder
     assert (folder / "model.safetensors").stat().st_mtime == mtime, "a second call rebuilt the cache"
+
+
+@pytest.mark.slow
+def test_prepare_makes_teachers_of_another_tokenizer(tmp_path: Path) -> None:
+    """--permute-vocab: other ids, the same function (a text scores the same under both); --drop-merges: the same
+    vocabulary, longer tokenizations; each fingerprint differs from SmolLM2's (the trainer aligns them on bytes)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from opd.common.hf import token_logprobs
+    from opd.common.tokenizer import tokenizer_fingerprint
+
+    runner = CliRunner()
+    folders = {}
+    for name, extra in (("plain", []), ("permuted", ["--permute-vocab", "1"]), ("fewer", ["--drop-merges", "20"])):
+        folders[name] = tmp_path / name
+        result = runner.invoke(app, ["models", "prepare", "smollm2-135m-instruct", str(folders[name]), "--layers", "2",
+                                     "--dtype", "float32", *extra])
+        assert result.exit_code == 0, result.output
+    toks = {name: AutoTokenizer.from_pretrained(folder) for name, folder in folders.items()}
+    assert len({tokenizer_fingerprint(t) for t in toks.values()}) == 3
+    text = "The capital of Japan is Tokyo, 東京."
+    ids = {name: t.encode(text) for name, t in toks.items()}
+    assert ids["permuted"] != ids["plain"] and len(ids["permuted"]) == len(ids["plain"])
+    assert len(ids["fewer"]) > len(ids["plain"]) and toks["fewer"].decode(ids["fewer"]) == toks["plain"].decode(ids["plain"])
+    scored = {}
+    for name in ("plain", "permuted"):
+        model = AutoModelForCausalLM.from_pretrained(folders[name], dtype=torch.float32)
+        with torch.no_grad():
+            scored[name] = token_logprobs(model, [ids[name]], [1])[0].logprobs
+    assert torch.allclose(scored["plain"], scored["permuted"], atol=1e-5)
+    with pytest.raises(InvalidRequest, match="2 or more"):
+        prepare("smollm2-135m-instruct", tmp_path / "bad", drop_merges=1)
