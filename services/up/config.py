@@ -70,13 +70,18 @@ class ModelSource(_Section):
         default=None, description="With prepare: keep only the first N decoder layers.")
     drop_layers: Annotated[str | None, Field(pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$")] = Field(
         default=None, description="With prepare: remove spans of middle layers, '12-21' or '3,7-9'.")
+    permute_vocab: int | None = Field(
+        default=None, description="With prepare: permute the vocabulary with this seed (a teacher of another tokenizer).")
+    drop_merges: Annotated[int | None, Field(ge=2)] = Field(
+        default=None, description="With prepare: remove every Nth BPE merge (a teacher of another segmentation).")
 
     @model_validator(mode="after")
     def _one(self) -> ModelSource:
         if (self.path is None) == (self.prepare is None):
             raise ValueError("give exactly one of 'path' or 'prepare'")
-        if (self.layers is not None or self.drop_layers is not None) and self.prepare is None:
-            raise ValueError("'layers' and 'drop_layers' go with 'prepare'")
+        variant = (self.layers, self.drop_layers, self.permute_vocab, self.drop_merges)
+        if any(x is not None for x in variant) and self.prepare is None:
+            raise ValueError("'layers', 'drop_layers', 'permute_vocab' and 'drop_merges' go with 'prepare'")
         if self.layers is not None and self.drop_layers is not None:
             raise ValueError("give 'layers' or 'drop_layers', not both")
         return self

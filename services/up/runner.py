@@ -76,8 +76,11 @@ def resolve_model(spec: EngineService, models_dir: Path, console: Console) -> st
 
     name = source.prepare + (f"-l{source.layers}" if source.layers else "")
     name += f"-drop{source.drop_layers.replace(',', '_')}" if source.drop_layers else ""
+    name += f"-perm{source.permute_vocab}" if source.permute_vocab is not None else ""
+    name += f"-merges{source.drop_merges}" if source.drop_merges is not None else ""
     with status(console, f"preparing {name} (once)"):
-        return str(prepare(source.prepare, models_dir / name, layers=source.layers, drop_layers=source.drop_layers))
+        return str(prepare(source.prepare, models_dir / name, layers=source.layers, drop_layers=source.drop_layers,
+                           permute_vocab=source.permute_vocab, drop_merges=source.drop_merges))
 
 
 @contextmanager
