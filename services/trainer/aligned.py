@@ -13,7 +13,9 @@ Choices:
    way the teacher itself writes that text, cut into chunks. Either way
    after its own rendering of the row's prompt
    (the run's rows carry a teacher prompt for it: context.py, `render:
-   teacher`). A completion that ends the student's turn (the student
+   teacher`; for a stock vLLM or SGLang server, which takes token ids only,
+   the trainer renders it with the teacher's tokenizer and chat template).
+   A completion that ends the student's turn (the student
    tokenizer's end-of-sequence id) ends with the teacher's own end-of-turn
    token instead (`alignment.end_of_turn`).
 2) A completion too long for the teacher loses its last chunks, never part of
@@ -77,6 +79,14 @@ def fit(s: Any, max_len: int | None, prompt_len: int) -> None:
     s.trimmed += len(s.token_ids) - keep
     s.token_ids, s.sampling_logprobs, s.finish_reason = s.token_ids[:keep], s.sampling_logprobs[:keep], "length"
     s.teacher_ids, s.chunks = s.teacher_ids[: kept[-1].teacher.stop], kept
+
+
+def rendered(tokenizer: Any, prompt: Any) -> Any:
+    """The prompt as the teacher's token ids (its chat template, or its encoding of the text), for a stock server."""
+    from opd.common import protocol as p
+    from opd.common.tokenizer import render_prompt
+
+    return prompt if prompt.token_ids is not None else p.Prompt(token_ids=render_prompt(tokenizer, prompt))
 
 
 def credited(s: Any, teacher_logprobs: Sequence[float]) -> list[float]:

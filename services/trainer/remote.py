@@ -488,11 +488,8 @@ class Remote:
         for name, t in self.teachers.items():
             if t.protocol == "opd" or not any(row.teacher is not None and row.teacher_name == name for row in rows):
                 continue
-            if t.alignment == "bytes":
-                raise ConfigError(
-                    f"the {t.what} ({t.protocol} protocol) uses another tokenizer than the student: a stock server "
-                    "scores token ids only, and the trainer does not yet render prompts with the teacher's chat "
-                    "template; serve the teacher with opd's teacher service (protocol opd)")
+            if t.alignment == "bytes":  # the trainer renders its prompts with the teacher's own tokenizer
+                continue
             if self.config.teachers is None:
                 raise ConfigError(
                     f"teacher_protocol {t.protocol}: a stock server scores token ids only, so it cannot "

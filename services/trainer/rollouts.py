@@ -135,6 +135,8 @@ def score_with(remote: Remote, teacher: str, todo: list[Sample]) -> None:
     if t.alignment == "bytes":
         for s in todo:
             aligned.prepare(s, t, remote.student_table, remote.student_eot)
+            if t.protocol != "opd":  # a stock server is sent token ids: its prompt rendered with its own tokenizer
+                s.teacher_prompt = aligned.rendered(t.tokenizer, s.teacher_prompt)
     prompts = prompt_lengths(remote, teacher, todo)
     for s, n in zip(todo, prompts, strict=True):
         if s.teacher_ids is not None:

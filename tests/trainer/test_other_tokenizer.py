@@ -2,7 +2,8 @@
 
 - The tiny teacher with its vocabulary permuted (embedding and output rows reordered, its tokenizer's ids
   remapped: the same function under other ids) trains the student exactly as the plain teacher does: every
-  record's teacher KL and loss within 1e-4, on the hf engine and on vLLM; every chunk is one token.
+  record's teacher KL and loss within 1e-4, on the hf engine and on vLLM, and asked as a stock vLLM server is
+  (token ids, the prompt rendered by the trainer with the teacher's tokenizer); every chunk is one token.
 - A tiny teacher with a tokenizer trained apart (another vocabulary, other merges) trains the student: chunks of
   several tokens, no position trimmed, and the held-out teacher KL per completion falls.
 """
@@ -48,6 +49,10 @@ def test_a_teacher_with_permuted_ids_trains_as_the_plain_one(
                                        output_dir=str(tmp_path / "plain"), **settings))
         b, permuted_run = run(make_config(name=f"permuted-{engine}", teacher_urls=f"[{permuted.url}]",
                                           output_dir=str(tmp_path / "permuted"), **settings))
+        if engine == "hf":  # as a stock vLLM server is asked (token ids only), through the teacher's /v1/completions
+            c, stock_run = run(make_config(name="permuted-openai", teacher_urls=f"[{permuted.url}]",
+                                           teacher_protocol="openai", teacher_tokenizer=str(permuted_teacher),
+                                           output_dir=str(tmp_path / "openai"), **settings))
     finally:
         permuted.stop()
         if engine == "hf":
@@ -61,6 +66,10 @@ def test_a_teacher_with_permuted_ids_trains_as_the_plain_one(
             assert rb[key] == pytest.approx(ra[key], abs=CLOSE), (ra["kind"], ra["step"], key, ra[key], rb[key])
         assert rb["aligned_chunks"] >= rb["tokens"] and rb["multi_token_chunks"] == 0, rb
         assert "aligned_chunks" not in ra, "a teacher of the student's tokenizer scores its ids, as before"
+    if engine == "hf":
+        assert stock_run.remote.alignment == {"default": "bytes"}
+        for ra, rc in zip(a, c, strict=True):
+            assert rc["teacher_kl"] == pytest.approx(ra["teacher_kl"], abs=CLOSE), (ra, rc)
 
 
 def test_a_teacher_of_another_segmentation_trains(make_config, other_tokenizer_model: Path, service_logs: Path) -> None:
