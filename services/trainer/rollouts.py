@@ -33,6 +33,11 @@ Choices:
    over its tokens: the KL of a whole reply, which the objective minimises.
    When replies shrink the first can rise while the second falls; the ratio
    of the two is `mean_length`.
+6) With `top_k` (the run's `loss.distill` is a top-k loss; training steps
+   only, not evaluations) the teacher also returns its top-k at every
+   completion token, kept as `teacher_topk_ids` / `teacher_topk_logprobs`;
+   a row of another length or with repeated ids raises `ScoreMismatch`.
+   Without it the request is exactly what it always was.
 """
 
 from __future__ import annotations
@@ -77,6 +82,8 @@ class Sample:
     trimmed: int = 0  # tokens cut off the end to fit the teacher's maximum length
     teacher_prompt: p.Prompt | None = field(default=None, repr=False)  # None: the student's prompt ids
     teacher: str = DEFAULT_TEACHER  # the name of the teacher that scores it
+    teacher_topk_ids: list[list[int]] | None = field(default=None, repr=False)  # per token the teacher's top-k ids
+    teacher_topk_logprobs: list[list[float]] | None = field(default=None, repr=False)  # and their logprobs (top_k asked)
 
     @property
     def rkl(self) -> list[float]:
@@ -109,25 +116,25 @@ def sample(
     return out
 
 
-def score(remote: Remote, samples: list[Sample]) -> None:
+def score(remote: Remote, samples: list[Sample], top_k: int = 0) -> None:
     """teacher log p of every sampled token, each sample by its own teacher, the teachers at once; the samples
-    are kept whatever happens to a teacher."""
+    are kept whatever happens to a teacher. With `top_k`, also the teacher's top-k at every token (6)."""
     by_teacher: dict[str, list[Sample]] = {}
     for s in samples:
         if s.teacher_logprobs is None:  # scored before an interruption: never scored twice
             by_teacher.setdefault(s.teacher, []).append(s)
     if by_teacher:
-        remote.each([lambda name=name, todo=todo: score_with(remote, name, todo) for name, todo in by_teacher.items()])
+        remote.each([lambda name=name, todo=todo: score_with(remote, name, todo, top_k) for name, todo in by_teacher.items()])
 
 
-def score_with(remote: Remote, teacher: str, todo: list[Sample]) -> None:
+def score_with(remote: Remote, teacher: str, todo: list[Sample], top_k: int = 0) -> None:
     """One teacher's samples, in requests cut to its limits."""
     limits = remote.teachers[teacher].limits
     prompts = prompt_lengths(remote, teacher, todo)
     for s, n in zip(todo, prompts, strict=True):
         fit(s, limits.max_sequence_len, n)
     for chunk in chunks([n + len(s.token_ids) for s, n in zip(todo, prompts, strict=True)], limits):
-        score_chunk(remote, [todo[i] for i in chunk], teacher)
+        score_chunk(remote, [todo[i] for i in chunk], teacher, top_k)
 
 
 def prompt_lengths(remote: Remote, teacher: str, todo: list[Sample]) -> list[int]:
@@ -174,13 +181,29 @@ def chunks(lengths: list[int], limits: ScoreLimits) -> list[list[int]]:
     return out
 
 
-def score_chunk(remote: Remote, chunk: list[Sample], teacher: str | None = None) -> None:
+def score_chunk(remote: Remote, chunk: list[Sample], teacher: str | None = None, top_k: int = 0) -> None:
     sequences = [score_sequence(s.prompt_ids, s.token_ids, s.teacher_prompt) for s in chunk]
-    response = remote.score(sequences, teacher)
+    response = remote.score(sequences, teacher, top_k=top_k) if top_k else remote.score(sequences, teacher)
     for s, result in zip(chunk, response.results, strict=True):
         if len(result.logprobs) != len(s.token_ids):
             raise ScoreMismatch(f"the teacher scored {len(result.logprobs)} tokens of a {len(s.token_ids)}-token completion")
         s.teacher_logprobs = result.logprobs
+        if top_k:
+            keep_topk(s, result, top_k)
+
+
+def keep_topk(s: Sample, result: p.SequenceLogprobs, top_k: int) -> None:
+    """The teacher's top-k of every completion token (6): exactly `top_k` distinct ids per token, or ScoreMismatch."""
+    rows = result.top_logprobs or []
+    if len(rows) != len(s.token_ids):
+        raise ScoreMismatch(f"the teacher returned {len(rows)} top-k rows for a {len(s.token_ids)}-token completion "
+                            f"(top_k {top_k} asked)")
+    for j, row in enumerate(rows):
+        if len(row) != top_k or len({t.token_id for t in row}) != top_k:
+            raise ScoreMismatch(f"the teacher returned {len(row)} top-k entries ({len({t.token_id for t in row})} "
+                                f"distinct ids) at completion token {j}; top_k {top_k} was asked")
+    s.teacher_topk_ids = [[t.token_id for t in row] for row in rows]
+    s.teacher_topk_logprobs = [[t.logprob for t in row] for row in rows]
 
 
 def teacher_kl(samples: list[Sample]) -> float:
