@@ -9,8 +9,8 @@ sampled-token loss, from the config through scoring and the update to the record
   losses and the top-k statistics; `sampled` is unchanged to the bit (a top-k loss at weight 0 gives today's
   loss and gradient exactly, and the sampled records gain no field);
 - short real runs (hf teacher and student services, real HTTP) with topk_forward and with a topk_reverse mix:
-  they complete, the records carry topk_kl / topk_mass / topk_misses / sampled_loss, and the teacher was
-  asked top_k (its access log).
+  they complete, the records carry topk_kl / topk_mass / topk_misses / sampled_loss, finite, and the teacher
+  was asked top_k (the update refuses a sample without the teacher's top-k; the access log shows the requests).
 """
 
 from __future__ import annotations
@@ -203,21 +203,25 @@ def test_the_topk_loss_is_the_bucket_kl_of_the_full_distribution(student_model: 
 
 # ------------------------------------------------------------------ short real runs
 @pytest.fixture(scope="module")
-def topk_services(teacher_model: Path, student_model: Path, tmp_path_factory: pytest.TempPathFactory,
+def topk_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("topk-checkpoints")
+
+
+@pytest.fixture(scope="module")
+def topk_services(teacher_model: Path, student_model: Path, topk_root: Path,
                   service_logs: Path) -> Iterator[dict[str, ServiceProcess]]:
-    root = tmp_path_factory.mktemp("topk-checkpoints")
+    """An hf teacher and student on the tiny models, for this module's two runs."""
     with started(service_logs, teacher=("topk-teacher", hf_args("teacher", teacher_model)),
-                 student=("topk-student", hf_args("student", student_model, root))) as running:
-        running["root"] = root  # type: ignore[assignment]
+                 student=("topk-student", hf_args("student", student_model, topk_root))) as running:
         yield running
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("distill", "weight"), [("topk_forward", 1.0), ("topk_reverse", 0.5)])
-def test_a_short_topk_run(topk_services, student_model: Path, prompts_file: Path, tmp_path: Path,
+def test_a_short_topk_run(topk_services, topk_root: Path, student_model: Path, prompts_file: Path, tmp_path: Path,
                           distill: str, weight: float) -> None:
     urls = {"teacher_urls": [topk_services["teacher"].url], "student_url": topk_services["student"].url}
-    run = build(base_run(student_model, prompts_file, tmp_path / "run", topk_services["root"], urls),
+    run = build(base_run(student_model, prompts_file, tmp_path / "run", topk_root, urls),
                 {"name": f"topk-{distill}", "steps": 2, "eval": {"every": 0},
                  "sampling": {"prompts_per_step": 4, "samples_per_prompt": 2, "max_tokens": 8},
                  "loss": {"distill": distill, "top_k": 8, "topk_weight": weight}})
