@@ -69,6 +69,7 @@ class TokenScores(NamedTuple):
     top_values: torch.Tensor | None  # _TK, None when top_k == 0
     top_ids: torch.Tensor | None  # _TK
     ranks: torch.Tensor | None  # _T, None unless asked for
+    buckets: torch.Tensor | None = None  # _TK1, None unless bucket_ids were given
 
 
 def token_logprobs(
@@ -81,12 +82,17 @@ def token_logprobs(
     top_k: int = 0,
     pad_id: int = 0,
     ranks: bool = False,
+    bucket_ids: Sequence[Sequence[Sequence[int]] | torch.Tensor] | None = None,
 ) -> list[TokenScores]:
     """For each sequence, log p(seq[j] | seq[:j]) for j in [start, len).
 
     With `ranks`, also each chosen token's rank in the vocabulary (1 = most
-    likely; ties count against it, as in vLLM). Gradients flow when the
-    caller enables them.
+    likely; ties count against it, as in vLLM). With `bucket_ids` (per
+    sequence a T x K list or tensor of ids: a teacher's top-k at each scored
+    position), also the log-probabilities of the K + 1 buckets those ids and
+    the tail make (topk.student_buckets, choice 6), taken from the full
+    distribution at `temperature`, WITHOUT the top-p mask. Gradients flow
+    when the caller enables them.
     """
     device = next(model.parameters()).device
     ids, mask = pad_batch(seqs, pad_id, device)
@@ -99,13 +105,21 @@ def token_logprobs(
         target = ids[b, start : len(seq)]
         if temperature != 1.0:
             rows = rows / temperature
+        full = rows
         if top_p < 1.0:
             rows = rows.masked_fill(outside_nucleus(rows.detach(), top_p, target), float("-inf"))
         logp = torch.log_softmax(rows, dim=-1)
         chosen = logp.gather(-1, target[:, None]).squeeze(-1)
         values, indices = logp.topk(top_k, dim=-1) if top_k else (None, None)
         rank = (logp >= chosen[:, None]).sum(-1) if ranks else None
-        out.append(TokenScores(chosen, values, indices, rank))
+        buckets = None
+        if bucket_ids is not None:
+            from opd.trainer.topk import student_buckets
+
+            logp_full = logp if full is rows else torch.log_softmax(full, dim=-1)
+            top_TK = torch.as_tensor(bucket_ids[b], dtype=torch.long, device=device)
+            buckets = student_buckets(logp_full[None], top_TK[None])[0]
+        out.append(TokenScores(chosen, values, indices, rank, buckets))
     return out
 
 

@@ -118,7 +118,7 @@ class HFScoringEngine(ScoringEngine):
                 temperature=temperature, top_k=top_k, pad_id=self.pad_id, ranks=ranks,
             )
         outputs = []
-        for chosen, values, indices, rank in scored:
+        for chosen, values, indices, rank, _ in scored:
             top = None
             if values is not None and indices is not None:
                 top = [list(zip(ix, vs, strict=True)) for ix, vs in zip(indices.tolist(), values.tolist(), strict=True)]

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from opd.common.compat_client import TeacherProtocol
 from opd.common.errors import InvalidInput
-from opd.common.protocol import MIN_TEMPERATURE
+from opd.common.protocol import MAX_TOP_K, MIN_TEMPERATURE
 
 ENV_PREFIX = "OPD_TRAIN_"
 LLAMA_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -150,6 +150,16 @@ class LossConfig(Section):
     clip_range: Annotated[float, Field(gt=0, lt=1)] = Field(
         default=0.2, description="PPO's clip: the ratio is clipped to [1 - clip_range, 1 + clip_range] (ppo); also the band the "
         "clip_fraction metric counts.")
+    distill: Literal["sampled", "topk_forward", "topk_reverse"] = Field(
+        default="sampled", description="objective opd: sampled: the reverse KL at the sampled token, as the advantage; "
+        "topk_forward / topk_reverse: also the exact KL(teacher || student) / KL(student || teacher) over the teacher's "
+        "top_k tokens and one tail bucket (topk.py), mixed with the sampled loss by topk_weight.")
+    top_k: Annotated[int, Field(ge=1, le=MAX_TOP_K)] = Field(
+        default=8, description="With distill topk_*: the teacher's top-k asked per scored token (at most the "
+        "teacher's max_top_k, GET /info).")
+    topk_weight: Annotated[float, Field(ge=0, le=1)] = Field(
+        default=1.0, description="With distill topk_*: the loss is (1 - w) * sampled + w * top-k; 1: the top-k loss "
+        "alone, 0: the sampled loss alone (the top-k metrics are still recorded).")
 
 
 class EvalConfig(Section):
@@ -378,6 +388,10 @@ class RunConfig(Section):
             raise ValueError(f"objective sft: every row is sampled by the one teacher_sampler_url, so a run of "
                              f"{len(self.teachers)} teachers ({', '.join(self.teachers)}) would credit rows to teachers "
                              "that never wrote them: run sft with one teacher")
+        if self.loss.distill != "sampled" and self.objective != "opd":
+            raise ValueError(f"loss.distill {self.loss.distill}: the top-k losses distill the teacher's distribution "
+                             f"(objective opd); objective {self.objective} asks no teacher for scores: set "
+                             "loss.distill sampled, or objective opd")
         if self.objective == "rl" and not (self.reward_fn or self.eval.verifier):
             raise ValueError("objective rl: give reward_fn or eval.verifier, the reward to learn from")
         for name, teacher in self.teacher_set.items():

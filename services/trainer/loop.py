@@ -63,7 +63,7 @@ from typing import Any
 
 from opd.common import protocol as p
 from opd.trainer.checkpoint import CheckpointError, PolicyStore, TrainerState, latest_checkpoint, load_checkpoint, save_checkpoint
-from opd.trainer.config import RunConfig
+from opd.trainer.config import ConfigError, RunConfig
 from opd.trainer.context import with_teachers
 from opd.trainer.data import PromptRow, PromptSampler, load_prompts
 from opd.trainer.metrics import KL, KL_PER_COMPLETION, MetricsWriter, plot_teacher_kl
@@ -117,6 +117,33 @@ def flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def asked_top_k(config: RunConfig) -> int:
+    """The top-k a training step asks the teachers for: loss.top_k with a top-k loss, else 0 (none asked)."""
+    return config.loss.top_k if config.loss.distill != "sampled" else 0
+
+
+def check_top_k(config: RunConfig, teachers: dict[str, list[p.ServiceInfo]], alignment: dict[str, str] | None = None) -> None:
+    """A top-k loss needs every teacher replica to return loss.top_k logprobs per token: refused at set-up
+    when one advertises a smaller max_top_k (GET /info limits). Stock servers return top-k too (vLLM's
+    prompt_logprobs, SGLang's top_logprobs_num) but advertise no limit: their own (vLLM's --max-logprobs)
+    answers a request above it with a 4xx at the first step."""
+    k = asked_top_k(config)
+    if not k:
+        return
+    other = sorted(name for name, how in (alignment or {}).items() if how == "bytes")
+    if other:
+        raise ConfigError(
+            f"loss.distill {config.loss.distill}: the teacher {', '.join(other)} uses another tokenizer than the "
+            "student, so its top-k ids are not the student's: use loss.distill sampled with it (aligned on bytes)")
+    for name, infos in teachers.items():
+        for url, info in zip(config.teacher_set[name].urls, infos, strict=False):
+            limit = info.limits.get("max_top_k")
+            if limit is not None and k > limit:
+                where = "teacher" if config.teachers is None else f"teacher {name}"
+                raise ConfigError(f"loss.top_k: {k} is more than the {where} at {url} returns (max_top_k {limit}, "
+                                  f"GET /info): set loss.top_k to at most {limit}")
+
+
 class Trainer:
     def __init__(self, config: RunConfig, *, stop: threading.Event | None = None, progress: bool = False) -> None:
         self.config = config
@@ -152,6 +179,7 @@ class Trainer:
         self.eval_rows = with_teachers(eval_rows, config, "eval", own)
         self.remote.check_stock_teacher(self.train_rows + self.eval_rows)
         self.remote.check_limits(teachers, students, len(self.eval_rows))
+        check_top_k(config, teachers, self.remote.alignment)
         self.sampler = PromptSampler(len(self.train_rows), config.seed)
         self.reward_fn = load_callable(config.reward_fn, "reward_fn") if config.reward_fn else None
         self.verifier = load_callable(config.eval.verifier, "eval.verifier") if config.eval.verifier else None
@@ -283,7 +311,7 @@ class Trainer:
         sampled = time.perf_counter()
         pause_point("score", step)
         if c.objective == "opd":
-            score(self.remote, samples)  # waits out a teacher outage; the samples stay
+            score(self.remote, samples, top_k=asked_top_k(c))  # waits out a teacher outage; the samples stay
         scored = time.perf_counter()
         raw, rewards = step_rewards(c.objective, samples, self.reward_fn, self.verifier)
         pause_point("train", step)

@@ -104,13 +104,19 @@ class Policy:
         return sum(p.numel() for p in self.params)
 
     def logprobs(
-        self, seqs: Sequence[Sequence[int]], starts: Sequence[int], temperature: float = 1.0, top_p: float = 1.0
-    ) -> list[torch.Tensor]:
-        """log p_theta of each token from its start on, differentiable."""
+        self, seqs: Sequence[Sequence[int]], starts: Sequence[int], temperature: float = 1.0, top_p: float = 1.0,
+        bucket_ids: Sequence[Any] | None = None,
+    ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """log p_theta of each token from its start on, differentiable. With `bucket_ids` (per sequence, T x K
+        ids: the teacher's top-k), a pair: those logprobs and, per sequence, the K + 1 bucket logprobs of the
+        full distribution at `temperature`, without the top-p mask (hf.token_logprobs)."""
         from opd.common.hf import token_logprobs
 
         with self.parallel.compute():
-            out = token_logprobs(self.model, seqs, starts, temperature=temperature, top_p=top_p, pad_id=self.pad_id)
+            out = token_logprobs(self.model, seqs, starts, temperature=temperature, top_p=top_p, pad_id=self.pad_id,
+                                 **({"bucket_ids": bucket_ids} if bucket_ids is not None else {}))
+        if bucket_ids is not None:
+            return [scores.logprobs for scores in out], [scores.buckets for scores in out]
         return [scores.logprobs for scores in out]
 
     def optimizer_step(self, finite_loss: bool = True) -> float:

@@ -318,9 +318,12 @@ class Remote:
         sampler = self.teacher_sampler
         return self.call("teacher sampler /rollouts", lambda: sampler.rollouts(request))
 
-    def score(self, sequences: list[p.ScoreSequence], teacher: str | None = None) -> p.LogprobsResponse:
-        """The teacher's (default: the default teacher's) scores of the sequences, waiting out its outages."""
+    def score(self, sequences: list[p.ScoreSequence], teacher: str | None = None, top_k: int = 0) -> p.LogprobsResponse:
+        """The teacher's (default: the default teacher's) scores of the sequences, waiting out its outages; with
+        `top_k`, also its top-k at every scored token."""
         t = self.teachers[teacher or self.default_teacher]
+        if top_k:
+            return self.call(t.what, lambda: t.client.logprobs(sequences, top_k=top_k))
         return self.call(t.what, lambda: t.client.logprobs(sequences))
 
     def prompt_lengths(self, prompts: list[p.Prompt], teacher: str | None = None) -> list[int]:

@@ -38,6 +38,11 @@ Choices:
    the prompt; its logprobs of the chunks both tokenizations share are
    credited to the student's tokens (aligned.py, alignment.py), so the rest
    of the trainer sees one teacher value per sampled token, as on ids.
+7) With `top_k` (the run's `loss.distill` is a top-k loss; training steps
+   only, not evaluations) the teacher also returns its top-k at every
+   completion token, kept as `teacher_topk_ids` / `teacher_topk_logprobs`;
+   a row of another length or with repeated ids raises `ScoreMismatch`.
+   Without it the request is exactly what it always was.
 """
 
 from __future__ import annotations
@@ -85,6 +90,8 @@ class Sample:
     teacher: str = DEFAULT_TEACHER  # the name of the teacher that scores it
     teacher_ids: list[int] | None = field(default=None, repr=False)  # a teacher of another tokenizer: its ids (6)
     chunks: list[Any] | None = field(default=None, repr=False)  # and the chunks both tokenizations share
+    teacher_topk_ids: list[list[int]] | None = field(default=None, repr=False)  # per token the teacher's top-k ids
+    teacher_topk_logprobs: list[list[float]] | None = field(default=None, repr=False)  # and their logprobs (top_k asked)
 
     @property
     def rkl(self) -> list[float]:
@@ -117,18 +124,18 @@ def sample(
     return out
 
 
-def score(remote: Remote, samples: list[Sample]) -> None:
+def score(remote: Remote, samples: list[Sample], top_k: int = 0) -> None:
     """teacher log p of every sampled token, each sample by its own teacher, the teachers at once; the samples
-    are kept whatever happens to a teacher."""
+    are kept whatever happens to a teacher. With `top_k`, also the teacher's top-k at every token (7)."""
     by_teacher: dict[str, list[Sample]] = {}
     for s in samples:
         if s.teacher_logprobs is None:  # scored before an interruption: never scored twice
             by_teacher.setdefault(s.teacher, []).append(s)
     if by_teacher:
-        remote.each([lambda name=name, todo=todo: score_with(remote, name, todo) for name, todo in by_teacher.items()])
+        remote.each([lambda name=name, todo=todo: score_with(remote, name, todo, top_k) for name, todo in by_teacher.items()])
 
 
-def score_with(remote: Remote, teacher: str, todo: list[Sample]) -> None:
+def score_with(remote: Remote, teacher: str, todo: list[Sample], top_k: int = 0) -> None:
     """One teacher's samples, in requests cut to its limits."""
     t = remote.teachers[teacher]
     limits = t.limits
@@ -144,7 +151,7 @@ def score_with(remote: Remote, teacher: str, todo: list[Sample]) -> None:
         else:
             fit(s, limits.max_sequence_len, n)
     for chunk in chunks([n + len(scored_ids(s)) for s, n in zip(todo, prompts, strict=True)], limits):
-        score_chunk(remote, [todo[i] for i in chunk], teacher)
+        score_chunk(remote, [todo[i] for i in chunk], teacher, top_k)
 
 
 def scored_ids(s: Sample) -> list[int]:
@@ -196,13 +203,29 @@ def chunks(lengths: list[int], limits: ScoreLimits) -> list[list[int]]:
     return out
 
 
-def score_chunk(remote: Remote, chunk: list[Sample], teacher: str | None = None) -> None:
+def score_chunk(remote: Remote, chunk: list[Sample], teacher: str | None = None, top_k: int = 0) -> None:
     sequences = [score_sequence(s.prompt_ids, scored_ids(s), s.teacher_prompt) for s in chunk]
-    response = remote.score(sequences, teacher)
+    response = remote.score(sequences, teacher, top_k=top_k) if top_k else remote.score(sequences, teacher)
     for s, result in zip(chunk, response.results, strict=True):
         if len(result.logprobs) != len(scored_ids(s)):
             raise ScoreMismatch(f"the teacher scored {len(result.logprobs)} tokens of a {len(scored_ids(s))}-token completion")
         s.teacher_logprobs = result.logprobs if s.teacher_ids is None else aligned.credited(s, result.logprobs)
+        if top_k:
+            keep_topk(s, result, top_k)
+
+
+def keep_topk(s: Sample, result: p.SequenceLogprobs, top_k: int) -> None:
+    """The teacher's top-k of every completion token (7): exactly `top_k` distinct ids per token, or ScoreMismatch."""
+    rows = result.top_logprobs or []
+    if len(rows) != len(s.token_ids):
+        raise ScoreMismatch(f"the teacher returned {len(rows)} top-k rows for a {len(s.token_ids)}-token completion "
+                            f"(top_k {top_k} asked)")
+    for j, row in enumerate(rows):
+        if len(row) != top_k or len({t.token_id for t in row}) != top_k:
+            raise ScoreMismatch(f"the teacher returned {len(row)} top-k entries ({len({t.token_id for t in row})} "
+                                f"distinct ids) at completion token {j}; top_k {top_k} was asked")
+    s.teacher_topk_ids = [[t.token_id for t in row] for row in rows]
+    s.teacher_topk_logprobs = [[t.logprob for t in row] for row in rows]
 
 
 def teacher_kl(samples: list[Sample]) -> float:

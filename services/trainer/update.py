@@ -26,6 +26,18 @@ Choices:
    statistics are gathered, so every rank takes the same skip decision. The
    record says how the work was split: `rank_tokens/<rank>` and
    `idle_micro_batches` (stand-in passes over every rank).
+5) `loss.distill` topk_forward / topk_reverse (objective opd): the student's
+   K + 1 buckets of the teacher's top-k and the tail come from its full
+   distribution at the sampling temperature, without the top-p mask
+   (hf.token_logprobs, topk.py choice 6); the teacher's buckets take the
+   student's vocabulary size, and for reverse KL a tail floor of 1e-6 (a
+   confident teacher's tail rounds to 0, where reverse KL would be +inf).
+   The loss is (1 - topk_weight) * the sampled loss (today's, importance
+   sampling or PPO) + topk_weight * the mean bucket KL per completion token.
+   The records gain `topk_kl` (mean per token), `topk_mass` (the teacher's
+   top-k mass, mean per token), `topk_misses` (sampled tokens outside the
+   teacher's top-k) and `sampled_loss` (the sampled part, as `loss` is
+   reported); with `sampled` nothing changes, the records included.
 """
 
 from __future__ import annotations
@@ -36,14 +48,17 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from opd.common.hf import batch_token_budget, bytes_per_token, token_budget_batches
 from opd.trainer import loss as L
+from opd.trainer import topk as T
 from opd.trainer.config import RunConfig
 from opd.trainer.parallel import Parallel
 from opd.trainer.rollouts import Sample
 
 log = logging.getLogger("opd.trainer")
+TAIL_FLOOR = 1e-6  # topk_reverse: a teacher tail read as at least this (topk.py choice 5), else +inf where it rounds to 0
 
 
 class Policy(Protocol):
@@ -57,7 +72,8 @@ class Policy(Protocol):
     def lr(self) -> float: ...
 
     def logprobs(self, seqs: Sequence[Sequence[int]], starts: Sequence[int], temperature: float = 1.0,
-                 top_p: float = 1.0) -> list[torch.Tensor]: ...
+                 top_p: float = 1.0, bucket_ids: Sequence[Any] | None = None,
+                 ) -> list[torch.Tensor] | tuple[list[torch.Tensor], list[torch.Tensor]]: ...
 
     def optimizer_step(self, finite_loss: bool = True) -> float: ...
 CPU_BATCH_TOKENS = 4096  # padded tokens per training forward on a CPU (on CUDA: from free memory)
@@ -97,7 +113,13 @@ def chunk_loss(
     seqs = [s.prompt_ids + s.token_ids for s in samples]
     starts = [len(s.prompt_ids) for s in samples]
     sampling = config.sampling  # the distribution the student drew from: temperature and nucleus
-    logprobs_BT, mask_BT = L.pad_right(policy.logprobs(seqs, starts, sampling.temperature, sampling.top_p))
+    topk = config.objective == "opd" and config.loss.distill != "sampled"
+    if topk:
+        logprobs, buckets = policy.logprobs(seqs, starts, sampling.temperature, sampling.top_p,
+                                            bucket_ids=[teacher_topk(s, policy)[0] for s in samples])
+    else:
+        logprobs = policy.logprobs(seqs, starts, sampling.temperature, sampling.top_p)
+    logprobs_BT, mask_BT = L.pad_right(logprobs)
     device = logprobs_BT.device  # the loss is computed where the model is
     sampling_BT, _ = L.pad_right([torch.tensor(s.sampling_logprobs, device=device) for s in samples])
     adv_BT, _ = L.pad_right([a.to(device) for a in adv_B])
@@ -109,19 +131,65 @@ def chunk_loss(
         loss = L.importance_sampling_loss(logprobs_BT, sampling_BT, adv_BT, mask_BT, num_tokens)
     stats = L.ratio_stats(logprobs_BT.detach(), sampling_BT, mask_BT, config.loss.clip_range)
     stats["tokens"] = float(mask_BT.sum())
+    if topk:
+        loss, stats = topk_part(loss, stats, samples, buckets, mask_BT, config, num_tokens, policy)
     return loss, stats
 
 
-def merge(stats: list[dict[str, float]]) -> dict[str, float]:
+def teacher_topk(s: Sample, policy: Policy) -> tuple[list[list[int]], list[list[float]]]:
+    """A sample's teacher top-k (ids, logprobs), checked against the student's vocabulary."""
+    if s.teacher_topk_ids is None or s.teacher_topk_logprobs is None:
+        raise ValueError("loss.distill is a top-k loss but a sample carries no teacher top-k: score with top_k")
+    vocab = student_vocab(policy)
+    if any(i >= vocab for row in s.teacher_topk_ids for i in row):
+        raise ValueError(f"the teacher's top-k names a token id beyond the student's vocabulary of {vocab}")
+    return s.teacher_topk_ids, s.teacher_topk_logprobs
+
+
+def student_vocab(policy: Policy) -> int:
+    """The width of the student's output distribution (its logits), the V of the teacher's buckets."""
+    output = policy.model.get_output_embeddings()
+    return int(output.weight.shape[0]) if output is not None else int(policy.model.config.vocab_size)
+
+
+def topk_part(sampled: torch.Tensor, stats: dict[str, float], samples: list[Sample], buckets: list[torch.Tensor],
+              mask_BT: torch.Tensor, config: RunConfig, num_tokens: int, policy: Policy) -> tuple[torch.Tensor, dict[str, float]]:
+    """Choice 5: the bucketed top-k KL of the micro-batch mixed with the sampled loss, and its statistics."""
+    device = mask_BT.device
+    forward = config.loss.distill == "topk_forward"
+    logq_BTK1 = pad_sequence(buckets, batch_first=True)  # padding positions are masked (topk.py)
+    ids_BTK = pad_sequence([torch.tensor(s.teacher_topk_ids, device=device) for s in samples], batch_first=True)  # id 0
+    top_BTK = pad_sequence([torch.tensor(s.teacher_topk_logprobs, device=device) for s in samples], batch_first=True)
+    logp_BTK1 = T.teacher_buckets(top_BTK, vocab_size=student_vocab(policy), tail_floor=0.0 if forward else TAIL_FLOOR)
+    kl_BT = (T.topk_forward_kl if forward else T.topk_reverse_kl)(logq_BTK1, logp_BTK1, mask_BT)
+    loss = T.mixed_loss(sampled, T.topk_loss(kl_BT, mask_BT, num_tokens), config.loss.topk_weight)
+    tokens_BT, _ = L.pad_right([torch.tensor(s.token_ids, device=device) for s in samples])
+    miss_BT = ~T.sampled_in_topk(tokens_BT, ids_BTK) & mask_BT.bool()
+    kept = mask_BT.bool()
+    stats.update(topk_kl=float(kl_BT.detach()[kept].double().mean()) if kept.any() else 0.0,
+                 topk_mass=float(T.topk_mass(logp_BTK1)[kept].double().mean()) if kept.any() else 0.0,
+                 topk_misses=float(miss_BT.sum()), sampled_loss=float(sampled.detach()))
+    return loss, stats
+
+
+def merge(stats: list[dict[str, float]], chunks: int = 1) -> dict[str, float]:
+    """The micro-batches' statistics of a step's `chunks` optimizer steps: token-weighted means, extremes, and
+    with a top-k loss the sampled loss as `loss` is (the mean over optimizer steps of each one's sum)."""
     if not stats:
         return {"ratio_mean": 1.0, "ratio_min": 1.0, "ratio_max": 1.0, "clip_fraction": 0.0}
     tokens = sum(s["tokens"] for s in stats) or 1.0
-    return {
+    out = {
         "ratio_mean": sum(s["ratio_mean"] * s["tokens"] for s in stats) / tokens,
         "ratio_min": min(s["ratio_min"] for s in stats),
         "ratio_max": max(s["ratio_max"] for s in stats),
         "clip_fraction": sum(s["clip_fraction"] * s["tokens"] for s in stats) / tokens,
     }
+    if "topk_kl" in stats[0]:  # a top-k loss (choice 5); the sampled loss alone records none of these
+        out.update(topk_kl=sum(s["topk_kl"] * s["tokens"] for s in stats) / tokens,
+                   topk_mass=sum(s["topk_mass"] * s["tokens"] for s in stats) / tokens,
+                   topk_misses=sum(s["topk_misses"] for s in stats),
+                   sampled_loss=sum(s["sampled_loss"] for s in stats) / chunks)
+    return out
 
 
 def idle_loss(policy: Policy) -> torch.Tensor:
@@ -177,4 +245,4 @@ def train_on(policy: Policy, samples: list[Sample], config: RunConfig, rewards: 
         norms.append(norm)
         stats += chunk_stats
     return {"loss": sum(losses) / len(losses), "grad_norm": sum(norms) / len(norms), "lr": lr,
-            "skipped_updates": skipped, **merge(stats), **work}
+            "skipped_updates": skipped, **merge(stats, len(losses)), **work}
