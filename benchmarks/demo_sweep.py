@@ -52,6 +52,10 @@ VARIANTS: dict[str, list[str]] = {
     "s8-p4-lr2e-3-cos-e1": variant(8, 4, "2e-3", eval_samples=1) + ["run.optimizer.decay=cosine"],
     "s8-p4-lr3e-3-cos-e1": variant(8, 4, "3e-3", eval_samples=1) + ["run.optimizer.decay=cosine"],
     "s8-p8x2-lr2e-3-e1": variant(8, 8, "2e-3", eval_samples=1) + ["run.sampling.samples_per_prompt=2"],
+    # the teacher's top-8 in the loss (issue 41): forward KL over its buckets, alone and half and half with sampled
+    "s8-p4-lr2e-3-e1-fwd8": variant(8, 4, "2e-3", eval_samples=1) + ["run.loss.distill=topk_forward", "run.loss.top_k=8"],
+    "s8-p4-lr2e-3-e1-mix8": variant(8, 4, "2e-3", eval_samples=1) + [
+        "run.loss.distill=topk_forward", "run.loss.top_k=8", "run.loss.topk_weight=0.5"],
 }
 
 
