@@ -56,6 +56,7 @@ VARIANTS: dict[str, list[str]] = {
     "s8-p4-lr2e-3-e1-fwd8": variant(8, 4, "2e-3", eval_samples=1) + ["run.loss.distill=topk_forward", "run.loss.top_k=8"],
     "s8-p4-lr2e-3-e1-mix8": variant(8, 4, "2e-3", eval_samples=1) + [
         "run.loss.distill=topk_forward", "run.loss.top_k=8", "run.loss.topk_weight=0.5"],
+    "s8-p4-lr2e-3-e1-rev8": variant(8, 4, "2e-3", eval_samples=1) + ["run.loss.distill=topk_reverse", "run.loss.top_k=8"],
 }
 
 
