@@ -26,7 +26,6 @@ engine's scoring time and no HTTP.
 from __future__ import annotations
 
 import argparse
-import random
 import statistics
 import sys
 import time
@@ -39,19 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from opd.common import protocol as p  # noqa: E402
 from opd.common.process import ServiceProcess, free_port  # noqa: E402
 
+from teacher_throughput import make_batch  # noqa: E402  (benchmarks/, this script's folder)
+
 SERVED_K = (0, 1, 8, 20)
 IN_PROCESS_K = (32,)
-
-
-def make_batch(vocab: int, prompts: int, group: int, prompt_len: int, completion_len: int, seed: int = 0) -> list[dict]:
-    rng = random.Random(seed)
-    batch = []
-    for _ in range(prompts):
-        prompt = [rng.randrange(10, vocab) for _ in range(prompt_len)]
-        for _ in range(group):
-            batch.append({"token_ids": prompt + [rng.randrange(10, vocab) for _ in range(completion_len)],
-                          "start": prompt_len})
-    return batch
 
 
 def response_json(model: str, batch: list[dict], outputs) -> bytes:

@@ -96,9 +96,10 @@ def credited(s: Any, teacher_logprobs: Sequence[float]) -> list[float]:
 
 def summary(samples: Sequence[Any]) -> dict[str, float]:
     """The alignment's figures over the samples scored on bytes (3); {} when there are none."""
-    cut = [c for s in samples if getattr(s, "chunks", None) is not None for c in s.chunks]
-    if not any(getattr(s, "chunks", None) is not None for s in samples):
+    aligned = [s.chunks for s in samples if getattr(s, "chunks", None) is not None]
+    if not aligned:
         return {}
+    cut = [c for chunks in aligned for c in chunks]
     return {"aligned_chunks": len(cut),
             "multi_token_chunks": sum(len(c.student) > 1 or len(c.teacher) > 1 for c in cut) / max(1, len(cut)),
             "bytes_per_chunk": sum(c.end - c.start for c in cut) / max(1, len(cut))}
