@@ -3,11 +3,16 @@
     python benchmarks/efficiency.py --seeds 0,1,2      # services/configs/skill.yaml with the study's settings (STUDY), all four arms (make study)
     python benchmarks/efficiency.py --arms opd,rl-form --steps 8 --set run.sampling.max_tokens=12
     python benchmarks/efficiency.py --report --workdir runs/efficiency     # the tables and plot of a finished study again
+    python benchmarks/efficiency.py --demo-settings --arms opd,opd-forward,opd-reverse,opd-mix --seeds 0,1,2 --eval-every 2
+                                                     # the distillation losses on the demo's settings (issue 41)
 
 Arms: `opd` (per-token reverse KL to the teacher), `sft` (the teacher's
 samples), `rl-form` (RL rewarded by the verifier: the form) and `rl-<measure>`
 (RL rewarded by one of the task's `eval.measures`: `rl-correct` for the right
-answer in the right form).
+answer in the right form). The distillation losses (loss.distill) are arms of
+opd too: `opd` is the sampled-token estimate, `opd-forward` and `opd-reverse`
+the bucketed KL over the teacher's top `--top-k` (topk_forward, topk_reverse),
+`opd-mix` topk_forward weighted `--topk-weight` beside the sampled estimate.
 
 1) Models are prepared as `opd up` prepares them; the teacher service, the
    student service and a teacher sampler (a student service serving the
@@ -39,10 +44,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from rich.console import Console  # noqa: E402
 
 from opd.common import protocol as p  # noqa: E402
+from opd.common.protocol import MAX_TOP_K  # noqa: E402
 from opd.common.client import StudentClient  # noqa: E402
 from opd.common.errors import InvalidInput  # noqa: E402
 from opd.common.process import ServiceProcess, free_port  # noqa: E402
-from opd.tasks.study import Point, curve, mean_curve, plot, seeds_table, table  # noqa: E402
+from opd.tasks.study import Point, costs_table, curve, evaluations_table, mean_curve, plot, seeds_table, table  # noqa: E402
 from opd.trainer.config import RunConfig, build_config, deep_merge  # noqa: E402
 from opd.trainer.context import with_teacher_prompts  # noqa: E402
 from opd.trainer.data import load_prompts  # noqa: E402
@@ -80,16 +86,24 @@ def teacher_figures(run: RunConfig, sampler_url: str) -> dict[str, float]:
             for name, judge in judges.items()}
 
 
-def arm_objective(arm: str, run: dict) -> dict:
-    """The run fields an arm sets: its objective, and for rl the reward. ValueError names the arms there are."""
+# The opd arms of the distillation losses: loss.distill, and whether the loss is mixed with the sampled estimate.
+DISTILL_ARMS = {"opd-forward": ("topk_forward", False), "opd-reverse": ("topk_reverse", False), "opd-mix": ("topk_forward", True)}
+
+
+def arm_objective(arm: str, run: dict, top_k: int = 8, topk_weight: float = 0.5) -> dict:
+    """The run fields an arm sets: its objective, for rl the reward, for a distillation loss its loss fields.
+    ValueError names the arms there are."""
     measures = (run.get("eval") or {}).get("measures") or {}
     if arm in ("opd", "sft"):
         return {"objective": arm}
+    if arm in DISTILL_ARMS:
+        distill, mixed = DISTILL_ARMS[arm]
+        return {"objective": "opd", "loss": {"distill": distill, "top_k": top_k, "topk_weight": topk_weight if mixed else 1.0}}
     if arm == "rl-form":
         return {"objective": "rl", "reward_fn": None}
     if arm.startswith("rl-") and arm[3:] in measures:
         return {"objective": "rl", "reward_fn": measures[arm[3:]]}
-    known = ", ".join(["opd", "sft", "rl-form", *(f"rl-{m}" for m in measures)])
+    known = ", ".join(["opd", *DISTILL_ARMS, "sft", "rl-form", *(f"rl-{m}" for m in measures)])
     raise ValueError(f"unknown arm {arm!r}: this stack's arms are {known} (rl-<name> for each of run.eval.measures)")
 
 
@@ -131,7 +145,7 @@ def arm_config(stack: StackConfig, arm: str, seed: int, urls: dict[str, str], st
     overrides: dict = {"student": {"model": student_model}, "teacher_urls": [urls["teacher"]], "student_url": urls["student"],
                        "teacher_sampler_url": urls["teacher-sampler"], "checkpoint_root": str(workdir / "checkpoints"),
                        "output_dir": str(workdir / f"seed{seed}" / arm), "name": f"efficiency-{arm}-seed{seed}",
-                       "seed": seed, "resume": False, **arm_objective(arm, stack.run)}
+                       "seed": seed, "resume": False, **arm_objective(arm, stack.run, args.top_k, args.topk_weight)}
     if args.steps:
         overrides["steps"] = args.steps
     if args.eval_every:
@@ -162,10 +176,12 @@ def report(runs: dict[int, dict[str, list[Point]]], teachers: dict[int, dict[str
     """Per seed the table of costs to the target; over seeds the table of means and ranges; the plot of the mean curves."""
     measures = [m for m in next(iter(teachers.values())) if m != "accuracy"]
     parts = [f"### seed {seed}\n\n{table(curves, teachers[seed]['accuracy'])}" for seed, curves in runs.items()]
-    parts.append(f"### all seeds\n\n{seeds_table(runs, teachers, measures)}")
-    text = "\n\n".join(parts)
     arms = list(dict.fromkeys(arm for curves in runs.values() for arm in curves))
     means = {arm: mean_curve([curves[arm] for curves in runs.values() if arm in curves]) for arm in arms}
+    parts.append(f"### all seeds\n\n{seeds_table(runs, teachers, measures)}")
+    parts.append(f"### costs\n\n{costs_table(runs, teachers)}")
+    parts.append(f"### every evaluation\n\n{evaluations_table(means)}")
+    text = "\n\n".join(parts)
     teacher_mean = {k: sum(t[k] for t in teachers.values()) / len(teachers) for k in next(iter(teachers.values()))}
     figure = plot(means, teacher_mean, workdir / "accuracy.png")
     (workdir / "results.md").write_text(text + "\n")
@@ -195,7 +211,12 @@ def main() -> int:
     parser.add_argument("--config", type=Path, default=SKILL,
                         help="an `opd up` stack file (the skill stack's run gets the study's settings, STUDY)")
     parser.add_argument("--arms", default="opd,sft,rl-form,rl-correct",
-                        help="opd, sft, rl-form (rewarded by the verifier), rl-<measure> (by one of run.eval.measures)")
+                        help="opd, opd-forward, opd-reverse, opd-mix (the distillation losses), sft, rl-form (rewarded by "
+                        "the verifier), rl-<measure> (by one of run.eval.measures)")
+    parser.add_argument("--top-k", type=int, default=8, help="the teacher's top-k of the opd-forward/-reverse/-mix arms")
+    parser.add_argument("--topk-weight", type=float, default=0.5, help="the top-k loss's weight in the opd-mix arm")
+    parser.add_argument("--demo-settings", action="store_true",
+                        help="the skill stack as `make demo` runs it, without the study's longer settings (STUDY)")
     parser.add_argument("--seeds", type=seed_list, default=None, help="run every arm once per seed (default: the config's run.seed)")
     parser.add_argument("--steps", type=int, default=None, help="steps per arm (default: the config's run.steps)")
     parser.add_argument("--eval-every", type=int, default=None, help="default: the config's run.eval.every")
@@ -217,13 +238,17 @@ def main() -> int:
         return 0
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the services on SIGTERM too
     try:
-        stack = load_stack(args.config, [*(STUDY if args.config.resolve() == SKILL else []), *args.sets])
+        study = args.config.resolve() == SKILL and not args.demo_settings
+        stack = load_stack(args.config, [*(STUDY if study else []), *args.sets])
     except InvalidInput as exc:
         parser.error(str(exc))
     if stack.teachers is not None:
         parser.error(f"{args.config}: the study compares its arms against one teacher (a stack's `teacher:`), and this "
                      f"stack has several ({', '.join(stack.teachers)}); run `opd up` on it, or give a one-teacher stack")
     arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+    if not 1 <= args.top_k <= MAX_TOP_K or not 0 <= args.topk_weight <= 1:
+        parser.error(f"--top-k {args.top_k} --topk-weight {args.topk_weight}: give a top-k from 1 to {MAX_TOP_K} (the "
+                     "protocol's limit) and a weight from 0 to 1")
     try:
         for arm in arms:
             arm_objective(arm, stack.run)

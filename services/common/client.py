@@ -20,6 +20,9 @@ Choices:
    servers as teachers are in compat_client.py.
 5) A sync client given a `cancel` event ends its retry pauses as soon as the
    event is set (a trainer run asked to stop does not sit out the backoff).
+6) `received_bytes` counts the bodies of the successful responses the client
+   has read (what a teacher's scores and top-k cost on the wire; the trainer
+   records it per step).
 """
 
 from __future__ import annotations
@@ -70,6 +73,8 @@ class _Base:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.cancel = cancel or threading.Event()
+        self.received_bytes = 0  # (6)
+        self._counting = threading.Lock()
 
     def _delay(self, attempt: int, response: httpx.Response | None) -> float:
         if response is not None and (after := response.headers.get("Retry-After")):
@@ -94,6 +99,8 @@ class _Base:
 
     def _check(self, response: httpx.Response, model: type[R] | None) -> Any:
         if response.is_success:
+            with self._counting:
+                self.received_bytes += len(response.content)
             return model.model_validate_json(response.content) if model else response.json()
         raise ServiceError(response.status_code, self._message(response), str(response.request.url))
 

@@ -23,6 +23,10 @@ Choices:
    plot give the KL per completion (`teacher_kl_per_completion`, the sum over
    a reply's tokens) where the records have it ("-" where they do not); it
    changes nothing the study measures or compares.
+6) Per arm, `costs_table` gives the steps each seed took to reach the
+   target, the seconds per training step and the bytes the teachers sent
+   back per step (`teacher_bytes`: the scores, and a top-k loss's top-k, on
+   the wire); `evaluations_table` gives the mean curves' every evaluation.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ class Point:
     teacher_kl: float
     measures: dict[str, float] = field(default_factory=dict)
     teacher_kl_per_completion: float | None = None  # None: records from before the figure
+    teacher_bytes: int = 0  # the teachers' responses to the scoring of the steps up to this one (6)
 
 
 def per_completion(points: Sequence[Point]) -> list[float] | None:
@@ -73,7 +78,8 @@ def curve(records: list[dict[str, Any]]) -> list[Point]:
         completion = e.get("teacher_kl_per_completion")
         out.append(Point(e["step"], seconds, tokens, float(e.get("accuracy", float("nan"))),
                          float(e.get("teacher_kl", float("nan"))), measures,
-                         float(completion) if isinstance(completion, (int, float)) else None))
+                         float(completion) if isinstance(completion, (int, float)) else None,
+                         sum(int(r.get("teacher_bytes", 0)) for r in done)))
     return out
 
 
@@ -88,7 +94,7 @@ def mean_curve(curves: Sequence[list[Point]]) -> list[Point]:
         out.append(Point(step, fmean(pt.seconds for pt in pts), round(fmean(pt.tokens for pt in pts)),
                          fmean(pt.accuracy for pt in pts), fmean(pt.teacher_kl for pt in pts),
                          {n: fmean(pt.measures[n] for pt in pts) for n in names},
-                         None if completion is None else fmean(completion)))
+                         None if completion is None else fmean(completion), round(fmean(pt.teacher_bytes for pt in pts))))
     return out
 
 
@@ -126,6 +132,42 @@ def seeds_table(runs: dict[int, dict[str, list[Point]]], teachers: dict[int, dic
         kl = f"{spread([c[0].teacher_kl for c in curves])} | {spread([c[-1].teacher_kl for c in curves])}"
         kl += f" | {kl_cells([c[0] for c in curves], [c[-1] for c in curves])}"
         lines.append(f"| {arm} | {' | '.join(cells)} | {kl} |")
+    return "\n".join(lines)
+
+
+def costs_table(runs: dict[int, dict[str, list[Point]]], teachers: dict[int, dict[str, float]], fraction: float = 0.9) -> str:
+    """A markdown table (6): per arm, the step at which each seed's held-out form first reached `fraction` of that
+    seed's teacher, and the mean and range over seeds of the seconds and the teachers' kilobytes per training step."""
+    seeds = sorted(runs)
+    lines = [f"per arm: the first evaluated step at which held-out form reached {fraction:.0%} of the teacher's "
+             f"(seeds {', '.join(map(str, seeds))}; '-': not within the run); seconds and teacher kilobytes per "
+             "training step, the mean over seeds and its range", "",
+             f"| arm | steps to {fraction:.0%} of the teacher's form | seconds per step | teacher KB per step |",
+             "|---|---|---|---|"]
+    for arm in dict.fromkeys(arm for s in seeds for arm in runs[s]):
+        curves = {s: runs[s][arm] for s in seeds if arm in runs[s]}
+        hits = [first_reaching(c, fraction * teachers[s]["accuracy"]) for s, c in curves.items()]
+        steps = ", ".join("-" if hit is None else str(hit.step) for hit in hits)
+        done = [c[-1] for c in curves.values() if c[-1].step > 0]
+        per_step = spread([pt.seconds / pt.step for pt in done], 1) if done else "-"
+        kb = spread([pt.teacher_bytes / pt.step / 1000 for pt in done], 1) if done else "-"
+        lines.append(f"| {arm} | {steps} | {per_step} | {kb} |")
+    return "\n".join(lines)
+
+
+def evaluations_table(means: dict[str, list[Point]]) -> str:
+    """A markdown table (6): each arm's mean curve, one row per evaluation: form, each measure, teacher KL per token
+    and per completion."""
+    names = list(dict.fromkeys(n for points in means.values() for pt in points for n in pt.measures))
+    lines = ["the mean over seeds at each evaluation, held out", "",
+             f"| arm | step | form | {' | '.join(names)}{' | ' if names else ''}KL per token | KL per completion |",
+             "|---|---|---|" + "---|" * (len(names) + 2)]
+    for arm, points in means.items():
+        for pt in points:
+            cells = [f"{pt.measures[n]:.3f}" if n in pt.measures else "-" for n in names]
+            completion = "-" if pt.teacher_kl_per_completion is None else f"{pt.teacher_kl_per_completion:.2f}"
+            lines.append(f"| {arm} | {pt.step} | {pt.accuracy:.3f} | {' | '.join(cells)}{' | ' if names else ''}"
+                         f"{pt.teacher_kl:.3f} | {completion} |")
     return "\n".join(lines)
 
 

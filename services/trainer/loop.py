@@ -310,6 +310,7 @@ class Trainer:
         rows, samples, sampled_by = self.rollouts_for(step)
         sampled = time.perf_counter()
         pause_point("score", step)
+        received = self.remote.teacher_bytes
         if c.objective == "opd":
             score(self.remote, samples, top_k=asked_top_k(c))  # waits out a teacher outage; the samples stay
         scored = time.perf_counter()
@@ -333,6 +334,7 @@ class Trainer:
             "time_sample": sampled - began, "time_score": scored - sampled,
             "time_train": trained - scored, "time_sync": synced - trained, "time_step": synced - began,
             "time_waiting": self.remote.waited_s - waited,
+            "teacher_bytes": self.remote.teacher_bytes - received,  # the teachers' responses to this step's scoring
         }
         if raw is not None:
             record["reward_mean"] = sum(raw) / len(raw)

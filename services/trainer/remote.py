@@ -229,6 +229,11 @@ class Remote:
         return self.teachers[self.default_teacher].replicas
 
     @property
+    def teacher_bytes(self) -> int:
+        """Bytes of the teachers' response bodies read so far (scores, top-k, renders): the wire cost of scoring."""
+        return sum(t.client.received_bytes for t in self.teachers.values())
+
+    @property
     def score_limits(self) -> ScoreLimits:
         return self.teachers[self.default_teacher].limits
 

@@ -47,28 +47,34 @@ def stack_file(tmp_path: Path, model: Path) -> Path:
     return path
 
 
-def test_two_seeds_and_an_rl_arm_rewarded_by_a_measure(tmp_path: Path, models_dir: Path, tiny_tokenizer: Path) -> None:
+def test_two_seeds_a_topk_loss_and_an_rl_arm_rewarded_by_a_measure(tmp_path: Path, models_dir: Path, tiny_tokenizer: Path) -> None:
     model = build_skill_model(models_dir / "study-skill", tiny_tokenizer, steps=40)
     work = tmp_path / "work"
     done = subprocess.run([sys.executable, str(SCRIPT), "--config", str(stack_file(tmp_path, model)), "--workdir",
-                           str(work), "--arms", "opd,rl-short", "--seeds", "0,1"],
+                           str(work), "--arms", "opd,opd-reverse,rl-short", "--seeds", "0,1", "--top-k", "4"],
                           capture_output=True, text=True, timeout=900, cwd=ROOT)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     saved = json.loads((work / "results.json").read_text())
     assert sorted(saved["teacher"]) == ["0", "1"] and set(saved["teacher"]["0"]) == {"accuracy", "short"}
     for seed in (0, 1):
-        for arm, objective, reward in (("opd", "opd", None), ("rl-short", "rl", "tests.trainer.tasks:is_short")):
+        for arm, objective, reward, distill in (("opd", "opd", None, "sampled"), ("opd-reverse", "opd", None, "topk_reverse"),
+                                                ("rl-short", "rl", "tests.trainer.tasks:is_short", "sampled")):
             config = json.loads((work / f"seed{seed}" / arm / "config.json").read_text())
             assert (config["seed"], config["objective"], config["reward_fn"]) == (seed, objective, reward)
+            assert config["loss"]["distill"] == distill and (distill == "sampled" or config["loss"]["top_k"] == 4)
             evals = [r for r in read_records(work / f"seed{seed}" / arm / "metrics.jsonl") if r["kind"] == "eval"]
             assert [r["step"] for r in evals] == [0, 2] and all("accuracy_short" in r for r in evals)
             points = saved["runs"][str(seed)][arm]
             assert [pt["measures"]["short"] for pt in points] == [r["accuracy_short"] for r in evals]
     train = [r for r in read_records(work / "seed1" / "rl-short" / "metrics.jsonl") if r["kind"] == "train"]
-    assert all(r["tokens_scored"] == 0 for r in train), "an rl arm never asks the teacher"
+    assert all(r["tokens_scored"] == 0 and r["teacher_bytes"] == 0 for r in train), "an rl arm never asks the teacher"
+    per_token = {arm: [r["teacher_bytes"] / r["tokens"] for r in read_records(work / "seed1" / arm / "metrics.jsonl")
+                       if r["kind"] == "train"] for arm in ("opd", "opd-reverse")}
+    assert min(per_token["opd-reverse"]) > 2 * max(per_token["opd"]) > 0, f"the top-4 costs bytes on the wire: {per_token}"
     text = (work / "results.md").read_text()
     assert "### seed 0" in text and "### seed 1" in text and "2 seeds (0, 1)" in text
     assert "| short before | short after |" in text and "| rl-short |" in text and "| RL-SHORT/OPD |" in text
+    assert "### costs" in text and "| opd-reverse | " in text and "### every evaluation" in text
     assert (work / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
     (work / "results.md").unlink()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from opd.tasks.study import Point, curve, first_reaching, mean_curve, plot, seeds_table, table
+from opd.tasks.study import Point, costs_table, curve, evaluations_table, first_reaching, mean_curve, plot, seeds_table, table
 
 
 def records(accuracy_by_step: dict[int, float], *, seconds: float, tokens: int, scored: bool) -> list[dict]:
@@ -132,3 +132,22 @@ def test_the_kl_per_completion_stands_beside_the_kl_per_token_without_changing_t
     labels = [ax.get_ylabel() for ax in figures[-1].axes]
     assert labels[-2:] == ["held-out teacher KL (nats/completion)", "held-out teacher KL (nats/token)"]
     assert list(figures[-1].axes[-2].get_lines()[0].get_ydata()) == [4.0, 2.0]
+
+
+def test_the_costs_give_steps_to_target_per_seed_and_seconds_and_teacher_bytes_per_step() -> None:
+    def run(accuracy_by_step: dict[int, float], seconds: float, per_step_bytes: int) -> list[Point]:
+        rows = records(accuracy_by_step, seconds=seconds, tokens=10, scored=True)
+        return curve([r | {"teacher_bytes": per_step_bytes} if r["kind"] == "train" else r for r in rows])
+
+    runs = {0: {"opd": run({0: 0.1, 2: 0.8, 4: 0.9}, 4.0, 1000), "opd-reverse": run({0: 0.1, 2: 0.5, 4: 0.95}, 5.0, 9000)},
+            1: {"opd": run({0: 0.1, 2: 0.3, 4: 0.5}, 6.0, 1000), "opd-reverse": run({0: 0.1, 2: 0.9, 4: 0.9}, 5.0, 11000)}}
+    assert runs[0]["opd"][-1].teacher_bytes == 4000, "bytes add up over the steps before an evaluation"
+    text = costs_table(runs, {0: {"accuracy": 1.0}, 1: {"accuracy": 0.5}})
+    assert "| opd | 4, 4 | 5.0 (4.0-6.0) | 1.0 (1.0-1.0) |" in text  # seed 1 is held to its own, weaker teacher: 0.45
+    assert "| opd-reverse | 4, 2 | 5.0 (5.0-5.0) | 10.0 (9.0-11.0) |" in text
+    assert "| opd | 2, - |" in costs_table(runs, {0: {"accuracy": 0.8}, 1: {"accuracy": 1.0}}), "never reached: '-'"
+
+    means = {arm: mean_curve([runs[0][arm], runs[1][arm]]) for arm in ("opd", "opd-reverse")}
+    rows = evaluations_table(means).splitlines()
+    assert "| arm | step | form | KL per token | KL per completion |" in rows
+    assert "| opd-reverse | 2 | 0.700 | 0.333 | - |" in rows and len([r for r in rows if r.startswith("| opd")]) == 6
