@@ -308,3 +308,7 @@ class TrainerInfo(Response):
     active_runs: int = Field(description="Runs in progress now.")
     limits: dict[str, int] = Field(default={}, description="As the teacher's and the student's: max_pending (requests "
                                    "in flight or queued before 503), max_body_bytes (largest request body, 413 above).")
+    alignment: dict[str, dict[str, str]] = Field(
+        default={}, description="Per run in progress (by id), once it is set up: how each of its teachers scores, ids "
+        "(the student's token ids) or bytes (its own tokenization of the completion, aligned on bytes), as the run's "
+        "status says.")

@@ -5,7 +5,8 @@
     GET  /runs/{id}        state, step, latest metrics
     GET  /runs/{id}/metrics  every metrics record so far
     POST /runs/{id}/stop   ends the run at the next step boundary
-    GET  /info             version, trainer processes, runs dir, runs at once and in progress, limits
+    GET  /info             version, trainer processes, runs dir, runs at once and in progress, limits,
+                           and how each run's teachers score (ids or bytes)
 
 One run at a time unless `OPD_TRAINER_MAX_RUNS` says otherwise (409 when
 busy). An invalid config is a 422 whose detail names the field. Auth,
@@ -74,6 +75,11 @@ def build_app(settings: TrainerSettings) -> FastAPI:
         runs = getattr(app.state, "runs", None)
         return 0 if runs is None else sum(h.active for h in runs.runs.values())
 
+    def alignments() -> dict[str, dict[str, str]]:
+        """Each run in progress that is set up: how each of its teachers scores (ids or bytes)."""
+        runs = getattr(app.state, "runs", None)
+        return {} if runs is None else {i: dict(a) for i, h in runs.runs.items() if h.active and (a := h.alignment)}
+
     Gauge("opd_trainer_active_runs", "Runs in progress", registry=registry).set_function(active_runs)
 
     @app.post("/runs", status_code=201, dependencies=[Authorized], responses=ERRORS, tags=["trainer"])
@@ -106,11 +112,13 @@ def build_app(settings: TrainerSettings) -> FastAPI:
 
     @app.get("/info", dependencies=[Authorized], tags=["trainer"])
     async def info() -> p.TrainerInfo:
-        """Version, trainer processes, runs dir, runs at once and in progress, limits."""
+        """Version, trainer processes, runs dir, runs at once and in progress, limits; per run in progress, how its
+        teachers score (ids or bytes)."""
         return p.TrainerInfo(
             version=package_version(), nproc=settings.nproc, runs_dir=settings.runs_dir, max_runs=settings.max_runs,
             active_runs=active_runs(),
             limits={"max_pending": settings.max_pending, "max_body_bytes": settings.max_body_bytes},
+            alignment=alignments(),
         )
 
     return app

@@ -69,6 +69,11 @@ class RunHandle:
             self.state = "stopping"
             self.stop.set()
 
+    @property
+    def alignment(self) -> dict[str, str] | None:
+        """How each teacher scores (ids or bytes), once the run is set up; None before."""
+        return self.trainer.remote.alignment
+
     def status(self) -> p.RunStatus:
         metrics = self.trainer.metrics
         return p.RunStatus(
@@ -76,7 +81,7 @@ class RunHandle:
             policy_version=self.trainer.version or None, output_dir=self.config.output_dir,
             latest=numbers(metrics.latest("train")) if metrics else None,
             latest_eval=numbers(metrics.latest("eval")) if metrics else None,
-            error=self.error, waiting_for=self.trainer.remote.waiting_for, alignment=self.trainer.remote.alignment,
+            error=self.error, waiting_for=self.trainer.remote.waiting_for, alignment=self.alignment,
             created_at=self.created_at,
             finished_at=self.finished_at,
         )

@@ -26,9 +26,14 @@ def test_info_answers_the_settings_and_the_runs_in_progress(tmp_path) -> None:
                                      active_runs=0, limits={"max_pending": 7, "max_body_bytes": 4096})
         assert info.service == "trainer" and info.version, "an installed opd knows its version"
         runs = client.app.state.runs.runs  # type: ignore[attr-defined]
-        runs.update(busy=SimpleNamespace(active=True), done=SimpleNamespace(active=False))
+        runs.update(busy=SimpleNamespace(active=True, alignment={"default": "bytes", "b": "ids"}),
+                    setting_up=SimpleNamespace(active=True, alignment=None),
+                    done=SimpleNamespace(active=False, alignment={"default": "ids"}))
         try:
-            assert client.get("/info", headers=auth).json()["active_runs"] == 1
+            answer = client.get("/info", headers=auth).json()
+            assert answer["active_runs"] == 2
+            # how each run in progress scores its teachers, once it knows (set up); none for runs that ended
+            assert answer["alignment"] == {"busy": {"default": "bytes", "b": "ids"}}
         finally:
             runs.clear()
         operation = client.get("/openapi.json", headers=auth).json()["paths"]["/info"]["get"]
