@@ -85,7 +85,9 @@ def test_two_seeds_a_topk_loss_and_an_rl_arm_rewarded_by_a_measure(tmp_path: Pat
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--arms", "opd,rl-wrong"], "unknown arm 'rl-wrong': this stack's arms are opd, sft, rl-form, rl-short"),
+    (["--arms", "opd,rl-wrong"],
+     "unknown arm 'rl-wrong': this stack's arms are opd, opd-forward, opd-reverse, opd-mix, sft, rl-form, rl-short"),
+    (["--arms", "opd-reverse", "--top-k", "40"], "give a top-k from 1 to 20"),
     (["--seeds", "0,x"], "give seeds as integers"),
     (["--seeds", "1,1"], "distinct seeds"),
 ])
