@@ -91,8 +91,9 @@ def token_logprobs(
     sequence a T x K list or tensor of ids: a teacher's top-k at each scored
     position), also the log-probabilities of the K + 1 buckets those ids and
     the tail make (topk.student_buckets, choice 6), taken from the full
-    distribution at `temperature`, WITHOUT the top-p mask. Gradients flow
-    when the caller enables them.
+    distribution at `temperature`, WITHOUT the top-p mask; an id -1 is an
+    absent entry, never gathered (its bucket -inf, topk.py choice 9).
+    Gradients flow when the caller enables them.
     """
     device = next(model.parameters()).device
     ids, mask = pad_batch(seqs, pad_id, device)
@@ -118,7 +119,7 @@ def token_logprobs(
 
             logp_full = logp if full is rows else torch.log_softmax(full, dim=-1)
             top_TK = torch.as_tensor(bucket_ids[b], dtype=torch.long, device=device)
-            buckets = student_buckets(logp_full[None], top_TK[None])[0]
+            buckets = student_buckets(logp_full[None], top_TK[None], (top_TK >= 0)[None])[0]
         out.append(TokenScores(chosen, values, indices, rank, buckets))
     return out
 

@@ -122,19 +122,15 @@ def asked_top_k(config: RunConfig) -> int:
     return config.loss.top_k if config.loss.distill != "sampled" else 0
 
 
-def check_top_k(config: RunConfig, teachers: dict[str, list[p.ServiceInfo]], alignment: dict[str, str] | None = None) -> None:
+def check_top_k(config: RunConfig, teachers: dict[str, list[p.ServiceInfo]]) -> None:
     """A top-k loss needs every teacher replica to return loss.top_k logprobs per token: refused at set-up
     when one advertises a smaller max_top_k (GET /info limits). Stock servers return top-k too (vLLM's
     prompt_logprobs, SGLang's top_logprobs_num) but advertise no limit: their own (vLLM's --max-logprobs)
-    answers a request above it with a 4xx at the first step."""
+    answers a request above it with a 4xx at the first step. A teacher of another tokenizer is allowed: its
+    top-k is mapped to student ids on bytes where it can be, absent elsewhere (aligned.py choice 4)."""
     k = asked_top_k(config)
     if not k:
         return
-    other = sorted(name for name, how in (alignment or {}).items() if how == "bytes")
-    if other:
-        raise ConfigError(
-            f"loss.distill {config.loss.distill}: the teacher {', '.join(other)} uses another tokenizer than the "
-            "student, so its top-k ids are not the student's: use loss.distill sampled with it (aligned on bytes)")
     for name, infos in teachers.items():
         for url, info in zip(config.teacher_set[name].urls, infos, strict=False):
             limit = info.limits.get("max_top_k")
@@ -179,7 +175,7 @@ class Trainer:
         self.eval_rows = with_teachers(eval_rows, config, "eval", own)
         self.remote.check_stock_teacher(self.train_rows + self.eval_rows)
         self.remote.check_limits(teachers, students, len(self.eval_rows))
-        check_top_k(config, teachers, self.remote.alignment)
+        check_top_k(config, teachers)
         self.sampler = PromptSampler(len(self.train_rows), config.seed)
         self.reward_fn = load_callable(config.reward_fn, "reward_fn") if config.reward_fn else None
         self.verifier = load_callable(config.eval.verifier, "eval.verifier") if config.eval.verifier else None

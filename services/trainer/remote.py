@@ -148,6 +148,7 @@ class Teacher:
     tokenizer: Any = None  # with "bytes": its tokenizer, the bytes of each of its ids, and the reverse
     table: Any = None
     by_bytes: dict[bytes, int] = field(default_factory=dict)
+    to_student: list[int] = field(default_factory=list)  # each of its ids -> the student's, -1: none (aligned.py 4)
 
 
 @dataclass(frozen=True)
@@ -400,10 +401,14 @@ class Remote:
         teachers = {name: self.check_teacher(t, student, tokenizer) for name, t in self.teachers.items()}
         self.alignment = {name: t.alignment for name, t in self.teachers.items()}
         if any(t.alignment == "bytes" for t in self.teachers.values()):
+            from opd.trainer.aligned import student_ids
             from opd.trainer.alignment import byte_table
 
             self.student_table = byte_table(tokenizer)
             self.student_eot = {tokenizer.eos_token_id} - {None}
+            for t in self.teachers.values():
+                if t.alignment == "bytes":  # its top-k in student ids, for a top-k loss
+                    t.to_student = student_ids(t, tokenizer, self.student_table)
         if self.teacher_sampler is not None:
             sampler = self.call("teacher sampler /info", self.teacher_sampler.info)
             if sampler.tokenizer_fingerprint != student.tokenizer_fingerprint:

@@ -42,7 +42,11 @@ Choices:
    only, not evaluations) the teacher also returns its top-k at every
    completion token, kept as `teacher_topk_ids` / `teacher_topk_logprobs`;
    a row of another length or with repeated ids raises `ScoreMismatch`.
-   Without it the request is exactly what it always was.
+   Without it the request is exactly what it always was. A teacher of
+   another tokenizer returns a row per id it scored, in its own ids: they
+   are kept in the student's ids, one row per student token, -1 for an
+   entry with no student counterpart, and every entry -1 where the sample
+   was scored in chunks of several tokens (aligned.py choice 4).
 """
 
 from __future__ import annotations
@@ -211,21 +215,26 @@ def score_chunk(remote: Remote, chunk: list[Sample], teacher: str | None = None,
             raise ScoreMismatch(f"the teacher scored {len(result.logprobs)} tokens of a {len(scored_ids(s))}-token completion")
         s.teacher_logprobs = result.logprobs if s.teacher_ids is None else aligned.credited(s, result.logprobs)
         if top_k:
-            keep_topk(s, result, top_k)
+            to_student = None if s.teacher_ids is None else remote.teachers[teacher or remote.default_teacher].to_student
+            keep_topk(s, result, top_k, to_student)
 
 
-def keep_topk(s: Sample, result: p.SequenceLogprobs, top_k: int) -> None:
-    """The teacher's top-k of every completion token (7): exactly `top_k` distinct ids per token, or ScoreMismatch."""
+def keep_topk(s: Sample, result: p.SequenceLogprobs, top_k: int, to_student: Sequence[int] | None = None) -> None:
+    """The teacher's top-k of every completion token (7): exactly `top_k` distinct ids per token, or ScoreMismatch.
+    A teacher of another tokenizer's (`to_student`: its ids -> the student's, aligned.student_ids): in student ids."""
     rows = result.top_logprobs or []
-    if len(rows) != len(s.token_ids):
-        raise ScoreMismatch(f"the teacher returned {len(rows)} top-k rows for a {len(s.token_ids)}-token completion "
+    if len(rows) != len(scored_ids(s)):
+        raise ScoreMismatch(f"the teacher returned {len(rows)} top-k rows for a {len(scored_ids(s))}-token completion "
                             f"(top_k {top_k} asked)")
     for j, row in enumerate(rows):
         if len(row) != top_k or len({t.token_id for t in row}) != top_k:
             raise ScoreMismatch(f"the teacher returned {len(row)} top-k entries ({len({t.token_id for t in row})} "
                                 f"distinct ids) at completion token {j}; top_k {top_k} was asked")
-    s.teacher_topk_ids = [[t.token_id for t in row] for row in rows]
-    s.teacher_topk_logprobs = [[t.logprob for t in row] for row in rows]
+    ids, logprobs = [[t.token_id for t in row] for row in rows], [[t.logprob for t in row] for row in rows]
+    if s.teacher_ids is not None:
+        assert to_student, "a teacher of another tokenizer maps its top-k with its to_student table (check_tokenizers)"
+        ids, logprobs = aligned.student_topk(s, ids, logprobs, to_student, top_k)
+    s.teacher_topk_ids, s.teacher_topk_logprobs = ids, logprobs
 
 
 def teacher_kl(samples: list[Sample]) -> float:

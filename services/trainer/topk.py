@@ -76,6 +76,19 @@ Choices:
    (1 - weight) * sampled + weight * topk, weight in [0, 1]; the end points
    return the one loss itself (bit for bit; an inf in the other term does not
    leak).
+9) Absent buckets (`valid_BTK`, False where an entry is absent: a top-k id of
+   a teacher of another tokenizer with no student token of the same bytes,
+   id -1 in the sample, aligned.py choice 4). K stays fixed per tensor; an
+   absent entry is a bucket of log-probability -inf on both sides: its id is
+   never gathered (a safe id stands in) nor taken out of the student's tail,
+   the teacher's mass on it stays in the teacher's tail (1 - the present
+   entries' mass), and it contributes exactly 0 with zero gradient (choice 3's
+   a_b = 0 term, b_b = 0). With K >= V, `vocab_size` makes the top-k the
+   vocabulary only where no entry is absent. A position with every entry
+   absent compares two tails of mass 1; the trainer masks such positions out
+   of the KL (update.py choice 5). `sampled_in_topk` never matches an absent
+   entry, and `topk_mass` is the present entries' mass. Without `valid_BTK`
+   (or with every entry present) the results are those without it, bit for bit.
 """
 
 from __future__ import annotations
@@ -87,14 +100,24 @@ import torch
 from opd.trainer.loss import masked
 
 
-def student_buckets(logp_student_BTV: torch.Tensor, topk_ids_BTK: torch.Tensor) -> torch.Tensor:
+def student_buckets(logp_student_BTV: torch.Tensor, topk_ids_BTK: torch.Tensor,
+                    valid_BTK: torch.Tensor | None = None) -> torch.Tensor:
     """logq_BTK1: the student's log-probabilities of the teacher's K top-k tokens and of the tail (every other token).
 
     `logp_student_BTV` are log-probabilities (a log-softmax over the vocabulary; -inf allowed); `topk_ids_BTK`
     distinct ids per position (padding positions: any valid ids). Differentiable through the full softmax.
+    `valid_BTK` (choice 9): False marks an absent entry (its id, e.g. -1, is never read): bucket -inf, and its
+    token stays in the tail.
     """
-    top_BTK = logp_student_BTV.gather(-1, topk_ids_BTK)
-    in_top_BTV = torch.zeros_like(logp_student_BTV, dtype=torch.bool).scatter_(-1, topk_ids_BTK, True)
+    if valid_BTK is None:
+        top_BTK = logp_student_BTV.gather(-1, topk_ids_BTK)
+        in_top_BTV = torch.zeros_like(logp_student_BTV, dtype=torch.bool).scatter_(-1, topk_ids_BTK, True)
+    else:  # an absent entry gathers a safe id 0 and reads -inf; it marks an extra column V, then dropped
+        V = logp_student_BTV.shape[-1]
+        top_BTK = logp_student_BTV.gather(-1, topk_ids_BTK.clamp(min=0)).masked_fill(~valid_BTK, float("-inf"))
+        marks_BTK = topk_ids_BTK.masked_fill(~valid_BTK, V)
+        in_top_BTV = logp_student_BTV.new_zeros((*logp_student_BTV.shape[:-1], V + 1), dtype=torch.bool)
+        in_top_BTV = in_top_BTV.scatter_(-1, marks_BTK, True)[..., :V]
     rest_BTV = logp_student_BTV.masked_fill(in_top_BTV, float("-inf"))
     # logsumexp over nothing (or only -inf) is -inf with a NaN gradient: give it zeros and put -inf back after.
     empty_BT1 = torch.isneginf(rest_BTV).all(-1, keepdim=True)
@@ -104,15 +127,19 @@ def student_buckets(logp_student_BTV: torch.Tensor, topk_ids_BTK: torch.Tensor) 
 
 
 def teacher_buckets(topk_logprobs_BTK: torch.Tensor, *, vocab_size: int | None = None,
-                    tail_floor: float = 0.0) -> torch.Tensor:
+                    tail_floor: float = 0.0, valid_BTK: torch.Tensor | None = None) -> torch.Tensor:
     """logp_BTK1: the teacher's top-k logprobs and its tail, log(1 - sum exp(topk)), a distribution over K + 1 buckets.
 
     Choice 5: with `vocab_size` equal to K the tail is exactly 0 (-inf); `tail_floor` > 0 reads the tail as at
     least that probability (the top-k scaled down to 1 - tail_floor); 0 keeps the teacher's numbers as they are.
+    `valid_BTK` (choice 9): False marks an absent entry: bucket -inf, its mass left in the tail.
     """
     assert 0.0 <= tail_floor < 1.0, f"tail_floor {tail_floor} must lie in [0, 1)"
     top_BTK = topk_logprobs_BTK.double()
     full = vocab_size is not None and top_BTK.shape[-1] >= vocab_size
+    if valid_BTK is not None:
+        top_BTK = top_BTK.masked_fill(~valid_BTK, float("-inf"))
+        full = full and bool(valid_BTK.all())
     ceiling = 0.0 if full else math.log1p(-tail_floor)  # the most the top-k may hold, in log
     mass_BT1 = torch.logsumexp(top_BTK, dim=-1, keepdim=True)  # S = log sum exp(topk)
     excess_BT1 = (mass_BT1 - ceiling) if full else (mass_BT1 - ceiling).clamp(min=0.0)
@@ -161,13 +188,17 @@ def topk_reverse_kl(logq_student_BTK1: torch.Tensor, logp_teacher_BTK1: torch.Te
     return bucket_kl(logq_student_BTK1, logp_teacher_BTK1.to(logq_student_BTK1.dtype), mask_BT)
 
 
-def sampled_in_topk(sampled_ids_BT: torch.Tensor, topk_ids_BTK: torch.Tensor) -> torch.Tensor:
-    """bool_BT: whether the teacher's top-k at each position holds the token the student sampled there."""
-    return (topk_ids_BTK == sampled_ids_BT[..., None]).any(-1)
+def sampled_in_topk(sampled_ids_BT: torch.Tensor, topk_ids_BTK: torch.Tensor,
+                    valid_BTK: torch.Tensor | None = None) -> torch.Tensor:
+    """bool_BT: whether the teacher's top-k at each position holds the token the student sampled there (an absent
+    entry, False in `valid_BTK`, never does)."""
+    hit_BTK = topk_ids_BTK == sampled_ids_BT[..., None]
+    return (hit_BTK if valid_BTK is None else hit_BTK & valid_BTK).any(-1)
 
 
 def topk_mass(logp_teacher_BTK1: torch.Tensor) -> torch.Tensor:
-    """mass_BT: the probability the teacher's top-k holds (1 - its tail), for the metrics."""
+    """mass_BT: the probability the teacher's top-k holds (1 - its tail; with absent entries, the present
+    ones'), for the metrics."""
     return -torch.expm1(logp_teacher_BTK1[..., -1])
 
 

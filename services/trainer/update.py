@@ -36,8 +36,18 @@ Choices:
    sampling or PPO) + topk_weight * the mean bucket KL per completion token.
    The records gain `topk_kl` (mean per token), `topk_mass` (the teacher's
    top-k mass, mean per token), `topk_misses` (sampled tokens outside the
-   teacher's top-k) and `sampled_loss` (the sampled part, as `loss` is
+   teacher's top-k), `topk_unaligned` (tokens whose position had no usable
+   top-k, below) and `sampled_loss` (the sampled part, as `loss` is
    reported); with `sampled` nothing changes, the records included.
+   A teacher of another tokenizer (aligned.py choice 4) gives its top-k in
+   student ids, -1 for an entry with no student token of its bytes (an
+   absent bucket, topk.py choice 9). A position whose entries are all absent
+   (every position of a sample the teacher scored in chunks of several
+   tokens) has no usable top-k: it is masked out of the bucket KL, adds 0 to
+   it (and to `topk_kl` and `topk_mass`, still means over every completion
+   token), is no miss, and counts in `topk_unaligned`. With topk_weight 1
+   such positions train from nothing; mix in the sampled loss there
+   (topk_weight < 1), which scores every token through its chunk.
 """
 
 from __future__ import annotations
@@ -160,15 +170,20 @@ def topk_part(sampled: torch.Tensor, stats: dict[str, float], samples: list[Samp
     logq_BTK1 = pad_sequence(buckets, batch_first=True)  # padding positions are masked (topk.py)
     ids_BTK = pad_sequence([torch.tensor(s.teacher_topk_ids, device=device) for s in samples], batch_first=True)  # id 0
     top_BTK = pad_sequence([torch.tensor(s.teacher_topk_logprobs, device=device) for s in samples], batch_first=True)
-    logp_BTK1 = T.teacher_buckets(top_BTK, vocab_size=student_vocab(policy), tail_floor=0.0 if forward else TAIL_FLOOR)
-    kl_BT = (T.topk_forward_kl if forward else T.topk_reverse_kl)(logq_BTK1, logp_BTK1, mask_BT)
-    loss = T.mixed_loss(sampled, T.topk_loss(kl_BT, mask_BT, num_tokens), config.loss.topk_weight)
-    tokens_BT, _ = L.pad_right([torch.tensor(s.token_ids, device=device) for s in samples])
-    miss_BT = ~T.sampled_in_topk(tokens_BT, ids_BTK) & mask_BT.bool()
+    valid_BTK = ids_BTK >= 0  # -1: absent, a teacher id of another tokenizer with no student counterpart (topk.py 9)
+    logp_BTK1 = T.teacher_buckets(top_BTK, vocab_size=student_vocab(policy), tail_floor=0.0 if forward else TAIL_FLOOR,
+                                  valid_BTK=valid_BTK)
     kept = mask_BT.bool()
+    unaligned_BT = kept & ~valid_BTK.any(-1)  # no usable top-k at the position: it adds 0 to the KL
+    topk_mask_BT = mask_BT.masked_fill(unaligned_BT, 0)
+    kl_BT = (T.topk_forward_kl if forward else T.topk_reverse_kl)(logq_BTK1, logp_BTK1, topk_mask_BT)
+    loss = T.mixed_loss(sampled, T.topk_loss(kl_BT, topk_mask_BT, num_tokens), config.loss.topk_weight)
+    tokens_BT, _ = L.pad_right([torch.tensor(s.token_ids, device=device) for s in samples])
+    miss_BT = ~T.sampled_in_topk(tokens_BT, ids_BTK, valid_BTK) & kept & ~unaligned_BT
     stats.update(topk_kl=float(kl_BT.detach()[kept].double().mean()) if kept.any() else 0.0,
                  topk_mass=float(T.topk_mass(logp_BTK1)[kept].double().mean()) if kept.any() else 0.0,
-                 topk_misses=float(miss_BT.sum()), sampled_loss=float(sampled.detach()))
+                 topk_misses=float(miss_BT.sum()), topk_unaligned=float(unaligned_BT.sum()),
+                 sampled_loss=float(sampled.detach()))
     return loss, stats
 
 
@@ -188,6 +203,7 @@ def merge(stats: list[dict[str, float]], chunks: int = 1) -> dict[str, float]:
         out.update(topk_kl=sum(s["topk_kl"] * s["tokens"] for s in stats) / tokens,
                    topk_mass=sum(s["topk_mass"] * s["tokens"] for s in stats) / tokens,
                    topk_misses=sum(s["topk_misses"] for s in stats),
+                   topk_unaligned=sum(s["topk_unaligned"] for s in stats),
                    sampled_loss=sum(s["sampled_loss"] for s in stats) / chunks)
     return out
 

@@ -4,6 +4,9 @@
   remapped: the same function under other ids) trains the student exactly as the plain teacher does: every
   record's teacher KL and loss within 1e-4, on the hf engine and on vLLM, and asked as a stock vLLM server is
   (token ids, the prompt rendered by the trainer with the teacher's tokenizer); every chunk is one token.
+- With a top-k loss (`loss.distill topk_reverse`, top_k 4) the permuted teacher's top-k, mapped back to the
+  student's ids on bytes, trains the student as the plain teacher's does: loss, topk_kl and topk_mass within 1e-4,
+  no position without a usable top-k (hf engine).
 - A tiny teacher with a tokenizer trained apart (another vocabulary, other merges) trains the student: chunks of
   several tokens, no position trimmed, and the held-out teacher KL per completion falls.
 """
@@ -70,6 +73,30 @@ def test_a_teacher_with_permuted_ids_trains_as_the_plain_one(
         assert stock_run.remote.alignment == {"default": "bytes"}
         for ra, rc in zip(a, c, strict=True):
             assert rc["teacher_kl"] == pytest.approx(ra["teacher_kl"], abs=CLOSE), (ra, rc)
+
+
+def test_a_topk_loss_with_the_permuted_teacher_is_the_plain_ones(
+    make_config, teacher_model: Path, permuted_teacher: Path, service_logs: Path, tmp_path: Path,
+) -> None:
+    permuted = start_service("teacher-permuted-topk", hf_args("teacher", permuted_teacher), service_logs)
+    plain = start_service("teacher-plain-topk", hf_args("teacher", teacher_model), service_logs)
+    try:
+        wait_all(permuted, plain)
+        settings = dict(steps=2, eval__every=0, save_every=2, loss__distill="topk_reverse", loss__top_k=4)
+        a, plain_run = run(make_config(name="plain-topk", teacher_urls=f"[{plain.url}]",
+                                       output_dir=str(tmp_path / "plain-topk"), **settings))
+        b, permuted_run = run(make_config(name="permuted-topk", teacher_urls=f"[{permuted.url}]",
+                                          output_dir=str(tmp_path / "permuted-topk"), **settings))
+    finally:
+        permuted.stop()
+        plain.stop()
+    assert plain_run.remote.alignment == {"default": "ids"} and permuted_run.remote.alignment == {"default": "bytes"}
+    assert [(r["kind"], r["step"]) for r in a] == [(r["kind"], r["step"]) for r in b] == [("train", 1), ("train", 2)]
+    for ra, rb in zip(a, b, strict=True):
+        assert rb["tokens"] == ra["tokens"] and rb["multi_token_chunks"] == 0, rb
+        assert ra["topk_unaligned"] == rb["topk_unaligned"] == 0 and rb["topk_misses"] == ra["topk_misses"]
+        for key in ("loss", "topk_kl", "topk_mass", "teacher_kl"):
+            assert rb[key] == pytest.approx(ra[key], abs=CLOSE), (ra["step"], key, ra[key], rb[key])
 
 
 def test_a_teacher_of_another_segmentation_trains(make_config, other_tokenizer_model: Path, service_logs: Path) -> None:

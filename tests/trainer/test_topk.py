@@ -267,3 +267,86 @@ def test_loss_normalisation_and_mix() -> None:
     assert K.mixed_loss(torch.tensor(float("nan")), top, 1.0) is top
     with pytest.raises(AssertionError):
         K.mixed_loss(sampled, top, 1.5)
+
+
+# ------------------------------------------------------------------ absent buckets (topk.py choice 9)
+def test_an_absent_entry_leaves_the_top_1_bucket_kl() -> None:
+    """The hand case's top-2 [2, 0] with token 0 absent (id -1) is the top-1 case [2]: student buckets q(2) = 0.2,
+    tail 0.8 (token 0 stays in it); teacher 0.5, tail 0.5 (its 0.3 on the absent entry stays in the tail)."""
+    logp_student, _, top, mask = hand_case()
+    ids, valid = torch.tensor([2, -1]).reshape(1, 1, 2), torch.tensor([True, False]).reshape(1, 1, 2)
+    q, p = K.student_buckets(logp_student, ids, valid), K.teacher_buckets(top, valid_BTK=valid)
+    assert q.exp().flatten().tolist() == pytest.approx([0.2, 0.0, 0.8], abs=1e-15)
+    assert p.exp().flatten().tolist() == pytest.approx([0.5, 0.0, 0.5], abs=1e-15)
+    assert torch.isneginf(q[..., 1]).all() and torch.isneginf(p[..., 1]).all()
+    forward = 0.5 * math.log(0.5 / 0.2) + 0.5 * math.log(0.5 / 0.8)
+    reverse = 0.2 * math.log(0.2 / 0.5) + 0.8 * math.log(0.8 / 0.5)
+    assert K.topk_forward_kl(q, p, mask).item() == pytest.approx(forward, abs=1e-12)
+    assert K.topk_reverse_kl(q, p, mask).item() == pytest.approx(reverse, abs=1e-12)
+    top1 = (K.student_buckets(logp_student, torch.tensor([2]).reshape(1, 1, 1)),
+            K.teacher_buckets(top[..., :1]))
+    for fn in (K.topk_forward_kl, K.topk_reverse_kl):
+        assert fn(q, p, mask).item() == pytest.approx(fn(*top1, mask).item(), abs=1e-15)
+    assert K.topk_mass(p).item() == pytest.approx(0.5, abs=1e-15)
+    assert K.sampled_in_topk(torch.tensor([[0]]), torch.tensor([0, -1]).reshape(1, 1, 2),
+                             torch.tensor([False, False]).reshape(1, 1, 2)).tolist() == [[False]]
+    assert K.sampled_in_topk(torch.tensor([[2]]), ids, valid).tolist() == [[True]]
+
+
+def absent_case(seed: int, dtype=torch.float64):
+    """random_case with about a third of the entries absent (id -1, logprob garbage) and one position all absent."""
+    logits, teacher, top, ids, mask = random_case(seed, dtype=dtype)
+    g = torch.Generator().manual_seed(100 + seed)
+    valid = torch.rand(ids.shape, generator=g) > 0.35
+    valid[0, 0] = torch.tensor([True, False, True])
+    valid[1, 1] = False
+    return logits, top.masked_fill(~valid, float("nan")), ids.masked_fill(~valid, -1), valid, mask
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_absent_entries_add_nothing_and_their_gradient_is_finite(seed: int, reverse: bool) -> None:
+    """Absent buckets are the buckets of the present entries alone (textbook: the K present ids, the teacher's tail
+    1 - their mass), with finite gradients and no NaN, whatever the absent entries' logprobs hold."""
+    logits, top, ids, valid, mask = absent_case(seed)
+    kl_fn = K.topk_reverse_kl if reverse else K.topk_forward_kl
+    q = K.student_buckets(torch.log_softmax(logits, dim=-1), ids, valid)
+    p = K.teacher_buckets(top, valid_BTK=valid)
+    kl = kl_fn(q, p, mask)
+    assert torch.isfinite(kl).all() and torch.all(kl >= 0)
+    for b, t in zip(*torch.nonzero(mask, as_tuple=True), strict=True):  # each position: its present entries alone
+        keep = valid[b, t]
+        if not keep.any():
+            continue
+        one = (K.student_buckets(torch.log_softmax(logits[b, t], -1)[None, None], ids[b, t][keep][None, None]),
+               K.teacher_buckets(top[b, t][keep][None, None]))
+        assert kl[b, t].item() == pytest.approx(kl_fn(*one, torch.ones(1, 1)).item(), rel=1e-10, abs=1e-14)
+    (grad,) = torch.autograd.grad(K.topk_loss(kl, mask, int(mask.sum())), logits)
+    assert torch.isfinite(grad).all() and torch.all(grad[mask == 0] == 0)
+    # a position with every entry absent compares two tails of mass 1: 0 where the trainer masks it out (update.py)
+    assert torch.all(valid[1, 1] == False)  # noqa: E712
+    unaligned = mask.clone()
+    unaligned[1, 1] = 0.0
+    kl = kl_fn(K.student_buckets(torch.log_softmax(logits, dim=-1), ids, valid), p, unaligned)
+    (grad,) = torch.autograd.grad(kl.sum(), logits)
+    assert kl[1, 1].item() == 0.0 and torch.all(grad[1, 1] == 0) and torch.isfinite(grad).all()
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+def test_every_entry_present_is_todays_result_bit_for_bit(reverse: bool) -> None:
+    kl_fn = K.topk_reverse_kl if reverse else K.topk_forward_kl
+    for logits, top, ids, mask, V in many_cases():
+        valid = torch.ones(ids.shape, dtype=torch.bool)
+        logp = torch.log_softmax(logits, dim=-1)
+        q, q_valid = K.student_buckets(logp, ids), K.student_buckets(logp, ids, valid)
+        floor = 1e-6 if reverse else 0.0
+        p = K.teacher_buckets(top, vocab_size=V, tail_floor=floor)
+        p_valid = K.teacher_buckets(top, vocab_size=V, tail_floor=floor, valid_BTK=valid)
+        assert torch.equal(q, q_valid) and torch.equal(p, p_valid)
+        kl, kl_valid = kl_fn(q, p, mask), kl_fn(q_valid, p_valid, mask)
+        assert torch.equal(kl, kl_valid)
+        (grad,) = torch.autograd.grad(K.topk_loss(kl, mask, int(mask.sum())), logits, retain_graph=True)
+        (grad_valid,) = torch.autograd.grad(K.topk_loss(kl_valid, mask, int(mask.sum())), logits)
+        assert torch.equal(grad, grad_valid)
+        assert torch.equal(K.sampled_in_topk(ids[..., 0], ids), K.sampled_in_topk(ids[..., 0], ids, valid))
+        assert torch.equal(K.topk_mass(p), K.topk_mass(p_valid))
