@@ -8,7 +8,17 @@ through it. Choices:
 2) Only the logits from the earliest scored position on are computed
    (`logits_to_keep`), so long prompts do not pay for a vocabulary-sized
    projection they never use.
-3) log_softmax in float32, whatever the model's dtype.
+3) log_softmax in float32, whatever the model's dtype. The teacher scores
+   with `exact_normaliser`: the normaliser (the logsumexp over the
+   vocabulary) summed in float64 and each returned logprob rounded once to
+   float32. A float32 logsumexp depends on the order it sums the vocabulary
+   in: SmolLM2 with its vocabulary permuted gives bitwise the same logits
+   under the new ids, but float32 log-probabilities up to 1.1e-5 apart,
+   which a run amplifies (docs/other-tokenizers.md). In float64 the result
+   is the correctly rounded one but for rare ties, the same in any order.
+   No V-wide output is built (the chosen token's and the top-k's values
+   are gathered from the logits), so it costs a float64 copy of 256
+   positions' logits at a time, and no gradient flows.
 4) With `top_p` < 1 the logprobs are those of the nucleus distribution the
    student samples from (vLLM's and transformers' top-p: the smallest set of
    top tokens whose probability reaches `top_p`, renormalised), so the
@@ -83,6 +93,7 @@ def token_logprobs(
     pad_id: int = 0,
     ranks: bool = False,
     bucket_ids: Sequence[Sequence[Sequence[int]] | torch.Tensor] | None = None,
+    exact_normaliser: bool = False,
 ) -> list[TokenScores]:
     """For each sequence, log p(seq[j] | seq[:j]) for j in [start, len).
 
@@ -93,8 +104,11 @@ def token_logprobs(
     the tail make (topk.student_buckets, choice 6), taken from the full
     distribution at `temperature`, WITHOUT the top-p mask; an id -1 is an
     absent entry, never gathered (its bucket -inf, topk.py choice 9).
-    Gradients flow when the caller enables them.
+    Gradients flow when the caller enables them, except with
+    `exact_normaliser` (choice 3: the teacher's scores; not with top_p or
+    bucket_ids).
     """
+    assert not exact_normaliser or (top_p == 1.0 and bucket_ids is None), "exact_normaliser scores the full distribution"
     device = next(model.parameters()).device
     ids, mask = pad_batch(seqs, pad_id, device)
     first = min(starts) - 1
@@ -106,6 +120,9 @@ def token_logprobs(
         target = ids[b, start : len(seq)]
         if temperature != 1.0:
             rows = rows / temperature
+        if exact_normaliser:
+            out.append(exactly_normalised(rows.detach(), target, top_k, ranks))
+            continue
         full = rows
         if top_p < 1.0:
             rows = rows.masked_fill(outside_nucleus(rows.detach(), top_p, target), float("-inf"))
@@ -122,6 +139,16 @@ def token_logprobs(
             buckets = student_buckets(logp_full[None], top_TK[None], (top_TK >= 0)[None])[0]
         out.append(TokenScores(chosen, values, indices, rank, buckets))
     return out
+
+
+def exactly_normalised(rows_TV: torch.Tensor, target_T: torch.Tensor, top_k: int, ranks: bool) -> TokenScores:
+    """The chosen tokens' logprobs (and the top-k, ranks) of float32 logits, normalised in float64 (choice 3)."""
+    lse_T = torch.cat([torch.logsumexp(part.double(), dim=-1) for part in rows_TV.split(256)])
+    chosen_T = rows_TV.gather(-1, target_T[:, None]).squeeze(-1)
+    values, indices = rows_TV.topk(top_k, dim=-1) if top_k else (None, None)
+    rank = (rows_TV >= chosen_T[:, None]).sum(-1) if ranks else None
+    as_logprobs = lambda x: (x.double() - (lse_T if x.dim() == 1 else lse_T[:, None])).float()  # noqa: E731
+    return TokenScores(as_logprobs(chosen_T), None if values is None else as_logprobs(values), indices, rank)
 
 
 def outside_nucleus(rows_TV: torch.Tensor, top_p: float, keep_T: torch.Tensor) -> torch.Tensor:

@@ -115,7 +115,7 @@ class HFScoringEngine(ScoringEngine):
         with torch.inference_mode():
             scored = token_logprobs(
                 self.model, [j.token_ids for j in jobs], [j.start for j in jobs],
-                temperature=temperature, top_k=top_k, pad_id=self.pad_id, ranks=ranks,
+                temperature=temperature, top_k=top_k, pad_id=self.pad_id, ranks=ranks, exact_normaliser=True,
             )
         outputs = []
         for chosen, values, indices, rank, _ in scored:

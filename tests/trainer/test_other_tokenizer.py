@@ -24,7 +24,8 @@ from tests.trainer.conftest import teacher_args
 from tests.trainer.runs import hf_args, start_service, wait_all
 
 pytestmark = pytest.mark.slow
-CLOSE = 1e-4
+CLOSE = 1e-4  # vLLM's teacher sums its float32 normaliser in the vocabulary's order
+EXACT = 0.0  # the hf teacher's does not depend on it (hf.py choice 3): a permuted teacher scores bit for bit alike
 
 
 def run(config) -> tuple[list[dict], Trainer]:
@@ -66,13 +67,14 @@ def test_a_teacher_with_permuted_ids_trains_as_the_plain_one(
     for ra, rb in zip(a, b, strict=True):
         assert rb["tokens"] == ra["tokens"] and rb["trimmed_tokens"] == ra["trimmed_tokens"] == 0
         for key in ("teacher_kl", "teacher_kl_per_completion") + (("loss",) if ra["kind"] == "train" else ()):
-            assert rb[key] == pytest.approx(ra[key], abs=CLOSE), (ra["kind"], ra["step"], key, ra[key], rb[key])
+            assert rb[key] == pytest.approx(ra[key], abs=EXACT if engine == "hf" else CLOSE), (ra["kind"], ra["step"], key,
+                                                                                             ra[key], rb[key])
         assert rb["aligned_chunks"] >= rb["tokens"] and rb["multi_token_chunks"] == 0, rb
         assert "aligned_chunks" not in ra, "a teacher of the student's tokenizer scores its ids, as before"
     if engine == "hf":
         assert stock_run.remote.alignment == {"default": "bytes"}
         for ra, rc in zip(a, c, strict=True):
-            assert rc["teacher_kl"] == pytest.approx(ra["teacher_kl"], abs=CLOSE), (ra, rc)
+            assert rc["teacher_kl"] == pytest.approx(ra["teacher_kl"], abs=EXACT), (ra, rc)
 
 
 def test_a_topk_loss_with_the_permuted_teacher_is_the_plain_ones(
@@ -96,7 +98,7 @@ def test_a_topk_loss_with_the_permuted_teacher_is_the_plain_ones(
         assert rb["tokens"] == ra["tokens"] and rb["multi_token_chunks"] == 0, rb
         assert ra["topk_unaligned"] == rb["topk_unaligned"] == 0 and rb["topk_misses"] == ra["topk_misses"]
         for key in ("loss", "topk_kl", "topk_mass", "teacher_kl"):
-            assert rb[key] == pytest.approx(ra[key], abs=CLOSE), (ra["step"], key, ra[key], rb[key])
+            assert rb[key] == pytest.approx(ra[key], abs=EXACT), (ra["step"], key, ra[key], rb[key])
 
 
 def test_a_teacher_of_another_segmentation_trains(make_config, other_tokenizer_model: Path, service_logs: Path) -> None:
