@@ -28,17 +28,44 @@ Choices:
    as a bad request is a 422 with its message, never a 500.
 7) If the engine dies, `healthy()` turns false: the service answers 503 and
    exits (services/common/engine_watch.py).
+8) Logprobs are normalised in float64 and rounded once to float32, as the hf
+   engine's (services/common/hf.py choice 3): vLLM's own log_softmax sums
+   the float32 normaliser in the vocabulary's order, so a teacher with its
+   vocabulary permuted scored up to 1.1e-5 apart from the plain one. vLLM
+   computes logprobs in the worker processes it spawns; opd's vLLM plugin
+   (vllm_plugin.py) replaces its `Sampler.compute_logprobs` there, in the
+   processes started while this engine is built (OPD_FLOAT64_LOGPROBS=1 in
+   their environment) and nowhere else. 256 positions' logits are in
+   float64 at a time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 from opd.common.errors import InvalidInput, InvalidRequest
 from opd.common.settings import TeacherSettings
 from opd.common.vllm_args import build_async_llm
 from opd.teacher.engine import ScoreJob, ScoreOutput, ScoringEngine
+from opd.teacher.vllm_plugin import ENV
+
+
+@contextmanager
+def float64_normaliser() -> Iterator[None]:
+    """While the engine is built, its spawned processes inherit OPD_FLOAT64_LOGPROBS=1 (8)."""
+    before = os.environ.get(ENV)
+    os.environ[ENV] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
 
 
 class VLLMScoringEngine(ScoringEngine):
@@ -48,7 +75,8 @@ class VLLMScoringEngine(ScoringEngine):
         super().__init__(settings)
         from opd.common.protocol import MAX_TOP_K
 
-        self.llm = build_async_llm(settings, max_logprobs=MAX_TOP_K)
+        with float64_normaliser():
+            self.llm = build_async_llm(settings, max_logprobs=MAX_TOP_K)
         config = self.llm.model_config
         self.vocab_size = min(config.get_vocab_size(), len(self.tokenizer))
         self.max_model_len = config.max_model_len
