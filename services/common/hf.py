@@ -141,9 +141,26 @@ def token_logprobs(
     return out
 
 
+NORMALISER_ROWS = 256  # positions whose logits are in float64 at once (choice 3)
+
+
+def float64_logsumexp(rows_TV: torch.Tensor) -> torch.Tensor:
+    """lse_T, the normaliser of each row summed in float64, NORMALISER_ROWS rows at a time (choice 3)."""
+    return torch.cat([torch.logsumexp(part.double(), dim=-1) for part in rows_TV.split(NORMALISER_ROWS)]) \
+        if len(rows_TV) else rows_TV.new_zeros(0, dtype=torch.float64)
+
+
+def float64_log_softmax(rows_TV: torch.Tensor) -> torch.Tensor:
+    """log_softmax of each row normalised in float64, rounded once to float32 (choice 3; the teacher's vLLM engine
+    computes its logprobs with this, services/teacher/vllm_plugin.py)."""
+    parts = [(wide - torch.logsumexp(wide, dim=-1, keepdim=True)).float()
+             for wide in (part.double() for part in rows_TV.split(NORMALISER_ROWS))]
+    return torch.cat(parts) if parts else rows_TV.float()
+
+
 def exactly_normalised(rows_TV: torch.Tensor, target_T: torch.Tensor, top_k: int, ranks: bool) -> TokenScores:
     """The chosen tokens' logprobs (and the top-k, ranks) of float32 logits, normalised in float64 (choice 3)."""
-    lse_T = torch.cat([torch.logsumexp(part.double(), dim=-1) for part in rows_TV.split(256)])
+    lse_T = float64_logsumexp(rows_TV)
     chosen_T = rows_TV.gather(-1, target_T[:, None]).squeeze(-1)
     values, indices = rows_TV.topk(top_k, dim=-1) if top_k else (None, None)
     rank = (rows_TV >= chosen_T[:, None]).sum(-1) if ranks else None

@@ -4,29 +4,17 @@ vLLM loads every `vllm.general_plugins` entry point (pyproject.toml: `opd_float6
 processes, including the engine and worker processes it spawns (its CPU platform always spawns them). In a process
 whose environment has OPD_FLOAT64_LOGPROBS=1 (set by the teacher's vLLM engine while it builds its engine, so
 inherited by exactly those processes), `register` replaces vLLM's `Sampler.compute_logprobs`, a float32
-log_softmax, with `float64_logprobs`; anywhere else it does nothing (the student's engines keep vLLM's own).
+log_softmax, with opd's float64-normalised one (services/common/hf.py `float64_log_softmax`, choice 3); anywhere
+else it does nothing (the student's engines keep vLLM's own).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from typing import Any
 
 ENV = "OPD_FLOAT64_LOGPROBS"
 log = logging.getLogger(__name__)
-
-
-def float64_logprobs(logits: Any) -> Any:
-    """log_softmax of the logits in float64, rounded once to float32, 256 positions at a time: the correctly rounded
-    value but for rare ties, whatever order the vocabulary is in (hf.py choice 3)."""
-    import torch
-
-    def normalised(part: torch.Tensor) -> torch.Tensor:
-        wide = part.double()
-        return (wide - torch.logsumexp(wide, dim=-1, keepdim=True)).float()
-
-    return torch.cat([normalised(part) for part in logits.split(256)]) if len(logits) else logits.float()
 
 
 def register() -> None:
@@ -38,4 +26,6 @@ def register() -> None:
         log.warning("this vLLM has no Sampler.compute_logprobs to replace: the teacher's logprobs keep vLLM's float32 "
                     "normaliser, which depends on the vocabulary's order (opd.teacher.vllm_plugin)")
         return
-    Sampler.compute_logprobs = staticmethod(float64_logprobs)
+    from opd.common.hf import float64_log_softmax
+
+    Sampler.compute_logprobs = staticmethod(float64_log_softmax)

@@ -8,7 +8,7 @@ import random
 import pytest
 import torch
 
-from opd.common.hf import token_logprobs
+from opd.common.hf import float64_log_softmax, token_logprobs
 from opd.common.vocab_variants import permute_weights
 
 VOCAB = 8192
@@ -54,3 +54,19 @@ def test_the_exact_normaliser_is_the_teachers_only(plain_and_permuted) -> None:
     plain, _, _ = plain_and_permuted
     with pytest.raises(AssertionError, match="full distribution"):
         token_logprobs(plain, [[1, 2, 3]], [1], top_p=0.9, exact_normaliser=True)
+
+
+def test_the_vllm_teachers_log_softmax_is_the_hf_teachers_and_ignores_the_order(plain_and_permuted) -> None:
+    """float64_log_softmax (what opd's vLLM plugin computes in the teacher's engine) gives, over 300 positions (two
+    parts of 256), bitwise the hf teacher's logprobs, and the same values under the permuted vocabulary."""
+    plain, permuted, perm = plain_and_permuted
+    seq = [random.Random(9).randrange(VOCAB) for _ in range(301)]
+    with torch.inference_mode():
+        logits = plain(torch.tensor([seq])).logits[0, :-1].float()
+        permuted_logits = permuted(torch.tensor([[perm[i] for i in seq]])).logits[0, :-1].float()
+        hf = token_logprobs(plain, [seq], [1], exact_normaliser=True)[0].logprobs
+    full = float64_log_softmax(logits)
+    assert full.dtype == torch.float32 and full.shape == logits.shape
+    assert torch.equal(full.gather(-1, torch.tensor(seq[1:])[:, None]).squeeze(-1), hf)
+    assert torch.equal(float64_log_softmax(permuted_logits)[:, perm], full)
+    assert float64_log_softmax(logits[:0]).shape == (0, VOCAB)
